@@ -1,0 +1,213 @@
+"""Reading model checkpoints safely and restoring them into our modules.
+
+Real Stable Diffusion `.ckpt` files are Lightning checkpoints that pickle a few Lightning callback objects
+and numpy scalars, so `torch.load(weights_only=True)` refuses them. We never fall back to unrestricted
+unpickling: the pickle's globals are listed first, Lightning classes are replaced by an inert stand-in,
+numpy's data constructors are allowed, and anything else is refused with a message naming it.
+"""
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+
+import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+LIGHTNING_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
+# numpy's data constructors (scalars and arrays in callback state); they build values, never run code.
+NUMPY_DATA_GLOBALS = {"multiarray.scalar", "multiarray._reconstruct", "numpy.dtype", "numpy.ndarray"}
+# Keys real checkpoints carry that our modules deliberately do not have.
+HARMLESS_UNEXPECTED = ("model_ema.decay", "model_ema.num_updates")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+class PickledLightningObject:
+    """Inert stand-in for Lightning objects pickled inside checkpoints (callback classes and their state)."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _numpy_global(name: str):
+    module, _, attr = name.rpartition(".")
+    for candidate in (module, module.replace("numpy.core", "numpy._core"), module.replace("numpy._core", "numpy.core")):
+        try:
+            obj = __import__(candidate, fromlist=[attr])
+            return getattr(obj, attr)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _numpy_dtype_classes() -> list:
+    """numpy dtypes unpickle as instances of per-dtype classes that the BUILD step must know."""
+    import numpy as np
+
+    return [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+
+
+def _safe_global(name: str):
+    """The object that stands for pickled global `name`, or None if it is not allowed."""
+    if name.startswith(LIGHTNING_PREFIXES):
+        return dict if name.endswith(".AttributeDict") else PickledLightningObject
+    if name.startswith("numpy.") and (name.startswith("numpy.dtypes.") or any(name.endswith(g) for g in NUMPY_DATA_GLOBALS)):
+        return _numpy_global(name)
+    if name in ("argparse.Namespace",):
+        import argparse
+
+        return argparse.Namespace
+    return None
+
+
+def _describe_bad_file(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(256)
+    text = head.lstrip()
+    if text.startswith((b"<", b"<!DOCTYPE")):
+        return f"'{path}' is an HTML page, not a checkpoint (a failed download?): download the file again"
+    if text.startswith((b"model:", b"target:", b"lightning:", b"#", b"---")) or path.endswith((".yaml", ".yml")):
+        return f"'{path}' is a YAML config, not a checkpoint: pass configs with --base/--config and the .ckpt with --actual_resume/--ckpt"
+    if not head:
+        return f"'{path}' is empty: download the checkpoint again"
+    return f"'{path}' is truncated or not a PyTorch/safetensors checkpoint: download it again or check the path"
+
+
+def _torch_load(path: str):
+    """torch.load with weights_only=True and just enough allow-listing for Lightning-era checkpoints."""
+    is_zip = zipfile.is_zipfile(path)
+    allowed: list = []
+    if is_zip:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as exc:  # a damaged zip central directory or pickle
+            raise CheckpointError(_describe_bad_file(path)) from exc
+        refused = [n for n in names if _safe_global(n) is None]
+        if refused:
+            raise CheckpointError(
+                f"'{path}' pickles code we will not run ({', '.join(refused[:5])}): re-save it as .safetensors "
+                "from a trusted environment, or use a checkpoint from the original release"
+            )
+        allowed = [(_safe_global(n), n) for n in names]
+        if any(n.startswith("numpy.") for n in names):
+            allowed += _numpy_dtype_classes()
+    for _ in range(20):  # legacy (non-zip) files: learn their globals from the refusals, one at a time
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        except pickle.UnpicklingError as exc:
+            match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            if not match:
+                raise CheckpointError(_describe_bad_file(path)) from exc
+            name = match.group(1)
+            if _safe_global(name) is None or any(n == name for _, n in allowed):
+                raise CheckpointError(f"'{path}' pickles code we will not run ({name}): re-save it as .safetensors from a trusted environment") from exc
+            allowed.append((_safe_global(name), name))
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(_describe_bad_file(path)) from exc
+    raise CheckpointError(f"'{path}' pickles too many unknown objects to load safely")
+
+
+@dataclass
+class LoadedCheckpoint:
+    state_dict: dict
+    path: str
+    global_step: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_checkpoint(path) -> LoadedCheckpoint:
+    """Read a `.ckpt`/`.pt`/`.pth`/`.bin` (Lightning `{"state_dict": ...}` or a bare state dict) or `.safetensors`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist: check the path (SD v1 goes in models/ldm/stable-diffusion-v1/model.ckpt)")
+    if path.endswith(SAFETENSORS_SUFFIXES):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return LoadedCheckpoint(load_file(path, device="cpu"), path)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(_describe_bad_file(path)) from exc
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a state dict")
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        extra = {k: v for k, v in obj.items() if k != "state_dict"}
+        step = obj.get("global_step")
+        return LoadedCheckpoint(obj["state_dict"], path, int(step) if step is not None else None, extra)
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"'{path}' is neither a state dict nor a Lightning checkpoint (keys: {', '.join(list(obj)[:5])})")
+    return LoadedCheckpoint(obj, path)
+
+
+def ema_state_dict(state_dict: dict, path: str = "checkpoint") -> dict:
+    """Swap the UNet weights for the EMA shadow copies LitEma stored as `model_ema.<name without dots>`."""
+    swapped = dict(state_dict)
+    found = 0
+    for key in state_dict:
+        if key.startswith("model."):
+            ema_key = "model_ema." + key[len("model."):].replace(".", "")
+            if ema_key in state_dict:
+                swapped[key] = state_dict[ema_key]
+                found += 1
+    if not found:
+        raise CheckpointError(f"'{path}' has no EMA weights (it is an EMA-only or pruned file): set use_ema: False")
+    return swapped
+
+
+def _context_width_hint(mismatches, path):
+    for key, ckpt_shape, model_shape in mismatches:
+        if "attn2.to_k" in key:
+            widths = {768: "SD v1 (CLIP ViT-L/14, 768)", 1280: "LDM text2img-large (BERT, 1280)", 1024: "SD 2.x (OpenCLIP, 1024)"}
+            have, want = ckpt_shape[1], model_shape[1]
+            configs = {768: "configs/stable-diffusion/", 1280: "configs/latent-diffusion/txt2img-1p4B-*.yaml"}
+            return (
+                f"'{path}' is a {widths.get(have, f'{have}-wide')} checkpoint but the config builds a "
+                f"{widths.get(want, f'{want}-wide')} model ({key} {tuple(ckpt_shape)} vs {tuple(model_shape)}): "
+                f"use a config from {configs.get(have, 'the matching model family')}"
+            )
+    key, ckpt_shape, model_shape = mismatches[0]
+    return (
+        f"'{path}' does not match the config: {len(mismatches)} tensors differ in shape "
+        f"(first: {key} {tuple(ckpt_shape)} vs {tuple(model_shape)}): check that config and checkpoint are the same model"
+    )
+
+
+@dataclass
+class RestoreSummary:
+    path: str
+    loaded: int
+    missing: list
+    unexpected: list
+
+    def __str__(self):
+        def head(keys):
+            return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+
+        text = f"Restored {self.loaded} tensors from {self.path}: {len(self.missing)} missing, {len(self.unexpected)} unexpected"
+        if self.missing:
+            text += f"\n  missing: {head(self.missing)}"
+        if self.unexpected:
+            text += f"\n  unexpected: {head(self.unexpected)}"
+        return text
+
+
+def restore(module: torch.nn.Module, source, ignore_keys=(), use_ema: bool = False, verbose: bool = True) -> RestoreSummary:
+    """Load a checkpoint (path or LoadedCheckpoint) into `module` non-strictly, refusing shape mismatches."""
+    ckpt = source if isinstance(source, LoadedCheckpoint) else load_checkpoint(source)
+    state = ema_state_dict(ckpt.state_dict, ckpt.path) if use_ema else ckpt.state_dict
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_keys)) and not k.startswith("model_ema.")}
+    own = module.state_dict()
+    mismatches = [(k, v.shape, own[k].shape) for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatches:
+        raise CheckpointError(_context_width_hint(mismatches, ckpt.path))
+    result = module.load_state_dict(state, strict=False)
+    unexpected = [k for k in result.unexpected_keys if k not in HARMLESS_UNEXPECTED]
+    summary = RestoreSummary(ckpt.path, len(state) - len(result.unexpected_keys), list(result.missing_keys), unexpected)
+    if verbose:
+        print(summary)
+    return summary

@@ -1,0 +1,116 @@
+"""Lightning data module whose training stream is a pure function of (seed, step).
+
+Every training item is drawn from a position p = step * global_batch + rank * batch + j. The epoch of p picks a
+seeded permutation and the item's own randomness (template, flip) is seeded by p, so a run resumed at step k
+sees exactly the batches an uninterrupted run would have seen, whatever the number of workers.
+"""
+import random
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ldm.util import instantiate_from_config
+
+
+def _mix(*numbers: int) -> int:
+    """A stable seed from a few integers (hashing a tuple of ints does not depend on PYTHONHASHSEED)."""
+    return hash(tuple(int(n) for n in numbers)) % (2**63)
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset whose items use the global random/numpy/torch RNGs: item (index, seed) is reproducible."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            random.seed(seed)
+            np.random.seed(seed % (2**32))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class StepSampler(Sampler):
+    """Yields (index, item_seed) for this rank's share of each training step, starting at `start_step`."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start_step = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.num_items // (self.batch_size * self.world_size))
+
+    def __len__(self):
+        return self.steps_per_epoch * self.batch_size
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.num_items, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+
+    def __iter__(self):
+        epoch = self.start_step // self.steps_per_epoch
+        order = self._permutation(epoch)
+        global_batch = self.batch_size * self.world_size
+        for step in range(self.start_step, (epoch + 1) * self.steps_per_epoch):
+            for j in range(self.batch_size):
+                within_epoch = (step - epoch * self.steps_per_epoch) * global_batch + self.rank * self.batch_size + j
+                position = step * global_batch + self.rank * self.batch_size + j
+                yield int(order[within_epoch]), _mix(self.seed, position)
+
+
+class DataModuleFromConfig(pl.LightningDataModule):
+    """Train/validation datasets from configs (the LDM `data:` block), with the step-seeded training stream."""
+
+    def __init__(self, batch_size, train=None, validation=None, test=None, predict=None, wrap=False, num_workers=None, seed=23, **ignored):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers if num_workers is not None else batch_size * 2
+        self.seed = seed
+        self.dataset_configs = {name: cfg for name, cfg in (("train", train), ("validation", validation)) if cfg is not None}
+        self.datasets = {}
+        self.train_sampler = None
+
+    def setup(self, stage=None):
+        for name, cfg in self.dataset_configs.items():
+            if name not in self.datasets:
+                self.datasets[name] = instantiate_from_config(cfg)
+
+    def train_dataloader(self):
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.train_sampler = StepSampler(len(self.datasets["train"]), self.batch_size, self.seed, rank, world)
+        return DataLoader(
+            SeededItems(self.datasets["train"]),
+            batch_size=self.batch_size,
+            sampler=self.train_sampler,
+            num_workers=self.num_workers,
+            drop_last=True,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self):
+        if "validation" not in self.datasets:
+            return []
+        return DataLoader(self.datasets["validation"], batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False)
+
+    def continue_from(self, step: int):
+        """Make the next training epoch's iterator start at `step` (called before each epoch begins)."""
+        if self.train_sampler is not None:
+            self.train_sampler.start_step = step

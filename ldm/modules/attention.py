@@ -1,0 +1,115 @@
+"""Cross-attention transformer blocks that let the diffusion UNet read the text conditioning.
+
+Module and parameter names follow CompVis stable-diffusion v1 / latent-diffusion so that
+`model.diffusion_model.*` weights load key for key; attention itself runs through PyTorch's fused
+`scaled_dot_product_attention` instead of an explicit softmax.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+from ldm.util import default
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection: half of the output gates the other half."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """Transformer MLP; `glu=True` gives the GEGLU variant that SD v1 and LDM use."""
+
+    def __init__(self, dim, dim_out=None, mult=4, glu=False, dropout=0.0):
+        super().__init__()
+        inner_dim = int(dim * mult)
+        dim_out = default(dim_out, dim)
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of `x` over `context` (over `x` itself when no context is given)."""
+
+    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
+        super().__init__()
+        inner_dim = dim_head * heads
+        context_dim = default(context_dim, query_dim)
+        self.heads = heads
+        self.scale = dim_head ** -0.5
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x, context=None):
+        context = default(context, x)
+        q, k, v = (
+            rearrange(proj(source), "b n (h d) -> b h n d", h=self.heads)
+            for proj, source in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
+        )
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention and feed-forward, each pre-LayerNorm with a residual."""
+
+    def __init__(self, dim, n_heads, d_head, dropout=0.0, context_dim=None, gated_ff=True, checkpoint=True):
+        super().__init__()
+        self.attn1 = CrossAttention(query_dim=dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
+        self.attn2 = CrossAttention(
+            query_dim=dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout
+        )
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.checkpoint = checkpoint
+
+    def forward(self, x, context=None):
+        return checkpoint(self._forward, (x, context), self.parameters(), self.checkpoint)
+
+    def _forward(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context=context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map (SD v1 / LDM form: 1x1 convolutions in and out).
+
+    `proj_out` starts at zero so a freshly built block is the identity. `use_checkpoint` is our addition
+    (default True, as the original always checkpointed its blocks) so the UNet's flag reaches the blocks.
+    """
+
+    def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None, use_checkpoint=True):
+        super().__init__()
+        inner_dim = n_heads * d_head
+        self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(
+                inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim, checkpoint=use_checkpoint
+            )
+            for _ in range(depth)
+        )
+        self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+
+    def forward(self, x, context=None):
+        height, width = x.shape[-2:]
+        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        for block in self.transformer_blocks:
+            h = block(h, context=context)
+        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)
+        return self.proj_out(h) + x

@@ -1,0 +1,104 @@
+"""Building blocks shared by the diffusion UNet and the samplers: noise schedules, timestep embeddings,
+layer factories and gradient checkpointing, with the names and numerics of CompVis latent-diffusion."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+
+def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
+    """Per-step noise variances beta_t as a float64 numpy array of length `n_timestep`.
+
+    "linear" is LDM's "scaled linear" schedule: linear in sqrt(beta), computed in float64 with
+    `torch.linspace` so the values match the released checkpoints' training schedule bit for bit.
+    """
+    if schedule == "linear":
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
+    elif schedule == "cosine":
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        alphas_cumprod = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
+        alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+        betas = (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0, 0.999)
+    elif schedule == "sqrt_linear":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+    elif schedule == "sqrt":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+    else:
+        raise ValueError(f"beta schedule '{schedule}' is unknown; use linear, cosine, sqrt_linear or sqrt")
+    return betas.numpy()
+
+
+def extract_into_tensor(a, t, x_shape):
+    """Pick `a[t]` per batch element and shape it (B, 1, ..., 1) to broadcast against a tensor of `x_shape`."""
+    out = a.gather(-1, t)
+    return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def timestep_embedding(timesteps, dim, max_period=10000, repeat_only=False):
+    """Sinusoidal embedding of (possibly fractional) timesteps, shape (B, dim): cosines first, then sines.
+
+    `repeat_only` returns the raw timestep repeated `dim` times, as LDM allows for ablations.
+    """
+    if repeat_only:
+        return timesteps[:, None].expand(-1, dim)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def zero_module(module):
+    """Zero a module's parameters in place, so a residual branch starts as the identity."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def conv_nd(dims, *args, **kwargs):
+    """A 1-, 2- or 3-D convolution."""
+    convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    if dims not in convs:
+        raise ValueError(f"unsupported dims {dims}; use 1, 2 or 3")
+    return convs[dims](*args, **kwargs)
+
+
+def linear(*args, **kwargs):
+    """A linear layer (kept as a factory so UNet code reads like the original)."""
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims, *args, **kwargs):
+    """A 1-, 2- or 3-D average pooling."""
+    pools = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+    if dims not in pools:
+        raise ValueError(f"unsupported dims {dims}; use 1, 2 or 3")
+    return pools[dims](*args, **kwargs)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back, so half-precision activations keep stable statistics."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels):
+    """The UNet's standard normalisation: 32 groups, float32 statistics."""
+    return GroupNorm32(32, channels)
+
+
+def checkpoint(func, inputs, params, flag):
+    """Run `func(*inputs)`, recomputing its activations in the backward pass when `flag` is set.
+
+    Uses PyTorch's non-reentrant checkpointing, which gives correct gradients even when every weight is
+    frozen and only an input (for example the text conditioning in Textual Inversion) requires grad; the
+    original repository had to switch checkpointing off for that case. `params` is accepted for the LDM
+    call signature only: non-reentrant checkpointing finds the parameters by itself.
+    """
+    if flag and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)

@@ -1,0 +1,137 @@
+"""Checkpoint reading: Lightning-era pickles load without running code, bad files give one-line errors."""
+import numpy as np
+import pytest
+import torch
+from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+from pytorch_lightning.utilities.parsing import AttributeDict
+from safetensors.torch import save_file
+
+from ldm.checkpoint import CheckpointError, PickledLightningObject, ema_state_dict, load_checkpoint, restore
+
+
+def tiny_state():
+    return {"model.diffusion_model.w": torch.randn(3, 4), "first_stage_model.b": torch.randn(2)}
+
+
+def test_lightning_checkpoint_with_pickled_callbacks_loads_safely(tmp_path):
+    state = tiny_state()
+    path = tmp_path / "sd.ckpt"
+    torch.save(
+        {
+            "state_dict": state,
+            "global_step": 470000,
+            "epoch": 5,
+            "callbacks": {ModelCheckpoint: {"best_model_score": np.float64(0.1), "dirpath": "/ckpts"}},
+            "hyper_parameters": AttributeDict(base_learning_rate=1e-4),
+        },
+        path,
+    )
+    ckpt = load_checkpoint(path)
+    assert ckpt.global_step == 470000
+    assert set(ckpt.state_dict) == set(state)
+    for key in state:
+        assert torch.equal(ckpt.state_dict[key], state[key])
+    stored = ckpt.extra["callbacks"]
+    (key, value), = stored.items()
+    assert key is PickledLightningObject and value["dirpath"] == "/ckpts"
+    assert float(value["best_model_score"]) == pytest.approx(0.1)
+    assert type(ckpt.extra["hyper_parameters"]) is dict
+    assert ckpt.extra["hyper_parameters"]["base_learning_rate"] == 1e-4
+
+
+def test_bare_state_dict_and_safetensors(tmp_path):
+    state = tiny_state()
+    torch.save(state, tmp_path / "bare.pt")
+    save_file(state, tmp_path / "model.safetensors")
+    for name in ("bare.pt", "model.safetensors"):
+        loaded = load_checkpoint(tmp_path / name).state_dict
+        assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+class Payload:
+    """Stands for any class a malicious pickle could name."""
+
+
+def test_unknown_pickled_code_is_refused_and_named(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": tiny_state(), "payload": Payload()}, path)
+    with pytest.raises(CheckpointError, match="Payload"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "content, name, expected",
+    [
+        (b"", "empty.ckpt", "is empty"),
+        (b"<!DOCTYPE html><html>Not found</html>", "page.ckpt", "HTML page"),
+        (b"model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n", "v1-inference.yaml", "YAML config"),
+    ],
+)
+def test_bad_files_give_one_line_errors(tmp_path, content, name, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=expected) as info:
+        load_checkpoint(path)
+    assert name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(256, 256)}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(path)
+    safetensors_path = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(256, 256)}, safetensors_path)
+    safetensors_path.write_bytes(safetensors_path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(safetensors_path)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
+        load_checkpoint(tmp_path / "nowhere.ckpt")
+
+
+def test_ema_weights_by_choice(tmp_path):
+    state = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2),
+        "model_ema.diffusion_modelinput_blocks00weight": torch.ones(2),
+        "model_ema.decay": torch.tensor(0.9999),
+    }
+    swapped = ema_state_dict(state)
+    assert torch.equal(swapped["model.diffusion_model.input_blocks.0.0.weight"], torch.ones(2))
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        ema_state_dict({"model.diffusion_model.x": torch.zeros(1)}, "pruned.ckpt")
+
+
+class CrossAttn(torch.nn.Module):
+    def __init__(self, context_dim):
+        super().__init__()
+        self.to_k = torch.nn.Linear(context_dim, 320, bias=False)
+
+
+def model_with_context(context_dim):
+    root = torch.nn.Module()
+    root.model = torch.nn.Module()
+    root.model.diffusion_model = torch.nn.Module()
+    root.model.diffusion_model.attn2 = CrossAttn(context_dim)
+    return root
+
+
+def test_restore_reports_and_refuses_ldm_checkpoint_in_sd_config(tmp_path, capsys):
+    ldm_like = model_with_context(1280)
+    path = tmp_path / "txt2img-large.ckpt"
+    torch.save({"state_dict": {**ldm_like.state_dict(), "model_ema.decay": torch.tensor(0.9), "extra.key": torch.zeros(1)}}, path)
+
+    target = model_with_context(1280)
+    summary = restore(target, path)
+    assert summary.missing == [] and summary.unexpected == ["extra.key"]
+    assert torch.equal(target.model.diffusion_model.attn2.to_k.weight, ldm_like.model.diffusion_model.attn2.to_k.weight)
+    assert "Restored 1 tensors" in capsys.readouterr().out
+
+    with pytest.raises(CheckpointError) as info:
+        restore(model_with_context(768), path)
+    message = str(info.value)
+    assert "txt2img-large.ckpt" in message and "LDM text2img-large" in message and "configs/latent-diffusion" in message

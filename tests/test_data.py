@@ -1,0 +1,223 @@
+"""Textual-inversion datasets: file discovery, image preprocessing, captions and per-item randomness."""
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.data import personalized, personalized_style
+from ldm.data.personalized import PersonalizedBase, caption_from_filename
+from ldm.data.templates import (
+    imagenet_dual_style_templates_small,
+    imagenet_dual_templates_small,
+    imagenet_style_templates_small,
+    imagenet_templates_small,
+    per_img_token_list,
+    read_template_file,
+)
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def solid(path, color=RED, size=(8, 8)):
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def image_folder(root, count, size=(8, 8)):
+    root.mkdir(exist_ok=True)
+    for i in range(count):
+        solid(root / f"{i:02d}.png", (10 * i, 0, 0), size)
+    return root
+
+
+def draw_captions(dataset, n=200):
+    random.seed(0)
+    return [dataset[i % len(dataset)] for i in range(n)]
+
+
+def test_template_lists_match_the_original():
+    assert len(imagenet_templates_small) == 81 and len(set(imagenet_templates_small)) == 57
+    assert len(imagenet_dual_templates_small) == 27
+    assert imagenet_dual_templates_small[-1] == "a photo of a small {} with {}"
+    assert len(imagenet_style_templates_small) == 19 and len(set(imagenet_style_templates_small)) == 17
+    assert len(imagenet_dual_style_templates_small) == 17
+    assert len(per_img_token_list) == 22 and per_img_token_list[0] == "א" and per_img_token_list[-1] == "ת"
+    assert personalized.per_img_token_list is per_img_token_list
+
+
+def test_length_values_and_cached_pixels(tmp_path):
+    solid(tmp_path / "a.png", RED, (12, 12))
+    solid(tmp_path / "b.png", BLUE, (12, 12))
+    train = PersonalizedBase(tmp_path, size=6, repeats=7, set="train")
+    val = PersonalizedBase(tmp_path, size=6, repeats=7, set="val")
+    assert (len(train), len(val), train.num_images) == (14, 2, 2)
+    (tmp_path / "a.png").unlink()  # decoded once at construction, so items no longer need the file
+    item = train[2]
+    assert item["image"].shape == (6, 6, 3) and item["image"].dtype == np.float32
+    assert item["image_index"] == 0
+    np.testing.assert_array_equal(item["image"][..., 0], 1.0)
+    np.testing.assert_array_equal(item["image"][..., 1:], -1.0)
+    assert train[3]["image"][..., 2].min() == 1.0
+    with pytest.raises(IndexError):
+        train[14]
+
+
+@pytest.mark.parametrize("placeholder", ["@", "<my-cat>"])
+def test_captions_use_the_given_placeholder(tmp_path, placeholder):
+    dataset = PersonalizedBase(image_folder(tmp_path, 2), size=4, placeholder_token=placeholder)
+    captions = {item["caption"] for item in draw_captions(dataset)}
+    assert captions <= {template.format(placeholder) for template in imagenet_templates_small}
+    assert len(captions) > 20
+    assert not any("*" in caption for caption in captions)
+
+
+def test_coarse_class_text_prefixes_the_placeholder(tmp_path):
+    dataset = PersonalizedBase(image_folder(tmp_path, 1), size=4, placeholder_token="<my-cat>", coarse_class_text="cat")
+    assert all("cat <my-cat>" in item["caption"] for item in draw_captions(dataset, 50))
+
+
+def test_style_captions_come_from_the_style_list(tmp_path):
+    dataset = personalized_style.PersonalizedBase(image_folder(tmp_path, 2), size=4, placeholder_token="S*")
+    captions = {item["caption"] for item in draw_captions(dataset)}
+    assert captions <= {template.format("S*") for template in imagenet_style_templates_small}
+    assert len(captions) > 10
+    with pytest.raises(ValueError, match="coarse_class_text"):
+        personalized_style.PersonalizedBase(tmp_path, size=4, coarse_class_text="painting")
+
+
+@pytest.mark.parametrize("module, duals", [(personalized, imagenet_dual_templates_small),
+                                           (personalized_style, imagenet_dual_style_templates_small)])
+def test_per_image_tokens_name_the_right_image(tmp_path, module, duals):
+    dataset = module.PersonalizedBase(image_folder(tmp_path, 3), size=4, placeholder_token="S*",
+                                      per_image_tokens=True, mixing_prob=1.0)
+    for item in draw_captions(dataset, 60):
+        token = per_img_token_list[item["image_index"]]
+        assert item["caption"] in {template.format("S*", token) for template in duals}
+
+
+def test_style_placeholder_always_follows_in_the_style_of():
+    for template in imagenet_dual_style_templates_small:
+        assert "in the style of S*" in template.format("S*", "א")
+
+
+def test_per_image_tokens_need_fewer_than_22_images(tmp_path):
+    folder = image_folder(tmp_path / "many", 22, size=(2, 2))
+    with pytest.raises(ValueError, match="fewer than 22"):
+        PersonalizedBase(folder, size=2, per_image_tokens=True)
+    (folder / "21.png").unlink()
+    assert PersonalizedBase(folder, size=2, per_image_tokens=True).num_images == 21
+
+
+def test_template_file_fills_name_and_filewords(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    solid(images / "cat.png")
+    (images / "cat.txt").write_text("  a tabby cat on a sofa\n", encoding="utf-8")
+    solid(images / "01-red_mug-front.png")
+    template = tmp_path / "subject_filewords.txt"
+    template.write_text("a photo of [name], [filewords]\n\n[filewords] by [name]\n", encoding="utf-8")
+
+    dataset = PersonalizedBase(images, size=4, placeholder_token="<x>", template_file=template)
+    by_image = {0: set(), 1: set()}
+    for item in draw_captions(dataset, 40):
+        by_image[item["image_index"]].add(item["caption"])
+    assert by_image[0] == {"a photo of <x>, red mug front", "red mug front by <x>"}
+    assert by_image[1] == {"a photo of <x>, a tabby cat on a sofa", "a tabby cat on a sofa by <x>"}
+
+    without_caption_files = PersonalizedBase(images, size=4, placeholder_token="<x>", template_file=template, captions=False)
+    assert without_caption_files.image_captions == ["red mug front", "cat"]
+
+
+def test_caption_file_helpers(tmp_path):
+    assert caption_from_filename("2_-3 old__chair-side.jpg") == "old chair side"
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_template_file(tmp_path / "missing.txt")
+    (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="blank.txt"):
+        read_template_file(tmp_path / "blank.txt")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = Image.new("RGB", (32, 16), GREEN)
+    stored.paste(RED, (0, 0, 8, 4))  # top-left of the stored landscape pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    stored.save(tmp_path / "phone.jpg", quality=95, exif=exif)
+
+    image = PersonalizedBase(tmp_path, size=None, center_crop=False, flip_p=0.0)[0]["image"]
+    assert image.shape == (32, 16, 3)  # upright portrait
+    red = (image[..., 0] > 0.6) & (image[..., 1] < -0.6)
+    assert red[1:7, 13:15].all()  # the marker is now top-right
+    assert red.sum() < 40 and not red[:, :10].any()
+
+
+def test_center_crop_keeps_the_middle_and_squash_keeps_everything(tmp_path):
+    bands = Image.new("RGB", (30, 10))
+    for left, color in zip((0, 10, 20), (RED, GREEN, BLUE)):
+        bands.paste(color, (left, 0, left + 10, 10))
+    bands.save(tmp_path / "wide.png")
+
+    cropped = PersonalizedBase(tmp_path, size=10, flip_p=0.0)[0]["image"]
+    np.testing.assert_array_equal(cropped, np.broadcast_to(np.array([-1.0, 1.0, -1.0], np.float32), (10, 10, 3)))
+
+    squashed = PersonalizedBase(tmp_path, size=10, center_crop=False, flip_p=0.0, interpolation="bilinear")[0]["image"]
+    np.testing.assert_allclose(squashed[:, 0], np.tile([1.0, -1.0, -1.0], (10, 1)), atol=0.05)
+    np.testing.assert_allclose(squashed[:, 5], np.tile([-1.0, 1.0, -1.0], (10, 1)), atol=0.05)
+    np.testing.assert_allclose(squashed[:, 9], np.tile([-1.0, -1.0, 1.0], (10, 1)), atol=0.05)
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 2, 4))
+    rgba.save(tmp_path / "cutout.png")
+    image = PersonalizedBase(tmp_path, size=None, flip_p=0.0)[0]["image"]
+    np.testing.assert_array_equal(image[:, 2:], 1.0)
+    np.testing.assert_array_equal(image[:, :2, 0], 1.0)
+    np.testing.assert_array_equal(image[:, :2, 1:], -1.0)
+
+
+def test_only_image_files_are_read(tmp_path):
+    solid(tmp_path / "b.JPG")
+    solid(tmp_path / "a.png")
+    solid(tmp_path / "c.WebP")
+    (tmp_path / "a.txt").write_text("caption", encoding="utf-8")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x01garbage")
+    (tmp_path / "._a.png").write_bytes(b"not an image")
+    (tmp_path / "nested.png").mkdir()
+    solid(tmp_path / "nested.png" / "d.png")
+    dataset = PersonalizedBase(tmp_path, size=4)
+    assert [Path(path).name for path in dataset.image_paths] == ["a.png", "b.JPG", "c.WebP"]
+
+
+def test_bad_folders_and_files_name_the_path(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        PersonalizedBase(empty)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        PersonalizedBase(tmp_path / "nowhere")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    solid(corrupt / "fine.png")
+    (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ValueError, match="broken.png"):
+        PersonalizedBase(corrupt, size=4)
+    with pytest.raises(ValueError, match="interpolation"):
+        PersonalizedBase(tmp_path / "empty", interpolation="nearest")
+
+
+def test_flip(tmp_path):
+    stripe = Image.new("RGB", (6, 6), GREEN)
+    stripe.paste(RED, (0, 0, 2, 6))
+    stripe.save(tmp_path / "stripe.png")
+    plain = PersonalizedBase(tmp_path, size=6, flip_p=0.0)
+    mirrored = PersonalizedBase(tmp_path, size=6, flip_p=1.0)
+    assert not plain[0]["flipped"] and mirrored[0]["flipped"]
+    np.testing.assert_array_equal(mirrored[0]["image"], plain[0]["image"][:, ::-1])
+    assert mirrored[0]["image"][0, -1, 0] == 1.0 and plain[0]["image"][0, 0, 0] == 1.0
+
+    half = PersonalizedBase(tmp_path, size=6, repeats=200)
+    flips = [item["flipped"] for item in draw_captions(half, 200)]
+    assert 60 < sum(flips) < 140
