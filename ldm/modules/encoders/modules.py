@@ -1,0 +1,214 @@
+"""Text conditioners: the frozen CLIP ViT-L/14 text encoder of SD v1 and the LDM-BERT of LDM text2img-large.
+
+Both expose the same small interface (`TextConditioner`) through which the EmbeddingManager swaps learned
+pseudo-word vectors into the token embeddings, before position embeddings are added, as the paper's code did.
+The weights always come from the diffusion checkpoint, so nothing here downloads.
+"""
+import abc
+import os
+
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.masking_utils import create_causal_mask
+
+from ldm.modules.encoders.tokenizers import bert_tokenizer, clean_clip_text, clip_tokenizer
+from ldm.modules.x_transformer import Encoder, TransformerWrapper
+
+SD_V1_CLIP_VERSION = "openai/clip-vit-large-patch14"
+# The text half of openai/clip-vit-large-patch14's config.json (its legacy bos/pad/eos ids only affect pooling).
+SD_V1_CLIP_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    attention_dropout=0.0,
+    projection_dim=768,
+    bos_token_id=0,
+    pad_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _as_batch(texts) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+class TextConditioner(nn.Module, abc.ABC):
+    """What the EmbeddingManager relies on: tokenize, look tokens up, let the manager edit them, then encode.
+
+    Subclasses set `max_length` and `tokenizer` and provide the four abstract members.
+    """
+
+    max_length: int
+
+    @property
+    @abc.abstractmethod
+    def token_embedding(self) -> nn.Embedding:
+        """The token-embedding table (no position embedding)."""
+
+    @abc.abstractmethod
+    def tokenize(self, texts) -> torch.Tensor:
+        """(B, max_length) ids, padded and truncated as the original model was trained, on `self.device`."""
+
+    @abc.abstractmethod
+    def text_to_token_ids(self, text: str) -> list[int]:
+        """Ids of `text` without special tokens or padding, e.g. to check that a word is a single token."""
+
+    @abc.abstractmethod
+    def encode_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
+        """(B, n, D) token embeddings to (B, n, D) conditioning: add positions, run the transformer, final norm."""
+
+    @property
+    def token_dim(self) -> int:
+        return self.token_embedding.embedding_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_embedding.weight.device
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(ids)
+
+    def encode(self, texts, embedding_manager=None) -> torch.Tensor:
+        ids = self.tokenize(texts)
+        embeds = self.embed_tokens(ids)
+        if embedding_manager is not None:
+            embeds = embedding_manager(ids, embeds)
+        return self.encode_embeddings(embeds)
+
+    def forward(self, texts, embedding_manager=None) -> torch.Tensor:
+        return self.encode(texts, embedding_manager)
+
+    def freeze(self):
+        """Eval mode and no weight gradients; gradients still flow to embeddings passed to `encode_embeddings`."""
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+        return self
+
+
+def clip_text_config(version: str, overrides: dict | None = None) -> CLIPTextConfig:
+    """The CLIP text config for `version`: built in code for SD v1's ViT-L/14, else read from a local folder."""
+    overrides = {"attn_implementation": "sdpa", **(overrides or {})}
+    if version == SD_V1_CLIP_VERSION:
+        return CLIPTextConfig(**{**SD_V1_CLIP_TEXT_CONFIG, **overrides})
+    if os.path.isfile(os.path.join(version, "config.json")):
+        return CLIPTextConfig.from_pretrained(version, local_files_only=True, **overrides)
+    raise ValueError(
+        f"CLIP version '{version}' is neither '{SD_V1_CLIP_VERSION}' nor a local folder with a transformers "
+        "config.json; models are never downloaded"
+    )
+
+
+class FrozenCLIPEmbedder(TextConditioner):
+    """SD v1's text conditioner: CLIP ViT-L/14's text transformer, causal attention, no padding mask,
+    output = the final-LayerNorm'ed last hidden state (B, 77, 768).
+
+    The model sits at `transformer.text_model` so state-dict keys read `transformer.text_model.*`, the names in SD
+    checkpoints. As in Textual Inversion, construction does not freeze; the diffusion model calls `freeze()`.
+    """
+
+    POSITION_IDS_KEY = "transformer.text_model.embeddings.position_ids"
+
+    def __init__(self, version: str = SD_V1_CLIP_VERSION, device=None, max_length: int = 77,
+                 tokenizer_path: str | None = None, text_config: dict | None = None):
+        super().__init__()
+        self.max_length = max_length
+        self.tokenizer = clip_tokenizer(tokenizer_path)
+        self.transformer = nn.ModuleDict({"text_model": CLIPTextModel(clip_text_config(version, text_config))})
+        if device is not None:
+            self.to(device)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.text_model.embeddings.token_embedding
+
+    def tokenize(self, texts) -> torch.Tensor:
+        cleaned = [clean_clip_text(text) for text in _as_batch(texts)]
+        batch = self.tokenizer(cleaned, padding="max_length", max_length=self.max_length, truncation=True,
+                               return_tensors="pt")
+        return batch.input_ids.to(self.device)
+
+    def text_to_token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(clean_clip_text(text), add_special_tokens=False).input_ids
+
+    def encode_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
+        text_model = self.transformer.text_model
+        hidden = text_model.embeddings(inputs_embeds=embeds)
+        # Same mask construction as CLIPTextModel.forward: None plus is_causal for SDPA, an explicit mask otherwise.
+        causal_mask = create_causal_mask(text_model.config, hidden, attention_mask=None, cache=None)
+        hidden = text_model.encoder(inputs_embeds=hidden, attention_mask=causal_mask, is_causal=True).last_hidden_state
+        return text_model.final_layer_norm(hidden)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # SD checkpoints carry this buffer; transformers 5 recomputes it and no longer stores it.
+        state_dict.pop(prefix + self.POSITION_IDS_KEY, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class BERTTokenizer(nn.Module):
+    """LDM's bert-base-uncased tokenizer as a module: [CLS] text [SEP], padded with 0 to `max_length` ids."""
+
+    def __init__(self, device=None, vq_interface: bool = True, max_length: int = 77, vocab_path: str | None = None):
+        super().__init__()
+        self.tokenizer = bert_tokenizer(vocab_path, max_length)
+        self.device = device
+        self.vq_interface = vq_interface
+        self.max_length = max_length
+
+    def forward(self, texts) -> torch.Tensor:
+        batch = self.tokenizer(_as_batch(texts), truncation=True, max_length=self.max_length, padding="max_length",
+                               return_tensors="pt")
+        return batch.input_ids if self.device is None else batch.input_ids.to(self.device)
+
+    @torch.no_grad()
+    def encode(self, texts):
+        """Token ids, wrapped as a VQ model's `(quant, loss, (_, _, indices))` when `vq_interface` is set."""
+        tokens = self(texts)
+        return (None, None, [None, None, tokens]) if self.vq_interface else tokens
+
+
+class BERTEmbedder(TextConditioner):
+    """LDM-BERT: the BERT tokenizer followed by a transformer trained from scratch with the diffusion model.
+
+    With `use_tokenizer=False` the inputs are already token ids.
+    """
+
+    def __init__(self, n_embed: int, n_layer: int, vocab_size: int = 30522, max_seq_len: int = 77, device=None,
+                 use_tokenizer: bool = True, embedding_dropout: float = 0.0, tokenizer_path: str | None = None):
+        super().__init__()
+        self.max_length = max_seq_len
+        self.use_tknz_fn = use_tokenizer
+        if use_tokenizer:
+            self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len, vocab_path=tokenizer_path)
+        self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
+                                              attn_layers=Encoder(dim=n_embed, depth=n_layer),
+                                              emb_dropout=embedding_dropout)
+        if device is not None:
+            self.to(device)
+
+    @property
+    def tokenizer(self):
+        return self.tknz_fn.tokenizer if self.use_tknz_fn else None
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.token_emb
+
+    def tokenize(self, texts) -> torch.Tensor:
+        if not self.use_tknz_fn:
+            return torch.as_tensor(texts, dtype=torch.long, device=self.device)
+        return self.tknz_fn(texts).to(self.device)
+
+    def text_to_token_ids(self, text: str) -> list[int]:
+        if not self.use_tknz_fn:
+            raise ValueError("this BERTEmbedder was built with use_tokenizer=False, so it cannot tokenize text")
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def encode_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.transformer(embeds)
