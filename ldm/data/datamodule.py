@@ -43,15 +43,16 @@ class SeededItems(Dataset):
 
 
 class StepSampler(Sampler):
-    """Yields (index, item_seed) for this rank's share of each training step, starting at `start_step`."""
+    """Yields (index, item_seed) for this rank's share of each training step, from the step `current_step()`
+    returns when iteration begins (after Lightning has restored a resumed run's step)."""
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, current_step=lambda: 0):
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.start_step = 0
+        self.current_step = current_step
 
     @property
     def steps_per_epoch(self) -> int:
@@ -64,10 +65,11 @@ class StepSampler(Sampler):
         return torch.randperm(self.num_items, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
 
     def __iter__(self):
-        epoch = self.start_step // self.steps_per_epoch
+        start = self.current_step()
+        epoch = start // self.steps_per_epoch
         order = self._permutation(epoch)
         global_batch = self.batch_size * self.world_size
-        for step in range(self.start_step, (epoch + 1) * self.steps_per_epoch):
+        for step in range(start, (epoch + 1) * self.steps_per_epoch):
             for j in range(self.batch_size):
                 within_epoch = (step - epoch * self.steps_per_epoch) * global_batch + self.rank * self.batch_size + j
                 position = step * global_batch + self.rank * self.batch_size + j
@@ -94,7 +96,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
     def train_dataloader(self):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self.train_sampler = StepSampler(len(self.datasets["train"]), self.batch_size, self.seed, rank, world)
+        self.train_sampler = StepSampler(
+            len(self.datasets["train"]), self.batch_size, self.seed, rank, world, current_step=lambda: trainer.global_step if trainer else 0
+        )
         return DataLoader(
             SeededItems(self.datasets["train"]),
             batch_size=self.batch_size,
@@ -109,8 +113,3 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if "validation" not in self.datasets:
             return []
         return DataLoader(self.datasets["validation"], batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False)
-
-    def continue_from(self, step: int):
-        """Make the next training epoch's iterator start at `step` (called before each epoch begins)."""
-        if self.train_sampler is not None:
-            self.train_sampler.start_step = step

@@ -1,0 +1,120 @@
+"""Lightning callbacks of a textual-inversion run: run folder, checkpoints, sample images."""
+import os
+import time
+
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import Callback
+
+from ldm.util import make_grid, tensor_to_pil
+
+
+class SetupCallback(Callback):
+    """Creates the run folder and writes the merged configs into `configs/` before training starts."""
+
+    def __init__(self, now, logdir, ckptdir, cfgdir, config, lightning_config):
+        super().__init__()
+        self.now, self.logdir, self.ckptdir, self.cfgdir = now, logdir, ckptdir, cfgdir
+        self.config, self.lightning_config = config, lightning_config
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.is_global_zero:
+            for folder in (self.logdir, self.ckptdir, self.cfgdir):
+                os.makedirs(folder, exist_ok=True)
+            OmegaConf.save(self.config, os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
+            OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}), os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+
+
+class TrainingCheckpoint(Callback):
+    """Writes `embeddings_gs-<step>.pt`, `embeddings.pt` and a resumable `last.ckpt` every N steps, at the end,
+    and when training is interrupted (Ctrl-C, SIGTERM, an exception), so no run is ever lost."""
+
+    def __init__(self, ckptdir: str, every_n_train_steps: int = 500):
+        super().__init__()
+        self.ckptdir = ckptdir
+        self.every_n_train_steps = every_n_train_steps
+        self.save_requested = False  # set from a signal handler; honoured at the next step boundary
+        self._last_saved_step = -1
+
+    def save(self, trainer, pl_module):
+        step = trainer.global_step
+        if step == self._last_saved_step:
+            return
+        self._last_saved_step = step
+        last = os.path.join(self.ckptdir, "last.ckpt")
+        trainer.save_checkpoint(last + ".tmp")
+        if trainer.is_global_zero:
+            os.replace(last + ".tmp", last)
+            manager = pl_module.embedding_manager
+            manager.save(os.path.join(self.ckptdir, f"embeddings_gs-{step}.pt"), step=step)
+            manager.save(os.path.join(self.ckptdir, "embeddings.pt"), step=step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.save_requested or (self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0):
+            self.save_requested = False
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self.save(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if trainer.global_step > 0 and pl_module.embedding_manager is not None:
+            print(f"\nTraining stopped ({type(exception).__name__}); saving embeddings and last.ckpt at step {trainer.global_step}.")
+            self.save(trainer, pl_module)
+
+
+class ImageLogger(Callback):
+    """Every `batch_frequency` steps, saves grids of inputs, reconstructions, captions and samples to
+    `images/<split>/` and to TensorBoard."""
+
+    def __init__(self, batch_frequency, max_images, clamp=True, increase_log_steps=True, disabled=False, log_first_step=False, log_images_kwargs=None):
+        super().__init__()
+        self.batch_frequency = batch_frequency
+        self.max_images = max_images
+        self.clamp = clamp
+        self.disabled = disabled
+        self.log_first_step = log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+        self.log_steps = {2**n for n in range(batch_frequency.bit_length())} if increase_log_steps else set()
+        self._last_logged_step = -1
+
+    def _due(self, step: int) -> bool:
+        if step == self._last_logged_step:  # several micro-batches share a step under gradient accumulation
+            return False
+        if step == 0:
+            return self.log_first_step
+        return step % self.batch_frequency == 0 or step in self.log_steps
+
+    def _save(self, trainer, split, images, step, epoch, batch_idx):
+        folder = os.path.join(trainer.logger.save_dir if trainer.logger else trainer.default_root_dir, "images", split)
+        os.makedirs(folder, exist_ok=True)
+        for key, value in images.items():
+            grid = make_grid((value + 1.0) / 2.0, nrow=4)
+            tensor_to_pil(grid).save(os.path.join(folder, f"{key}_gs-{step:06}_e-{epoch:06}_b-{batch_idx:06}.jpg"), quality=92)
+            if trainer.logger is not None and hasattr(trainer.logger.experiment, "add_image"):
+                trainer.logger.experiment.add_image(f"{split}/{key}", grid.clamp(0, 1), global_step=step)
+
+    def log_images(self, trainer, pl_module, batch, batch_idx, split):
+        step = trainer.global_step
+        self._last_logged_step = step
+        was_training = pl_module.training
+        pl_module.eval()
+        start = time.time()
+        with torch.no_grad():
+            images = pl_module.log_images(batch, N=self.max_images, **self.log_images_kwargs)
+        images = {k: v[: self.max_images].detach().float().cpu() for k, v in images.items() if isinstance(v, torch.Tensor)}
+        if self.clamp:
+            images = {k: v.clamp(-1.0, 1.0) for k, v in images.items()}
+        if trainer.is_global_zero:
+            self._save(trainer, split, images, step, trainer.current_epoch, batch_idx)
+        if was_training:
+            pl_module.train()
+        pl_module.print(f"Logged {split} images at step {step} in {time.time() - start:.1f}s")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.disabled and self._due(trainer.global_step):
+            self.log_images(trainer, pl_module, batch, batch_idx, "train")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not self.disabled and trainer.global_step > 0 and batch_idx == 0 and not trainer.sanity_checking:
+            self.log_images(trainer, pl_module, batch, batch_idx, "val")

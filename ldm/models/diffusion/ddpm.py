@@ -1,0 +1,340 @@
+"""Denoising diffusion in latent space, trained here only through the textual-inversion vectors.
+
+`DDPM` holds the noise schedule and the denoising loss; `LatentDiffusion` adds the frozen autoencoder
+(first stage), the frozen text encoder (cond stage) and the `EmbeddingManager` whose few vectors are the only
+trainable parameters. Module and buffer names follow CompVis latent-diffusion so original checkpoints load
+key for key.
+"""
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import count_params, instantiate_from_config, log_txt_as_img
+
+
+def _freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    module.train = lambda mode=True: module  # stays in eval mode when Lightning calls .train()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def step_generator(seed: int, step: int, device, rank: int = 0) -> torch.Generator:
+    """The random stream of one training step: a pure function of (seed, step, rank), so resumed runs
+    draw exactly what an uninterrupted run would have drawn."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step * 101 + rank) % (2**63))
+    return generator
+
+
+class DiffusionWrapper(torch.nn.Module):
+    """Routes conditioning into the UNet (`model.diffusion_model` in checkpoints)."""
+
+    def __init__(self, diff_model_config, conditioning_key):
+        super().__init__()
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid"):
+            raise ValueError(f"conditioning_key '{conditioning_key}' is not supported: use crossattn (text), concat, hybrid or null")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x, t, c_concat=None, c_crossattn=None):
+        if self.conditioning_key in ("concat", "hybrid"):
+            x = torch.cat([x, *c_concat], dim=1)
+        context = torch.cat(c_crossattn, dim=1) if self.conditioning_key in ("crossattn", "hybrid") else None
+        return self.diffusion_model(x, t, context=context)
+
+
+class DDPM(pl.LightningModule):
+    """Noise schedule, forward noising and the epsilon-prediction loss."""
+
+    def __init__(
+        self,
+        unet_config,
+        timesteps=1000,
+        beta_schedule="linear",
+        loss_type="l2",
+        ckpt_path=None,
+        ignore_keys=(),
+        monitor=None,
+        use_ema=False,
+        first_stage_key="image",
+        image_size=256,
+        channels=3,
+        log_every_t=100,
+        linear_start=1e-4,
+        linear_end=2e-2,
+        cosine_s=8e-3,
+        original_elbo_weight=0.0,
+        v_posterior=0.0,
+        l_simple_weight=1.0,
+        conditioning_key=None,
+        parameterization="eps",
+        embedding_reg_weight=0.0,
+        unfreeze_model=False,
+        model_lr=0.0,
+        seed=23,
+        **ignored,
+    ):
+        super().__init__()
+        if parameterization not in ("eps", "x0"):
+            raise ValueError(f"parameterization '{parameterization}' is not supported: use eps or x0")
+        if loss_type not in ("l1", "l2"):
+            raise ValueError(f"loss_type '{loss_type}' is not supported: use l2 or l1")
+        self.parameterization = parameterization
+        self.loss_type = loss_type
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.log_every_t = log_every_t
+        self.monitor = monitor
+        self.use_ema = use_ema  # means: restore the EMA copy of the UNet from the checkpoint
+        self.original_elbo_weight = original_elbo_weight
+        self.v_posterior = v_posterior
+        self.l_simple_weight = l_simple_weight
+        self.embedding_reg_weight = embedding_reg_weight
+        self.unfreeze_model = unfreeze_model
+        self.model_lr = model_lr
+        self.seed = seed
+        self.learning_rate = 1.0e-4
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        print(f"{type(self.model).__name__} has {count_params(self.model) * 1e-6:.2f} M params.")
+        self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        self._pending_ckpt = (ckpt_path, tuple(ignore_keys)) if ckpt_path else None
+
+    def register_schedule(self, beta_schedule, timesteps, linear_start, linear_end, cosine_s):
+        betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas, axis=0)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        self.num_timesteps = int(timesteps)
+        self.linear_start, self.linear_end = linear_start, linear_end
+
+        def buffer(name, value, persistent=True):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=persistent)
+
+        buffer("betas", betas)
+        buffer("alphas_cumprod", alphas_cumprod)
+        buffer("alphas_cumprod_prev", alphas_cumprod_prev)
+        buffer("sqrt_alphas_cumprod", np.sqrt(alphas_cumprod))
+        buffer("sqrt_one_minus_alphas_cumprod", np.sqrt(1.0 - alphas_cumprod))
+        buffer("log_one_minus_alphas_cumprod", np.log(1.0 - alphas_cumprod))
+        buffer("sqrt_recip_alphas_cumprod", np.sqrt(1.0 / alphas_cumprod))
+        buffer("sqrt_recipm1_alphas_cumprod", np.sqrt(1.0 / alphas_cumprod - 1))
+        posterior_variance = (1 - self.v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod) + self.v_posterior * betas
+        buffer("posterior_variance", posterior_variance)
+        buffer("posterior_log_variance_clipped", np.log(np.maximum(posterior_variance, 1e-20)))
+        buffer("posterior_mean_coef1", betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod))
+        buffer("posterior_mean_coef2", (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod))
+        with np.errstate(divide="ignore"):  # the posterior variance at t=0 is zero; that entry is replaced below
+            if self.parameterization == "eps":
+                lvlb = betas**2 / (2 * posterior_variance * alphas * (1 - alphas_cumprod))
+            else:
+                lvlb = 0.5 * np.sqrt(alphas_cumprod) / (2.0 * (1 - alphas_cumprod))
+        lvlb[0] = lvlb[1]
+        buffer("lvlb_weights", lvlb, persistent=False)
+
+    def q_sample(self, x_start, t, noise):
+        return (
+            extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+            + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+        )
+
+    def predict_start_from_noise(self, x_t, t, noise):
+        return (
+            extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
+        )
+
+    def get_loss(self, pred, target):
+        error = (target - pred).abs() if self.loss_type == "l1" else (target - pred) ** 2
+        return error.float().mean(dim=[1, 2, 3])
+
+
+class LatentDiffusion(DDPM):
+    """DDPM on autoencoder latents, conditioned on text through a frozen encoder and learned pseudo-words."""
+
+    def __init__(
+        self,
+        first_stage_config,
+        cond_stage_config,
+        personalization_config=None,
+        num_timesteps_cond=None,
+        cond_stage_key="image",
+        cond_stage_trainable=False,
+        concat_mode=True,
+        cond_stage_forward=None,
+        conditioning_key=None,
+        scale_factor=1.0,
+        scale_by_std=False,
+        *args,
+        **kwargs,
+    ):
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__":
+            conditioning_key = None
+        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
+        self.cond_stage_key = cond_stage_key
+        self.cond_stage_trainable = cond_stage_trainable
+        self.scale_by_std = scale_by_std
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        else:
+            self.scale_factor = scale_factor
+        self.first_stage_model = _freeze(instantiate_from_config(first_stage_config))
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        if self._pending_ckpt:
+            from ldm.checkpoint import restore
+
+            restore(self, self._pending_ckpt[0], ignore_keys=self._pending_ckpt[1], use_ema=self.use_ema)
+        if not self.unfreeze_model:
+            _freeze(self.model)
+            if self.cond_stage_model is not None:
+                _freeze(self.cond_stage_model)
+        self.embedding_manager = None
+        if personalization_config is not None:
+            self.embedding_manager = instantiate_from_config(personalization_config, embedder=self.cond_stage_model)
+            for p in self.embedding_manager.embedding_parameters():
+                p.requires_grad_(True)
+        # Checkpoints of a textual-inversion run hold only the learned vectors (and optimizer state).
+        self.strict_loading = False
+
+    # --- conditioning and first stage -------------------------------------------------------------
+    def get_learned_conditioning(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.cond_stage_model.encode(list(texts), embedding_manager=self.embedding_manager)
+
+    @torch.no_grad()
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior, generator=None):
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample(generator=generator)
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder_posterior of type '{type(encoder_posterior)}' not yet implemented")
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def apply_model(self, x_noisy, t, cond):
+        if self.model.conditioning_key == "concat":
+            return self.model(x_noisy, t, c_concat=[cond])
+        if self.model.conditioning_key is None:
+            return self.model(x_noisy, t)
+        return self.model(x_noisy, t, c_crossattn=[cond])
+
+    # --- training ---------------------------------------------------------------------------------
+    def get_input(self, batch, key):
+        x = batch[key]
+        if x.ndim == 3:
+            x = x[..., None]
+        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+    def training_generator(self):
+        return step_generator(self.seed, self.global_step, self.device, self.global_rank)
+
+    def p_losses(self, x_start, cond, t, noise):
+        x_noisy = self.q_sample(x_start, t, noise)
+        model_output = self.apply_model(x_noisy, t, cond)
+        target = noise if self.parameterization == "eps" else x_start
+        loss_simple = self.get_loss(model_output, target)
+        loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
+        loss = self.l_simple_weight * loss_simple.mean() + self.original_elbo_weight * loss_vlb
+        logs = {"loss_simple": loss_simple.mean(), "loss_vlb": loss_vlb}
+        if self.embedding_reg_weight > 0 and self.embedding_manager is not None:
+            loss_emb_reg = self.embedding_manager.embedding_to_coarse_loss().mean()
+            loss = loss + self.embedding_reg_weight * loss_emb_reg
+            logs["loss_emb_reg"] = loss_emb_reg
+        logs["loss"] = loss
+        return loss, logs
+
+    def shared_step(self, batch, generator):
+        x = self.get_input(batch, self.first_stage_key).to(self.device)
+        with torch.no_grad():
+            z = self.get_first_stage_encoding(self.encode_first_stage(x), generator=generator).detach()
+        cond = self.get_learned_conditioning(batch[self.cond_stage_key])
+        t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=self.device, generator=generator)
+        noise = torch.randn(z.shape, device=self.device, generator=generator, dtype=z.dtype)
+        return self.p_losses(z, cond, t, noise)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.embedding_manager is not None:
+            self.embedding_manager.set_training_step(self.global_step)
+        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.trainer.ckpt_path:
+            with torch.no_grad():
+                x = self.get_input(batch, self.first_stage_key).to(self.device)
+                z = self.encode_first_stage(x).sample()
+            self.scale_factor = 1.0 / z.flatten().std()
+            print(f"Setting scale_factor to {self.scale_factor.item():.5f} (1 / std of the first batch's latents)")
+
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.shared_step(batch, self.training_generator())
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, on_epoch=False)
+        self.log("loss", loss, prog_bar=True, logger=False, on_step=True)
+        if self.embedding_manager is not None:
+            norms = {f"train/norm/{name}": n.detach().max() for name, n in self.embedding_manager.vector_norms().items()}
+            self.log_dict(norms, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.embedding_manager is not None:
+            self.embedding_manager.apply_norm_cap()
+
+    def validation_step(self, batch, batch_idx):
+        # A fixed stream per validation batch makes val/loss comparable across the run.
+        generator = step_generator(self.seed + 1, batch_idx, self.device, self.global_rank)
+        _, logs = self.shared_step(batch, generator)
+        self.log_dict({f"val/{k}": v for k, v in logs.items()}, on_step=False, on_epoch=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        if self.embedding_manager is None:
+            raise ValueError("this config has no personalization_config: nothing to train (add the EmbeddingManager block)")
+        groups = [{"params": list(self.embedding_manager.embedding_parameters()), "lr": self.learning_rate}]
+        if self.unfreeze_model:
+            model_params = list(self.model.parameters()) + list(self.cond_stage_model.parameters())
+            groups.append({"params": model_params, "lr": self.model_lr})
+        return torch.optim.AdamW(groups, lr=self.learning_rate)
+
+    def on_save_checkpoint(self, checkpoint):
+        """Keep only what training changed: the frozen model is already in the user's checkpoint."""
+        if not self.unfreeze_model:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("embedding_manager.")}
+            if self.scale_by_std:
+                checkpoint["state_dict"]["scale_factor"] = self.scale_factor
+
+    # --- images for the logger --------------------------------------------------------------------
+    @torch.no_grad()
+    def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=50, ddim_eta=1.0, unconditional_guidance_scale=5.0, seed=0, **ignored):
+        """Inputs, reconstructions, the captions as images, and samples without and with guidance."""
+        from ldm.models.diffusion.ddim import DDIMSampler
+
+        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
+        texts = list(batch[self.cond_stage_key])[: x.shape[0]]
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x), generator=generator)
+        logs = {"inputs": x, "reconstruction": self.decode_first_stage(z)}
+        logs["conditioning"] = log_txt_as_img((x.shape[3], x.shape[2]), texts).to(self.device)
+        if sample:
+            cond = self.get_learned_conditioning(texts)
+            sampler = DDIMSampler(self)
+            shape = tuple(z.shape[1:])
+            samples, _ = sampler.sample(ddim_steps, z.shape[0], shape, cond, eta=ddim_eta, generator=generator)
+            logs["samples"] = self.decode_first_stage(samples)
+            if unconditional_guidance_scale != 1.0:
+                uc = self.get_learned_conditioning(len(texts) * [""])
+                samples, _ = sampler.sample(
+                    ddim_steps, z.shape[0], shape, cond, eta=ddim_eta, generator=generator,
+                    unconditional_guidance_scale=unconditional_guidance_scale, unconditional_conditioning=uc,
+                )
+                logs["samples_scaled"] = self.decode_first_stage(samples)
+        return logs
+

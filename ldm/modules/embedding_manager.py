@@ -1,0 +1,314 @@
+"""The learned pseudo-words of Textual Inversion: trainable vectors spliced into a text encoder's token embeddings.
+
+The conditioner (`FrozenCLIPEmbedder` for SD v1, `BERTEmbedder` for LDM) calls `forward(ids, embeds)` right after
+its token-embedding lookup and before the position embeddings, so a placeholder such as "*" is read by the text
+transformer as the learned vectors instead of the placeholder's own token embedding.
+
+Deliberate departures from the original code (rinongal/textual_inversion):
+- An initializer word's vector is its raw token-embedding row on both backends. The original's CLIP path also
+  added the position-0 embedding, which the encoder then adds again at the placeholder's real position.
+- A placeholder without an initializer word starts from N(mean, std) of the token-embedding table, per dimension,
+  so it begins at the scale of real words; the original drew U[0, 1).
+- Progressive words follow the training step the trainer sets (`set_training_step`), not a count of forward calls
+  that validation and image logging also advanced and that no file recorded.
+- `load` takes the vector count from the file (a multi-vector file works with a one-vector config) and re-derives
+  token ids from this tokenizer; the dimension is checked against this encoder.
+- Per-image tokens are added to a copy of the placeholder list; the caller's config list is left alone.
+"""
+import warnings
+
+import torch
+from torch import nn
+
+from ldm.data.templates import per_img_token_list
+from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
+
+PROGRESSIVE_STEPS_PER_VECTOR = 2000
+PLACEHOLDER_CANDIDATES = ("*", "@", "&", "$", "§", "~")
+ESCAPED_KEY_PREFIX = "utf8hex_"
+_PARAMETER_DICT_ATTRIBUTES = frozenset(dir(nn.ParameterDict()))
+
+
+def parameter_key(placeholder: str) -> str:
+    """The `nn.ParameterDict` key for a placeholder.
+
+    It is the placeholder itself, as in the original checkpoints (`string_to_param_dict.*`), unless torch refuses
+    that name (empty, containing ".", or an attribute nn.Module already has); then it is an injective hex escape.
+    Strings that look like an escape are escaped too, so two placeholders never share a key.
+    """
+    usable = (
+        placeholder
+        and "." not in placeholder
+        and not placeholder.startswith(ESCAPED_KEY_PREFIX)
+        and placeholder not in _PARAMETER_DICT_ATTRIBUTES
+    )
+    return placeholder if usable else ESCAPED_KEY_PREFIX + placeholder.encode("utf-8").hex()
+
+
+def model_family(tokenizer, token_dim: int) -> str | None:
+    """Which base model an embedding file is for: "sd-v1" (CLIP, 768-d) or "ldm" (LDM-BERT); None otherwise."""
+    name = type(tokenizer).__name__
+    if name.startswith("CLIP"):
+        return "sd-v1" if token_dim == 768 else None
+    if name.startswith("Bert"):
+        return "ldm"
+    return None
+
+
+class EmbeddingManager(nn.Module):
+    """Holds one (k, D) fp32 Parameter per placeholder string and substitutes it wherever the placeholder occurs.
+
+    With k > 1 each occurrence expands to the active number of vectors, pushing the rest of the prompt to the right
+    and truncating to the prompt length, as the original did. From the conditioner it uses `tokenizer`,
+    `text_to_token_ids`, `token_dim` and `token_embedding` (the table that supplies initial vectors).
+    """
+
+    def __init__(
+        self,
+        embedder,
+        placeholder_strings=("*",),
+        initializer_words=(),
+        per_image_tokens=False,
+        num_vectors_per_token=1,
+        progressive_words=False,
+        embedding_manager_ckpt="",
+        max_vector_norm=None,
+        **kwargs,
+    ):
+        super().__init__()
+        if kwargs:
+            warnings.warn(f"EmbeddingManager ignores unknown arguments {sorted(kwargs)}", stacklevel=2)
+        placeholders = list(placeholder_strings or ())
+        initializer_words = list(initializer_words or ())
+        if not placeholders and not per_image_tokens:
+            raise ValueError("EmbeddingManager needs at least one placeholder string, e.g. placeholder_strings: ['*']")
+        if len(initializer_words) > len(placeholders):
+            raise ValueError(
+                f"{len(initializer_words)} initializer_words for {len(placeholders)} placeholder_strings; "
+                "give at most one initializer word per placeholder"
+            )
+        if int(num_vectors_per_token) < 1:
+            raise ValueError(f"num_vectors_per_token must be at least 1, got {num_vectors_per_token}")
+        if max_vector_norm is not None and max_vector_norm <= 0:
+            raise ValueError(f"max_vector_norm must be positive or None, got {max_vector_norm}")
+
+        self.tokenizer = embedder.tokenizer
+        self._text_to_token_ids = embedder.text_to_token_ids
+        self.token_dim = int(embedder.token_dim)
+        self.model_family = model_family(self.tokenizer, self.token_dim)
+        self.num_vectors_per_token = int(num_vectors_per_token)
+        self.progressive_words = bool(progressive_words)
+        self.max_vector_norm = None if max_vector_norm is None else float(max_vector_norm)
+        self.training_step = 0
+        self.string_to_token_dict: dict[str, int] = {}
+        self.initializer_words: dict[str, str] = {}
+        self.string_to_param_dict = nn.ParameterDict()
+        self.initial_embeddings = nn.ParameterDict()
+
+        if per_image_tokens:
+            placeholders = placeholders + self._per_image_tokens()
+        table = embedder.token_embedding.weight.detach().float()
+        table_mean, table_std = table.mean(dim=0), table.std(dim=0)
+        for index, placeholder in enumerate(placeholders):
+            token = self._single_token_id(placeholder, "placeholder")
+            self._claim_token(placeholder, token)
+            word = initializer_words[index] if index < len(initializer_words) else None
+            if word:
+                row = table[self._single_token_id(word, "initializer word")]
+                initial = row.expand(self.num_vectors_per_token, -1).clone()
+                self.initial_embeddings[parameter_key(placeholder)] = nn.Parameter(initial, requires_grad=False)
+                self.initializer_words[placeholder] = word
+                vectors = initial.clone()
+            else:
+                noise = torch.randn(self.num_vectors_per_token, self.token_dim).to(table.device)
+                vectors = noise * table_std + table_mean
+            self.string_to_param_dict[parameter_key(placeholder)] = nn.Parameter(vectors)
+        self.to(table.device)
+
+        if embedding_manager_ckpt:
+            self.load(embedding_manager_ckpt)
+
+    def _per_image_tokens(self) -> list[str]:
+        """The 22 Hebrew letters of the dataset's per-image captions, checked up front for a clearer error."""
+        unusable = [letter for letter in per_img_token_list if not self._is_single_token(letter)]
+        if unusable:
+            raise ValueError(
+                f"per_image_tokens needs each of the {len(per_img_token_list)} letters {''.join(per_img_token_list)} "
+                f"to be one token, but this tokenizer splits {len(unusable)} of them (e.g. '{unusable[0]}'); "
+                "set per_image_tokens: false or use the LDM (BERT) conditioner"
+            )
+        return list(per_img_token_list)
+
+    def _is_single_token(self, text: str) -> bool:
+        """One ordinary token: not split, not [UNK] (every unknown string shares it), not [PAD]/[CLS]/EOS."""
+        ids = self._text_to_token_ids(text)
+        return len(ids) == 1 and ids[0] not in self.tokenizer.all_special_ids
+
+    def _single_token_id(self, text: str, role: str) -> int:
+        """The one token id of `text`, or a ValueError that shows the split and names strings that would work."""
+        if self._is_single_token(text):
+            return self._text_to_token_ids(text)[0]
+        ids = list(self._text_to_token_ids(text))
+        pieces = [piece.removesuffix("</w>") for piece in self.tokenizer.convert_ids_to_tokens(ids)]
+        if not ids:
+            problem = "maps to no token"
+        elif ids == [self.tokenizer.unk_token_id]:
+            problem = f"is unknown to the tokenizer (it becomes {pieces[0]})"
+        elif len(ids) == 1:
+            problem = f"is the tokenizer's special token {pieces[0]}"
+        else:
+            problem = f"is split by the tokenizer into {len(ids)} tokens {pieces}"
+        if role == "placeholder":
+            taken = set(self.string_to_token_dict) | {text}
+            usable = [c for c in PLACEHOLDER_CANDIDATES if c not in taken and self._is_single_token(c)]
+            hint = f"try one of {' '.join(usable)}" if usable else "try a single symbol or a short rare word"
+        else:
+            words = dict.fromkeys(piece.removeprefix("##") for piece in pieces)
+            usable = [word for word in words if word and word != text and self._is_single_token(word)]
+            shorter = "a shorter common word that describes the concept"
+            hint = f"use one of its single-token pieces ({', '.join(usable)}) or {shorter}" if usable else f"use {shorter}"
+        raise ValueError(f"{role} '{text}' {problem}; it must be exactly one token: {hint}")
+
+    def _claim_token(self, placeholder: str, token: int):
+        for other, other_token in self.string_to_token_dict.items():
+            if other_token == token:
+                raise ValueError(
+                    f"placeholders '{other}' and '{placeholder}' are the same token (id {token}) for this tokenizer; "
+                    "give each placeholder a distinct string"
+                )
+        self.string_to_token_dict[placeholder] = token
+
+    def vectors(self, placeholder: str) -> nn.Parameter:
+        """The learned (k, D) vectors of one placeholder."""
+        return self.string_to_param_dict[parameter_key(placeholder)]
+
+    def set_training_step(self, step: int):
+        """Called by the trainer each step; progressive words unlock one more vector every 2000 steps."""
+        if step < 0:
+            raise ValueError(f"training step must be non-negative, got {step}")
+        self.training_step = int(step)
+
+    def num_active_vectors(self, num_vectors: int) -> int:
+        if not self.progressive_words:
+            return num_vectors
+        return min(num_vectors, 1 + self.training_step // PROGRESSIVE_STEPS_PER_VECTOR)
+
+    def forward(self, tokenized_text: torch.Tensor, embedded_text: torch.Tensor) -> torch.Tensor:
+        """(B, n) ids and (B, n, D) raw token embeddings -> new (B, n, D) embeddings with the placeholders replaced.
+
+        All placeholders expand at once: input position j takes w_j output slots (m active vectors for a placeholder,
+        one otherwise), and output slot o is filled from the input position whose slot range covers o. This equals the
+        original's right-to-left insertion with truncation to n, without a Python loop over occurrences. The input
+        tensor is never written to, so autograd through the caller's embeddings stays valid.
+        """
+        batch, length, dim = embedded_text.shape
+        device = tokenized_text.device
+        placeholder_index = torch.full_like(tokenized_text, -1)
+        active_vectors, widths_per_placeholder = [], []
+        for index, (placeholder, token) in enumerate(self.string_to_token_dict.items()):
+            placeholder_index = torch.where(tokenized_text == token, index, placeholder_index)
+            vectors = self.vectors(placeholder)
+            active = self.num_active_vectors(vectors.shape[0])
+            active_vectors.append(vectors[:active])
+            widths_per_placeholder.append(active)
+
+        widths_per_placeholder = torch.tensor(widths_per_placeholder, device=device)
+        is_placeholder = placeholder_index >= 0
+        widths = torch.where(is_placeholder, widths_per_placeholder[placeholder_index.clamp_min(0)], 1)
+        slot_ends = widths.cumsum(dim=1)
+        slots = torch.arange(length, device=device).expand(batch, length).contiguous()
+        source = torch.searchsorted(slot_ends, slots, right=True)
+        offset = slots - (slot_ends - widths).gather(1, source)
+        source_placeholder = placeholder_index.gather(1, source)
+
+        learned_rows = torch.cat(active_vectors).to(embedded_text.dtype)
+        first_row = widths_per_placeholder.cumsum(0) - widths_per_placeholder
+        learned = learned_rows[first_row[source_placeholder.clamp_min(0)] + offset]
+        kept = embedded_text.gather(1, source.unsqueeze(-1).expand(-1, -1, dim))
+        return torch.where((source_placeholder >= 0).unsqueeze(-1), learned, kept)
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The only parameters the optimizer trains in the usual frozen-model mode."""
+        return list(self.string_to_param_dict.values())
+
+    def embedding_to_coarse_loss(self) -> torch.Tensor:
+        """Pull toward the initializer words: mean entry of the Gram matrix d·dᵀ of d = vectors - initial,
+        averaged over the placeholders that have an initializer word (for k = 1, the squared L2 distance)."""
+        losses = []
+        for placeholder in self.initializer_words:
+            difference = self.vectors(placeholder) - self.initial_embeddings[parameter_key(placeholder)]
+            losses.append((difference @ difference.T).mean())
+        if not losses:
+            return torch.zeros((), device=self.embedding_parameters()[0].device)
+        return torch.stack(losses).mean()
+
+    def vector_norms(self) -> dict[str, torch.Tensor]:
+        """L2 norm of each learned vector, (k,) per placeholder, for logging."""
+        return {placeholder: self.vectors(placeholder).detach().norm(dim=1) for placeholder in self.string_to_token_dict}
+
+    @torch.no_grad()
+    def apply_norm_cap(self):
+        """Rescale vectors longer than `max_vector_norm` onto that norm; the trainer calls it after each step."""
+        if self.max_vector_norm is None:
+            return
+        for vectors in self.embedding_parameters():
+            norms = vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)
+            vectors.mul_((self.max_vector_norm / norms).clamp(max=1.0))
+
+    def save(self, path: str, step: int | None = None, extra_metadata: dict | None = None):
+        """Write the vectors in the original `.pt` layout, plus what is needed to use them safely later."""
+        placeholders = list(self.string_to_token_dict)
+        metadata = {
+            "model_family": self.model_family,
+            "num_vectors_per_token": max(self.vectors(p).shape[0] for p in placeholders),
+            "dim": self.token_dim,
+            "step": step,
+            "placeholder_strings": placeholders,
+            "initializer_words": [self.initializer_words.get(p) for p in placeholders],
+        }
+        metadata.update(extra_metadata or {})
+        embeddings = Embeddings(
+            vectors={p: self.vectors(p).detach().float().cpu() for p in placeholders},
+            token_ids=dict(self.string_to_token_dict),
+            metadata=metadata,
+        )
+        save_embeddings(embeddings, path, format="original")
+
+    def load(self, path: str):
+        """Replace all placeholders and vectors with those of an embedding file.
+
+        Token ids come from this tokenizer (the file's ids are only compared), the vector count from the file, and
+        the training step from the file's metadata when recorded, so a progressive-words config uses exactly the
+        vectors that were active when the file was written. Optimizers built before this call hold stale tensors.
+        """
+        embeddings = load_embeddings(path, expected_dim=self.token_dim)
+        if not embeddings.vectors:
+            raise ValueError(f"embedding file '{path}' holds no vectors")
+        previous_initial = {p: self.initial_embeddings[parameter_key(p)] for p in self.initializer_words}
+        previous_words = self.initializer_words
+        device = self.embedding_parameters()[0].device
+        self.string_to_token_dict, self.initializer_words = {}, {}
+        self.string_to_param_dict, self.initial_embeddings = nn.ParameterDict(), nn.ParameterDict()
+        for placeholder, vectors in embeddings.vectors.items():
+            try:
+                token = self._single_token_id(placeholder, "placeholder")
+                self._claim_token(placeholder, token)
+            except ValueError as error:
+                raise ValueError(f"embedding file '{path}': {error}") from None
+            recorded = embeddings.token_ids.get(placeholder)
+            if recorded is not None and int(recorded) != token:
+                warnings.warn(
+                    f"embedding file '{path}' records token id {int(recorded)} for '{placeholder}' but this tokenizer "
+                    f"gives {token}; the file may come from another tokenizer",
+                    stacklevel=2,
+                )
+            vectors = vectors.detach().float().clone().to(device)
+            self.string_to_param_dict[parameter_key(placeholder)] = nn.Parameter(vectors)
+            if placeholder in previous_initial:
+                initial = previous_initial[placeholder][:1].expand(vectors.shape[0], -1).clone()
+                self.initial_embeddings[parameter_key(placeholder)] = nn.Parameter(initial, requires_grad=False)
+                self.initializer_words[placeholder] = previous_words[placeholder]
+        self.num_vectors_per_token = max(v.shape[0] for v in embeddings.vectors.values())
+        step = embeddings.metadata.get("step")
+        if isinstance(step, int):
+            self.training_step = step

@@ -1,0 +1,286 @@
+"""Train a textual-inversion embedding: `python main.py --base <config.yaml> -t --actual_resume <model.ckpt> ...`.
+
+The flags are those of the original textual_inversion / latent-diffusion `main.py`; anything else on the
+command line in `a.b.c=value` form overrides the merged YAML configs.
+"""
+import argparse
+import datetime
+import glob
+import os
+import signal
+import sys
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from ldm.callbacks import ImageLogger, SetupCallback, TrainingCheckpoint
+from ldm.data.datamodule import DataModuleFromConfig
+from ldm.util import instantiate_from_config
+
+__all__ = ["DataModuleFromConfig", "ImageLogger"]  # old configs name them `main.DataModuleFromConfig` / `main.ImageLogger`
+
+TRAINER_FLAGS = {  # Lightning Trainer flags we accept on the command line, as the original did through add_argparse_args
+    "accelerator": str,
+    "devices": str,
+    "num_nodes": int,
+    "strategy": str,
+    "precision": str,
+    "max_steps": int,
+    "accumulate_grad_batches": int,
+    "val_check_interval": float,
+    "log_every_n_steps": int,
+}
+
+
+class UsageError(Exception):
+    """A mistake in the command line or config; main() prints its one-line message and exits with status 2."""
+
+
+def str2bool(value):
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got '{value}'")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--name", type=str, const=True, default="", nargs="?", help="postfix for the run folder")
+    parser.add_argument("-r", "--resume", type=str, const=True, default="", nargs="?", help="continue a run: its log folder or a checkpoint in it")
+    parser.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[], help="configs, merged left to right")
+    parser.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
+    parser.add_argument("--no-test", type=str2bool, const=True, default=False, nargs="?", help="accepted for compatibility (there is no test stage)")
+    parser.add_argument("-p", "--project", help="unused, kept for compatibility")
+    parser.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False, help="put the run under <logdir>/debug_runs")
+    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for everything (data order, noise, timesteps)")
+    parser.add_argument("-f", "--postfix", type=str, default="", help="appended to the run name")
+    parser.add_argument("-l", "--logdir", type=str, default="logs", help="root folder of the runs")
+    parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True, help="lr = accumulate x GPUs x batch x base_lr")
+    parser.add_argument("--datadir_in_name", type=str2bool, nargs="?", const=True, default=True, help="prefix the run folder with the data folder's name")
+    parser.add_argument("--actual_resume", type=str, default="", help="the pretrained model checkpoint (.ckpt or .safetensors)")
+    parser.add_argument("--data_root", type=str, default="", help="folder with the 3-5 training images")
+    parser.add_argument("--embedding_manager_ckpt", type=str, default="", help="start from an existing embeddings file")
+    parser.add_argument("--placeholder_string", type=str, help="the pseudo-word (one token), e.g. '*' or '@'")
+    parser.add_argument("--init_word", type=str, help="a one-token word describing the concept, e.g. 'cat'")
+    parser.add_argument("--gpus", type=str, default=None, help="'0,' or '0,1' (GPU indices) or an integer count")
+    for flag, kind in TRAINER_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=kind, default=None, help=f"Lightning Trainer {flag}")
+    return parser
+
+
+def parse_gpus(gpus: str | None):
+    """Lightning-1.x style `--gpus` to (accelerator, devices): '0,' -> [0]; '0,1' -> [0, 1]; '2' -> 2 GPUs; '0' -> CPU."""
+    if gpus is None:
+        return None, None
+    text = str(gpus).strip()
+    if "," in text:
+        indices = [int(i) for i in text.split(",") if i.strip()]
+        if not indices:
+            raise UsageError(f"--gpus '{gpus}' names no GPU: use e.g. --gpus 0,")
+        return "gpu", indices
+    if not text.isdigit():
+        raise UsageError(f"--gpus '{gpus}' is not understood: use GPU indices with a comma (--gpus 0, or --gpus 0,1) or a count (--gpus 2)")
+    count = int(text)
+    if count == 0:
+        print("--gpus 0 means no GPU (Lightning's convention); training on the CPU. Use --gpus 0, for GPU 0.")
+        return "cpu", 1
+    return "gpu", count
+
+
+def resolve_resume(opt):
+    """-r accepts a run folder or a checkpoint inside it; returns (logdir, ckpt, saved configs)."""
+    if not os.path.exists(opt.resume):
+        raise UsageError(f"cannot resume: '{opt.resume}' does not exist (give a run folder such as logs/<run>)")
+    if os.path.isfile(opt.resume):
+        ckpt = opt.resume
+        logdir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+    else:
+        logdir = opt.resume.rstrip("/")
+        ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
+    if not os.path.isfile(ckpt):
+        raise UsageError(f"cannot resume: '{ckpt}' does not exist (the run saved no checkpoint yet)")
+    configs = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
+    return logdir, ckpt, configs
+
+
+def build_config(opt, unknown, base_configs):
+    for path in base_configs:
+        if not os.path.isfile(path):
+            raise UsageError(f"config '{path}' does not exist: pass an existing YAML with --base (e.g. configs/stable-diffusion/v1-finetune.yaml)")
+    configs = [OmegaConf.load(p) for p in base_configs]
+    bad = [u for u in unknown if "=" not in u]
+    if bad:
+        raise UsageError(f"unknown argument '{bad[0]}': flags are listed by --help; config overrides look like model.params.x=value")
+    config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(unknown))
+    if "model" not in config:
+        raise UsageError("no model in the configs: pass a model config with --base")
+    model_params = config.model.setdefault("params", {})
+    model_params.seed = opt.seed
+    if opt.actual_resume:
+        model_params.ckpt_path = opt.actual_resume
+    personalization = model_params.get("personalization_config")
+    if personalization is not None:
+        p = personalization.setdefault("params", {})
+        if opt.embedding_manager_ckpt:
+            p.embedding_manager_ckpt = opt.embedding_manager_ckpt
+        if opt.placeholder_string:
+            p.placeholder_strings = [opt.placeholder_string]
+        if opt.init_word:
+            words = list(p.get("initializer_words") or [])
+            p.initializer_words = [opt.init_word] + words[1:]
+    if "data" in config:
+        data_params = config.data.setdefault("params", {})
+        data_params.seed = opt.seed
+        placeholder = (personalization.params.get("placeholder_strings") or ["*"])[0] if personalization is not None else "*"
+        for split in ("train", "validation"):
+            if split in data_params:
+                params = data_params[split].setdefault("params", {})
+                if opt.data_root:
+                    params.data_root = opt.data_root
+                params.placeholder_token = placeholder  # the original always wrote '*' into captions
+                if personalization is not None:
+                    params.per_image_tokens = bool(personalization.params.get("per_image_tokens", False))
+    return config
+
+
+def trainer_settings(opt, lightning_config):
+    settings = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
+    settings.pop("gpus", None)
+    accelerator, devices = parse_gpus(opt.gpus if opt.gpus is not None else lightning_config.get("trainer", {}).get("gpus"))
+    if accelerator:
+        settings["accelerator"], settings["devices"] = accelerator, devices
+    for flag in TRAINER_FLAGS:
+        value = getattr(opt, flag)
+        if value is not None:
+            settings[flag] = int(value) if flag == "devices" and str(value).isdigit() else value
+    settings.setdefault("accelerator", "cpu")
+    settings.setdefault("devices", 1)
+    if settings["accelerator"] == "gpu" and not torch.cuda.is_available():
+        raise UsageError("--gpus asks for a GPU but PyTorch sees none: drop --gpus to train on the CPU, or install a CUDA build of torch")
+    if settings["accelerator"] == "cpu" and torch.cuda.is_available():
+        print("Training on the CPU although a GPU is available: add --gpus 0, to use it.")
+    devices = settings["devices"]
+    num_devices = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+    if num_devices * int(settings.get("num_nodes", 1)) > 1:
+        settings.setdefault("strategy", "ddp")
+    if settings.get("val_check_interval") is not None and float(settings["val_check_interval"]) >= 1:
+        settings["val_check_interval"] = int(settings["val_check_interval"])
+        settings.setdefault("check_val_every_n_epoch", None)
+    return settings, num_devices * int(settings.get("num_nodes", 1))
+
+
+def run_name(opt, base_configs):
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    if opt.name:
+        name = f"_{opt.name}"
+    elif base_configs:
+        name = "_" + os.path.splitext(os.path.basename(base_configs[0]))[0]
+    else:
+        name = ""
+    prefix = os.path.basename(os.path.normpath(opt.data_root)) if opt.datadir_in_name and opt.data_root else ""
+    return now, prefix + now + name + opt.postfix
+
+
+def main(argv=None):
+    parser = get_parser()
+    opt, unknown = parser.parse_known_args(argv)
+    if opt.name and opt.resume:
+        raise UsageError("-n/--name and -r/--resume cannot be used together: -r continues the run folder it is given")
+
+    ckpt_to_resume = None
+    base_configs = list(opt.base)
+    if opt.resume:
+        logdir, ckpt_to_resume, saved = resolve_resume(opt)
+        base_configs = saved + base_configs
+        opt.train = True  # resuming only makes sense to train further
+        now = os.path.basename(logdir)
+    else:
+        now, nowname = run_name(opt, base_configs)
+        logdir = os.path.join(opt.logdir, "debug_runs" if opt.debug else "", nowname)
+    if not base_configs:
+        raise UsageError("no config given: pass one with --base (e.g. configs/stable-diffusion/v1-finetune.yaml)")
+
+    config = build_config(opt, unknown, base_configs)
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    if opt.train and not config.model.params.get("ckpt_path"):
+        raise UsageError("--actual_resume is required: the pretrained model checkpoint (e.g. models/ldm/stable-diffusion-v1/model.ckpt)")
+    if opt.train and "data" in config and not config.data.params.train.params.get("data_root"):
+        raise UsageError("--data_root is required: the folder with your 3-5 training images")
+    settings, world = trainer_settings(opt, lightning_config)
+    lightning_config.trainer = settings
+    pl.seed_everything(opt.seed, workers=True)
+
+    ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
+    model = instantiate_from_config(config.model)
+    data = instantiate_from_config(config.data)
+    data.setup()
+    for split, dataset in data.datasets.items():
+        print(f"{split}: {type(dataset).__name__}, {len(dataset)} items")
+
+    batch_size, base_lr = config.data.params.batch_size, config.model.base_learning_rate
+    accumulate = int(settings.get("accumulate_grad_batches", 1))
+    if opt.scale_lr:
+        model.learning_rate = accumulate * world * batch_size * base_lr
+        print(
+            f"Setting learning rate to {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) * {world} (num_gpus) "
+            f"* {batch_size} (batchsize) * {base_lr:.2e} (base_lr)"
+        )
+    else:
+        model.learning_rate = base_lr
+        print(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {model.learning_rate:.2e}")
+
+    every = int(lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 500))
+    checkpointer = TrainingCheckpoint(ckptdir, every_n_train_steps=every)
+    callbacks = [
+        SetupCallback(now, logdir, ckptdir, cfgdir, config, lightning_config),
+        checkpointer,
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    for callback_config in lightning_config.get("callbacks", {}).values():
+        callbacks.append(instantiate_from_config(callback_config))
+    logger = TensorBoardLogger(save_dir=logdir, name="tensorboard", version=0, default_hp_metric=False)
+    trainer = pl.Trainer(**settings, callbacks=callbacks, logger=logger, default_root_dir=logdir, use_distributed_sampler=False, num_sanity_val_steps=0)
+    trainer.logdir = logdir
+    trainer.stop_signal = None
+    if opt.train:
+        install_signal_handlers(trainer, checkpointer)
+        trainer.fit(model, data, ckpt_path=ckpt_to_resume)
+        if trainer.stop_signal is not None:
+            print(f"Stopped at step {trainer.global_step}; embeddings and last.ckpt are in {ckptdir}. Continue with: python main.py -r {logdir}")
+    return trainer
+
+
+def install_signal_handlers(trainer, checkpoint: TrainingCheckpoint):
+    """Ctrl-C / SIGTERM finish the current step, save and stop; a second Ctrl-C stops at once.
+    SIGUSR1 (not on Windows) saves at the next step and keeps training."""
+
+    def request_stop(signum, frame):
+        if trainer.should_stop:
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving and stopping (press Ctrl-C again to stop now)")
+        trainer.stop_signal = signum
+        trainer.should_stop = True
+
+    def request_save(signum, frame):
+        checkpoint.save_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, request_save)
+
+
+if __name__ == "__main__":
+    try:
+        trainer = main()
+    except (UsageError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if trainer.stop_signal is not None:
+        sys.exit(128 + trainer.stop_signal)

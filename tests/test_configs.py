@@ -1,0 +1,71 @@
+"""The shipped full-size configs build the released architectures (on the meta device, so at no cost)."""
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.util import count_params, instantiate_from_config
+from tests.conftest import REPO
+
+
+def build_on_meta(relative_path):
+    config = OmegaConf.load(os.path.join(REPO, relative_path))
+    with torch.device("meta"):
+        return instantiate_from_config(config.model)
+
+
+def millions(module):
+    return round(count_params(module) / 1e6, 2)
+
+
+def test_sd_v1_inference_config_matches_the_release():
+    model = build_on_meta("configs/stable-diffusion/v1-inference.yaml")
+    assert millions(model.model) == 859.52
+    assert millions(model.first_stage_model) == 83.65
+    assert millions(model.cond_stage_model) == 123.06
+    state = model.state_dict()
+    expected_shapes = {
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+        "model.diffusion_model.middle_block.1.proj_in.weight": (1280, 1280, 1, 1),
+        "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+        "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
+        "first_stage_model.post_quant_conv.weight": (4, 4, 1, 1),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+        "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+        "alphas_cumprod": (1000,),
+    }
+    for key, shape in expected_shapes.items():
+        assert tuple(state[key].shape) == shape, key
+    prefixes = {k.split(".")[0] for k in state}
+    assert prefixes <= {"model", "first_stage_model", "cond_stage_model", "embedding_manager"} | {
+        k for k in state if "." not in k
+    }
+
+
+@pytest.mark.parametrize("config", ["configs/latent-diffusion/txt2img-1p4B-eval.yaml", "configs/latent-diffusion/txt2img-1p4B-finetune.yaml"])
+def test_ldm_text2img_large_configs_match_the_release(config):
+    model = build_on_meta(config)
+    assert millions(model.model) == 872.30
+    assert millions(model.first_stage_model) == 83.65
+    state = model.state_dict()
+    assert tuple(state["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape) == (320, 1280)
+    assert tuple(state["cond_stage_model.transformer.token_emb.weight"].shape) == (30522, 1280)
+    assert tuple(state["cond_stage_model.transformer.attn_layers.layers.63.1.net.2.weight"].shape) == (1280, 5120)
+
+
+def test_every_shipped_config_parses_and_names_importable_targets():
+    from ldm.util import get_obj_from_str
+
+    for folder, _, files in os.walk(os.path.join(REPO, "configs")):
+        for name in files:
+            config = OmegaConf.to_container(OmegaConf.load(os.path.join(folder, name)))
+            stack = [config]
+            while stack:
+                node = stack.pop()
+                if isinstance(node, dict):
+                    if "target" in node:
+                        assert get_obj_from_str(node["target"]) is not None, (name, node["target"])
+                    stack.extend(node.values())
+                elif isinstance(node, list):
+                    stack.extend(node)

@@ -1,0 +1,367 @@
+"""Embedding files: every layout users share loads to the same vectors, ours load elsewhere, bad files fail clearly."""
+import argparse
+import base64
+import importlib.util
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torch import nn
+
+from ldm import embeddings as embeddings_module
+from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_embedding.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("convert_embedding", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def random_vectors(rows=2, width=768, seed=0):
+    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_vectors(loaded: dict, expected: dict):
+    assert list(loaded) == list(expected)
+    for key, vectors in expected.items():
+        assert loaded[key].dtype == torch.float32
+        assert torch.equal(loaded[key], vectors.reshape(-1, vectors.shape[-1]).float())
+
+
+def original_repo_dict(vectors):
+    """What the original repo's EmbeddingManager.save pickled."""
+    return {
+        "string_to_token": {"*": torch.tensor(265)},
+        "string_to_param": nn.ParameterDict({"*": nn.Parameter(vectors)}),
+    }
+
+
+def a1111_dict(vectors, name="mycat"):
+    return {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": vectors.clone().requires_grad_(True)},
+        "name": name,
+        "step": 500,
+        "sd_checkpoint": "abcd1234",
+        "sd_checkpoint_name": "v1-5-pruned",
+    }
+
+
+def test_original_repo_file_loads_with_only_parameterdict_allowed(tmp_path):
+    vectors = random_vectors(1)
+    path = tmp_path / "embeddings.pt"
+    torch.save(original_repo_dict(vectors), path)
+    needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    assert needed == ["torch.nn.modules.container.ParameterDict"]
+    loaded = load_embeddings(path, expected_dim=768)
+    assert_same_vectors(loaded.vectors, {"*": vectors})
+    assert loaded.token_ids == {"*": 265}
+    assert not loaded.vectors["*"].requires_grad
+
+
+def test_original_file_with_several_placeholders_and_an_older_torch_parameterdict(tmp_path):
+    """torch before 2.0 pickled ParameterDicts without `_keys`; their entries must still be found."""
+    vectors = {"*": random_vectors(3, 1280, seed=1), "@": random_vectors(3, 1280, seed=2)}
+    params = nn.ParameterDict({k: nn.Parameter(v) for k, v in vectors.items()})
+    del params.__dict__["_keys"]
+    path = tmp_path / "ldm.pt"
+    torch.save({"string_to_token": {"*": torch.tensor(1008), "@": torch.tensor(1030)}, "string_to_param": params}, path)
+    loaded = load_embeddings(path)
+    assert_same_vectors(loaded.vectors, vectors)
+    assert loaded.token_ids == {"*": 1008, "@": 1030}
+    assert loaded.dim == 1280
+
+
+def test_a1111_pt_uses_name_as_placeholder_and_keeps_its_fields(tmp_path):
+    vectors = random_vectors(4)
+    path = tmp_path / "whatever.pt"
+    torch.save(a1111_dict(vectors), path)
+    loaded = load_embeddings(path)
+    assert_same_vectors(loaded.vectors, {"mycat": vectors})
+    assert loaded.token_ids == {}
+    assert loaded.metadata == {
+        "name": "mycat", "step": 500, "sd_checkpoint": "abcd1234", "sd_checkpoint_name": "v1-5-pruned"
+    }
+
+
+def test_a1111_png_chunk_loads_bit_exact(tmp_path):
+    vectors = random_vectors(2)
+    data = a1111_dict(vectors, name="pngcat")
+    data["string_to_param"] = {"*": {"TORCHTENSOR": vectors.tolist()}}
+    info = PngInfo()
+    info.add_text("sd-ti-embedding", base64.b64encode(json.dumps(data).encode()).decode())
+    path = tmp_path / "pngcat-500.png"
+    Image.new("RGB", (8, 8), "white").save(path, pnginfo=info)
+    loaded = load_embeddings(path)
+    assert_same_vectors(loaded.vectors, {"pngcat": vectors})
+    assert loaded.metadata["step"] == 500
+
+
+def test_png_without_chunk_names_the_unsupported_pixel_variant(tmp_path):
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8), "white").save(path)
+    with pytest.raises(ValueError, match=r"plain\.png.*sd-ti-embedding.*pixels"):
+        load_embeddings(path)
+
+
+@pytest.mark.parametrize("rows", [None, 1, 3], ids=["1-D", "1x768", "3x768"])
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_diffusers_files_load(tmp_path, rows, suffix):
+    vectors = random_vectors(1 if rows is None else rows, seed=3)
+    if rows is None:
+        vectors = vectors[0]
+    path = tmp_path / f"learned_embeds{suffix}"
+    if suffix == ".bin":
+        torch.save({"<cat-toy>": vectors}, path)
+    else:
+        safetensors.torch.save_file({"<cat-toy>": vectors}, path, metadata={"format": "pt"})
+    loaded = load_embeddings(path)
+    assert_same_vectors(loaded.vectors, {"<cat-toy>": vectors})
+    assert loaded.vectors["<cat-toy>"].shape == (1 if rows is None else rows, 768)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_emb_params_files_take_the_file_stem_and_upcast_half_precision(tmp_path, suffix):
+    vectors = random_vectors(2, seed=4).half()
+    path = tmp_path / f"EasyNegative{suffix}"
+    if suffix == ".pt":
+        torch.save({"emb_params": vectors}, path)
+    else:
+        safetensors.torch.save_file({"emb_params": vectors}, path, metadata={"modelspec.title": "EasyNegative"})
+    loaded = load_embeddings(path)
+    assert_same_vectors(loaded.vectors, {"EasyNegative": vectors})
+    if suffix == ".safetensors":
+        assert loaded.metadata == {"modelspec.title": "EasyNegative"}
+
+
+def test_round_trip_original_diffusers_a1111_original_is_bit_exact(tmp_path):
+    metadata = {"model_family": "sd-v1", "step": 3000, "initializer_words": ["toy"], "num_vectors_per_token": 2}
+    start = Embeddings({"<cat-toy>": random_vectors(2, seed=5)}, {"<cat-toy>": 49408}, metadata)
+    save_embeddings(start, tmp_path / "a" / "embeddings.pt", "original")
+    first = load_embeddings(tmp_path / "a" / "embeddings.pt")
+    save_embeddings(first, tmp_path / "b" / "learned_embeds.safetensors", "diffusers")
+    second = load_embeddings(tmp_path / "b" / "learned_embeds.safetensors")
+    assert second.token_ids == {"<cat-toy>": 49408}
+    save_embeddings(second, tmp_path / "c" / "cat-toy.pt", "a1111")
+    third = load_embeddings(tmp_path / "c" / "cat-toy.pt")
+    save_embeddings(third, tmp_path / "d" / "embeddings.pt", "original")
+    final = load_embeddings(tmp_path / "d" / "embeddings.pt")
+    for step in (first, second, third, final):
+        assert_same_vectors(step.vectors, start.vectors)
+        assert step.metadata == metadata
+
+
+@pytest.mark.parametrize(
+    ("format", "file_name", "placeholder", "keeps_metadata"),
+    [
+        ("original", "e.pt", "<cat-toy>", True),
+        ("diffusers", "learned_embeds.bin", "<cat-toy>", False),
+        ("a1111", "e.bin", "<cat-toy>", True),
+        ("a1111", "cat.safetensors", "cat", True),
+    ],
+)
+def test_every_format_round_trips(tmp_path, format, file_name, placeholder, keeps_metadata):
+    strided = random_vectors(1024, 3, seed=6).T
+    original = Embeddings({"<cat-toy>": strided}, {}, {"note": "hi", "step": 7})
+    save_embeddings(original, tmp_path / file_name, format)
+    loaded = load_embeddings(tmp_path / file_name, expected_dim=1024)
+    assert_same_vectors(loaded.vectors, {placeholder: original.vectors["<cat-toy>"]})
+    assert (loaded.metadata == original.metadata) is keeps_metadata
+
+
+def test_our_original_file_loads_with_plain_weights_only(tmp_path):
+    vectors = {"*": random_vectors(1, seed=7), "<dog>": random_vectors(2, seed=8)}
+    path = tmp_path / "embeddings.pt"
+    save_embeddings(Embeddings(vectors, {"*": 265}, {"step": 12}), path)
+    raw = torch.load(path, weights_only=True)
+    assert type(raw["string_to_param"]) is dict
+    assert torch.equal(raw["string_to_param"]["*"], vectors["*"])
+    assert raw["string_to_token"]["*"].dtype == torch.int64 and raw["string_to_token"]["*"].ndim == 0
+    assert int(raw["string_to_token"]["*"]) == 265 and int(raw["string_to_token"]["<dog>"]) == -1
+    assert (raw["name"], raw["step"]) == ("*", 12)
+    assert load_embeddings(path).token_ids == {"*": 265}
+
+
+class NotAnEmbedding:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        ({"string_to_param": {"*": torch.zeros(1, 4)}, "extra": NotAnEmbedding()}, "NotAnEmbedding"),
+        ({"emb_params": torch.zeros(1, 4), "args": argparse.Namespace(lr=1)}, "argparse.Namespace"),
+    ],
+)
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickles_needing_other_globals_are_refused_by_name(tmp_path, payload, named, zip_format):
+    path = tmp_path / "evil.pt"
+    torch.save(payload, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(ValueError, match=rf"evil\.pt.*{named}.*refusing to run pickled code") as caught:
+        load_embeddings(path)
+    assert "\n" not in str(caught.value)
+
+
+def write_sdxl(path):
+    safetensors.torch.save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, path)
+
+
+def write_checkpoint(path):
+    torch.save({"state_dict": {"w": torch.zeros(3, 3, 3, 3)}, "global_step": 5}, path)
+
+
+def write_plain_pickle(path):
+    path.write_bytes(pickle.dumps({"<x>": [0.0] * 8}))
+
+
+def write_truncated(path):
+    torch.save({"<x>": torch.zeros(1, 8)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def write_truncated_safetensors(path):
+    safetensors.torch.save_file({"<x>": torch.zeros(1, 8)}, path)
+    path.write_bytes(path.read_bytes()[:-8])
+
+
+@pytest.mark.parametrize(
+    ("file_name", "write", "expected"),
+    [
+        ("cut.pt", write_truncated, "truncated or corrupt PyTorch"),
+        ("cut.safetensors", write_truncated_safetensors, "truncated or corrupt safetensors"),
+        ("empty.pt", lambda p: p.write_bytes(b""), "empty"),
+        ("config.pt", lambda p: p.write_text("model:\n  target: ldm.models.X\n"), "text file .*'model:'"),
+        ("sdxl.safetensors", write_sdxl, "SDXL.*clip_g, clip_l"),
+        ("model.ckpt", write_checkpoint, "model checkpoint"),
+        ("tensor.pt", lambda p: torch.save(torch.zeros(2, 768), p), r"tensor of shape \(2, 768\) rather than a dict"),
+        ("plain.pkl", write_plain_pickle, "weights-only loader cannot read .*Unsupported operand"),
+        ("bad.pt", lambda p: torch.save({"string_to_param": {"*": torch.zeros(1, 2, 3)}}, p), r"shape \(1, 2, 3\)"),
+    ],
+)
+def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, file_name, write, expected):
+    path = tmp_path / file_name
+    write(path)
+    with pytest.raises(ValueError, match=rf"'{re.escape(str(path))}'.*{expected}") as caught:
+        load_embeddings(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_embeddings(tmp_path / "nope.pt")
+    with pytest.raises(ValueError, match="is a folder"):
+        load_embeddings(tmp_path)
+
+
+def test_expected_dim_mismatch_names_both_widths_and_families(tmp_path):
+    path = tmp_path / "x.pt"
+    save_embeddings(Embeddings({"*": random_vectors(1, 1280)}), path)
+    with pytest.raises(ValueError, match=r"'.*x\.pt' are 1280-wide \(LDM-BERT\).*768-wide \(SD v1 CLIP ViT-L/14\)"):
+        load_embeddings(path, expected_dim=768)
+    assert load_embeddings(path, expected_dim=1280).dim == 1280
+
+
+def test_dim_rejects_mixed_widths():
+    with pytest.raises(ValueError, match="'a' is 768-wide, 'b' is 1024-wide"):
+        Embeddings({"a": torch.zeros(1, 768), "b": torch.zeros(1, 1024)}).dim
+
+
+def test_failed_save_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "embeddings.pt"
+    save_embeddings(Embeddings({"*": random_vectors(1)}), path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="not JSON-serialisable"):
+        save_embeddings(Embeddings({"*": random_vectors(1, seed=9)}, metadata={"callback": object()}), path)
+
+    def failing_replace(source, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(embeddings_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_embeddings(Embeddings({"*": random_vectors(1, seed=10)}), path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["embeddings.pt"]
+
+
+def test_save_refuses_what_a_format_cannot_hold(tmp_path):
+    two = Embeddings({"<a>": torch.zeros(1, 8), "<b>": torch.zeros(1, 8)})
+    with pytest.raises(ValueError, match="one token per file"):
+        save_embeddings(two, tmp_path / "learned_embeds.safetensors", "diffusers")
+    with pytest.raises(ValueError, match=r"ending in \.pt or \.bin"):
+        save_embeddings(two, tmp_path / "embeddings.safetensors", "original")
+    with pytest.raises(ValueError, match="unknown embedding format"):
+        save_embeddings(two, tmp_path / "e.pt", "comfy")
+    assert os.listdir(tmp_path) == []
+
+
+def test_convert_original_to_diffusers_with_token(tmp_path, capsys):
+    vectors = random_vectors(2, seed=11)
+    source = tmp_path / "embeddings.pt"
+    torch.save(original_repo_dict(vectors), source)
+    target = tmp_path / "out" / "learned_embeds.safetensors"
+    script = load_script()
+    arguments = ["--input", str(source), "--output", str(target), "--format", "diffusers", "--token", "<cat-toy>"]
+    assert script.main(arguments) == 0
+    assert capsys.readouterr().out.strip() == f"<cat-toy>: 2 x 768 -> {target} (diffusers)"
+    converted = load_embeddings(target)
+    assert_same_vectors(converted.vectors, {"<cat-toy>": vectors})
+    assert converted.token_ids == {}
+    named = tmp_path / "cat.pt"
+    assert script.main(["--input", str(target), "--output", str(named), "--format", "a1111", "--name", "cattoy"]) == 0
+    assert capsys.readouterr().out.strip() == f"cattoy: 2 x 768 -> {named} (a1111)"
+    assert_same_vectors(load_embeddings(named).vectors, {"cattoy": vectors})
+
+
+def test_convert_errors_exit_non_zero_with_one_line(tmp_path, capsys):
+    script = load_script()
+    missing = tmp_path / "missing.pt"
+    assert script.main(["--input", str(missing), "--output", str(tmp_path / "o.pt"), "--format", "a1111"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "missing.pt" in error and "\n" not in error
+    source = tmp_path / "star.pt"
+    save_embeddings(Embeddings({"*": random_vectors(1)}), source)
+    assert script.main(["--input", str(source), "--output", str(tmp_path / "o.bin"), "--format", "diffusers"]) == 1
+    assert "pass --token" in capsys.readouterr().err
+    assert not (tmp_path / "o.bin").exists()
+
+
+class EmptyVocabulary:
+    """The two tokenizer members diffusers' state-dict parsing touches."""
+
+    added_tokens_encoder: dict = {}
+
+    def get_vocab(self):
+        return {}
+
+
+@pytest.mark.parametrize(
+    ("format", "file_name", "expected_token"),
+    [
+        ("diffusers", "learned_embeds.safetensors", "<cat-toy>"),
+        ("diffusers", "learned_embeds.bin", "<cat-toy>"),
+        ("a1111", "cat.pt", "<cat-toy>"),
+    ],
+)
+def test_diffusers_parses_our_files_to_the_same_vectors(tmp_path, format, file_name, expected_token):
+    textual_inversion = pytest.importorskip("diffusers.loaders.textual_inversion")
+    mixin = textual_inversion.TextualInversionLoaderMixin
+    vectors = random_vectors(2, seed=12)
+    path = tmp_path / file_name
+    save_embeddings(Embeddings({"<cat-toy>": vectors}, metadata={"step": 4}), path, format)
+    state_dicts = textual_inversion.load_textual_inversion_state_dicts([str(path)])
+    tokens, embeddings = mixin._retrieve_tokens_and_embeddings([None], state_dicts, EmptyVocabulary())
+    tokens, rows = mixin._extend_tokens_and_embeddings(tokens, embeddings, EmptyVocabulary())
+    assert tokens == [expected_token, f"{expected_token}_1"]
+    assert torch.equal(torch.stack(rows), vectors)

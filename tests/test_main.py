@@ -1,0 +1,154 @@
+"""main.py end to end on the CPU with tiny random models: run folder, checkpoints, resume, errors, DDP."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import main as main_module
+from ldm.embeddings import load_embeddings
+from tests.conftest import REPO, TINY_LDM, TINY_SD, build_tiny_model
+
+QUIET = ["lightning.callbacks.image_logger.params.disabled=True"]
+
+
+def run_cli(args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True, env=env, **kwargs)
+
+
+def only_run(logroot):
+    runs = glob.glob(os.path.join(logroot, "*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_cli_end_to_end_sd(tmp_path, images, tiny_sd_ckpt):
+    logroot = tmp_path / "logs"
+    result = run_cli(
+        ["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "-n", "my_run", "--data_root", str(images),
+         "--init_word", "cat", "-l", str(logroot), "--no-test"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Setting learning rate to 1.00e-02 = 1 (accumulate_grad_batches) * 1 (num_gpus) * 2 (batchsize)" in result.stdout
+    run = only_run(logroot)
+    assert os.path.basename(run).startswith("my_cat") and run.endswith("_my_run")
+    configs = sorted(os.listdir(os.path.join(run, "configs")))
+    assert any(c.endswith("-project.yaml") for c in configs) and any(c.endswith("-lightning.yaml") for c in configs)
+    checkpoints = set(os.listdir(os.path.join(run, "checkpoints")))
+    assert {"embeddings.pt", "embeddings_gs-10.pt", "embeddings_gs-20.pt", "last.ckpt"} <= checkpoints
+    grids = os.listdir(os.path.join(run, "images", "train"))
+    for key in ("inputs", "reconstruction", "conditioning", "samples", "samples_scaled"):
+        assert any(g.startswith(f"{key}_gs-000010") for g in grids), (key, grids)
+    assert glob.glob(os.path.join(run, "tensorboard", "**", "events.*"), recursive=True)
+
+    # last.ckpt holds the learned vectors, optimizer state and step, not the frozen model.
+    last = torch.load(os.path.join(run, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False)
+    assert last["global_step"] == 20 and last["optimizer_states"]
+    assert all(k.startswith("embedding_manager.") for k in last["state_dict"])
+
+    # Only the placeholder changed: every other token embedding is bit-identical to the pretrained table.
+    learned = load_embeddings(os.path.join(run, "checkpoints", "embeddings.pt"))
+    assert learned.metadata["step"] == 20 and learned.metadata["initializer_words"] == ["cat"]
+    model = build_tiny_model(TINY_SD)
+    table = torch.load(tiny_sd_ckpt, weights_only=False)["state_dict"]["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]
+    assert torch.equal(model.cond_stage_model.embed_tokens(torch.arange(49408)[None])[0], table)
+    cat_id = model.cond_stage_model.text_to_token_ids("cat")[0]
+    assert torch.isfinite(learned.vectors["*"]).all()
+    assert not torch.equal(learned.vectors["*"][0], table[cat_id]), "the learned vector never moved from its init word"
+
+
+def train_in_process(tmp_path, images, ckpt, *extra, config=TINY_SD, steps=20):
+    argv = ["--base", config, "-t", "--actual_resume", ckpt, "--data_root", str(images), "-l", str(tmp_path / "logs"),
+            f"lightning.trainer.max_steps={steps}", *QUIET, *extra]
+    trainer = main_module.main(argv)
+    return trainer, only_run(tmp_path / "logs")
+
+
+def test_ldm_multi_placeholder_multi_vector_and_captions(tmp_path, images, tiny_ldm_ckpt):
+    trainer, run = train_in_process(
+        tmp_path, images, tiny_ldm_ckpt, "--placeholder_string", "@",
+        "model.params.personalization_config.params.num_vectors_per_token=2", config=TINY_LDM, steps=10,
+    )
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    dataset = trainer.datamodule.datasets["train"]
+    captions = {dataset[i]["caption"] for i in range(20)}
+    assert all("@" in c and "*" not in c for c in captions), captions
+    learned = load_embeddings(os.path.join(run, "checkpoints", "embeddings.pt"))
+    assert list(learned.vectors) == ["@"] and learned.vectors["@"].shape == (2, 32)
+    saved = OmegaConf.load(glob.glob(os.path.join(run, "configs", "*-project.yaml"))[0])
+    assert saved.model.params.personalization_config.params.placeholder_strings == ["@"]
+
+
+def test_interrupt_then_resume_reaches_the_uninterrupted_result(tmp_path, images, tiny_sd_ckpt):
+    common = ["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images), "--init_word", "cat",
+              "lightning.trainer.max_steps=40", "lightning.modelcheckpoint.params.every_n_train_steps=5", *QUIET]
+    reference = run_cli([*common, "-l", str(tmp_path / "ref")])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = load_embeddings(os.path.join(only_run(tmp_path / "ref"), "checkpoints", "embeddings.pt"))
+
+    logroot = tmp_path / "logs"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "main.py", *common, "-l", str(logroot)], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not glob.glob(str(logroot / "*" / "checkpoints" / "embeddings_gs-10.pt")):
+        assert process.poll() is None and time.time() < deadline, "training ended before it could be interrupted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, output[-3000:]
+    run = only_run(logroot)
+    interrupted = load_embeddings(os.path.join(run, "checkpoints", "embeddings.pt"))
+    stopped_at = interrupted.metadata["step"]
+    assert 10 <= stopped_at < 40, output[-2000:]
+    assert torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)["global_step"] == stopped_at
+
+    resumed = run_cli(["-r", run, *QUIET])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = load_embeddings(os.path.join(run, "checkpoints", "embeddings.pt"))
+    assert final.metadata["step"] == 40
+    assert torch.equal(final.vectors["*"], expected.vectors["*"])
+
+
+def test_usage_errors_are_one_line(tmp_path, images, tiny_sd_ckpt):
+    missing = run_cli(["--base", TINY_SD, "-t", "--data_root", str(images), "-l", str(tmp_path)])
+    assert missing.returncode == 2 and "--actual_resume is required" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+    with pytest.raises(main_module.UsageError, match="no GPU|sees none"):
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        main_module.main(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images), "--gpus", "0,", "-l", str(tmp_path)])
+
+    multi = run_cli(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images),
+                     "--init_word", "leavanny", "-l", str(tmp_path)])
+    assert multi.returncode == 2 and "leavanny" in multi.stderr, multi.stderr[-2000:]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = run_cli(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(empty), "-l", str(tmp_path)])
+    assert nothing.returncode == 2 and str(empty) in nothing.stderr
+
+
+@pytest.mark.parametrize("gpus, expected", [("0,", ("gpu", [0])), ("0,1", ("gpu", [0, 1])), ("2", ("gpu", 2)), ("0", ("cpu", 1)), (None, (None, None))])
+def test_gpus_flag_forms(gpus, expected):
+    assert main_module.parse_gpus(gpus) == expected
+
+
+def test_two_process_ddp_on_cpu_writes_one_set_of_embeddings(tmp_path, images, tiny_sd_ckpt):
+    result = run_cli(
+        ["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images), "-l", str(tmp_path / "logs"),
+         "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "lightning.trainer.max_steps=10", *QUIET],
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "* 2 (num_gpus)" in result.stdout
+    run = only_run(tmp_path / "logs")
+    files = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    assert files == ["embeddings.pt", "embeddings_gs-10.pt", "last.ckpt"], files
