@@ -268,6 +268,7 @@ def test_schedule_is_float32_on_the_model_device_and_follows_the_original_spacin
     assert schedule.sigmas[10].item() == pytest.approx(math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)))
 
     assert len(make_ddim_timesteps("uniform", 30, 1000)) == 31
+    assert make_ddim_timesteps("uniform", 3, 1000).tolist() == [1, 334, 667]
     assert make_ddim_timesteps("quad", 10, 1000)[-1] == 801
     with pytest.raises(ValueError, match="at most 500"):
         make_ddim_timesteps("uniform", 600, 1000)

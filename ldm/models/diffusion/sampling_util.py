@@ -18,12 +18,15 @@ def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddp
     """Pick the training timesteps a `num_ddim_timesteps`-step sampler visits, ascending.
 
     "uniform" is `range(0, T, T // S) + 1` as in the original, so when S does not divide T it yields a few more
-    than S steps (S=30 gives 31); keeping that reproduces the original's images step for step.
+    than S steps (S=30 gives 31); keeping that reproduces the original's images step for step. A step that
+    would land past the last timestep (S=3 gives 1000) is dropped, where the original crashed.
     "quad" spaces the steps quadratically over the first 80% of the timesteps.
     """
     if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
         raise ValueError(f"ddim_num_steps must be between 1 and {num_ddpm_timesteps}, got {num_ddim_timesteps}")
     if ddim_discr_method == "uniform":
+        if num_ddim_timesteps > num_ddpm_timesteps // 2:
+            raise ValueError(f"ddim_num_steps={num_ddim_timesteps} is more than uniform spacing allows; use at most {num_ddpm_timesteps // 2} steps")
         step = num_ddpm_timesteps // num_ddim_timesteps
         timesteps = np.arange(0, num_ddpm_timesteps, step)
     elif ddim_discr_method == "quad":
@@ -31,9 +34,7 @@ def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddp
     else:
         raise ValueError(f"ddim_discretize must be 'uniform' or 'quad', got '{ddim_discr_method}'")
     timesteps = timesteps + 1
-    if timesteps[-1] >= num_ddpm_timesteps:
-        raise ValueError(f"ddim_num_steps={num_ddim_timesteps} with '{ddim_discr_method}' steps past the last of "
-                         f"{num_ddpm_timesteps} timesteps; use at most {num_ddpm_timesteps // 2} steps")
+    timesteps = timesteps[timesteps < num_ddpm_timesteps]
     if verbose:
         print(f"Selected timesteps for the DDIM sampler: {timesteps.tolist()}")
     return timesteps

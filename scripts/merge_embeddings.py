@@ -1,0 +1,189 @@
+"""Merge several textual-inversion embedding files into one, so one prompt can combine concepts
+("a photo of * in the style of @").
+
+The text-encoder family is read from the files: 768-wide vectors are SD v1 (CLIP tokenizer), 1280-wide are LDM
+(BERT tokenizer); other widths use the family the files' metadata records, else -sd picks CLIP and its absence
+BERT, as in the original script. Every merged placeholder must be one token of that tokenizer and differ from the
+others in string and token id. Placeholders may hold different numbers of vectors; all files must be equally wide.
+
+Conflicts (a placeholder already taken, or not a single token) are resolved with --rename N:OLD=NEW, which renames
+placeholder OLD of the N-th file of --manager_ckpts (counted from 1) to NEW; OLD may not contain '='. Without a
+--rename for it, a conflict is asked about at the terminal, or is an error when stdin is not a terminal.
+
+Example:
+  python scripts/merge_embeddings.py --manager_ckpts cat.pt style.pt --rename 2:*=@ --output_path cat_style.pt
+"""
+import argparse
+import sys
+
+from ldm.embeddings import Embeddings, load_embeddings, save_embeddings, width_label
+from ldm.modules.encoders.tokenizers import bert_tokenizer, clean_clip_text, clip_tokenizer
+
+FAMILY_BY_WIDTH = {768: "sd-v1", 1280: "ldm"}
+TOKENIZER_NAMES = {"sd-v1": "CLIP (SD v1)", "ldm": "BERT (LDM)"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manager_ckpts", nargs="+", required=True, help="embedding files to merge, in order")
+    parser.add_argument("--output_path", required=True, help="merged file to write (.pt, the original layout)")
+    parser.add_argument("-sd", "--stable_diffusion", action="store_true",
+                        help="the files are for SD v1 (CLIP tokenizer); only needed when their width does not say so")
+    parser.add_argument("--rename", action="append", default=[], metavar="N:OLD=NEW",
+                        help="rename placeholder OLD of the N-th input file (from 1) to NEW; repeatable")
+    return parser.parse_args(argv)
+
+
+def parse_renames(specs: list[str], file_count: int) -> dict[tuple[int, str], str]:
+    """{(file number, old placeholder): new placeholder} from the --rename N:OLD=NEW flags."""
+    renames = {}
+    for spec in specs:
+        number, colon, names = spec.partition(":")
+        old, equals, new = names.partition("=")
+        if not (colon and equals and number.isdigit() and old and new):
+            raise ValueError(f"--rename '{spec}' is not N:OLD=NEW, e.g. --rename 2:*=@")
+        if not 1 <= int(number) <= file_count:
+            raise ValueError(f"--rename '{spec}': file number {number} is not between 1 and {file_count}")
+        key = (int(number), old)
+        if key in renames:
+            raise ValueError(f"--rename gives placeholder '{old}' of file {number} two new names")
+        renames[key] = new
+    return renames
+
+
+def common_width(paths: list[str], files: list[Embeddings]) -> int:
+    widths = {path: embeddings.dim for path, embeddings in zip(paths, files)}
+    if len(set(widths.values())) > 1:
+        described = ", ".join(f"'{path}' is {width_label(width)}" for path, width in widths.items())
+        raise ValueError(f"cannot merge embeddings of different widths ({described}): merge files of one model only")
+    return next(iter(widths.values()))
+
+
+def choose_family(width: int, files: list[Embeddings], stable_diffusion: bool) -> str:
+    """The family ("sd-v1" or "ldm") from the width, else from the files' recorded model family, else from -sd."""
+    recorded = {embeddings.metadata.get("model_family") for embeddings in files} - {None}
+    if width in FAMILY_BY_WIDTH:
+        family = FAMILY_BY_WIDTH[width]
+    elif len(recorded) > 1:
+        raise ValueError(f"the files record different model families ({', '.join(sorted(recorded))}); merge one kind")
+    elif recorded:
+        family = recorded.pop()
+    else:
+        return "sd-v1" if stable_diffusion else "ldm"
+    if stable_diffusion and family != "sd-v1":
+        raise ValueError(
+            f"-sd asks for the CLIP tokenizer, but the files are {width_label(width)} embeddings for "
+            f"{TOKENIZER_NAMES[family]}: drop -sd"
+        )
+    return family
+
+
+class MergedPlaceholders:
+    """The placeholders merged so far, checked against one tokenizer as the EmbeddingManager will check them."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.tokenizer = clip_tokenizer() if family == "sd-v1" else bert_tokenizer()
+        self.token_ids: dict[str, int] = {}
+        self.sources: dict[str, str] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        cleaned = clean_clip_text(text) if self.family == "sd-v1" else text
+        return self.tokenizer(cleaned, add_special_tokens=False).input_ids
+
+    def problem(self, name: str) -> str | None:
+        """Why `name` cannot join the merged placeholders, or None when it can."""
+        ids = self._ids(name)
+        if len(ids) != 1 or ids[0] in self.tokenizer.all_special_ids:
+            pieces = [piece.removesuffix("</w>") for piece in self.tokenizer.convert_ids_to_tokens(ids)]
+            return f"is not one {TOKENIZER_NAMES[self.family]} token (it becomes {pieces})"
+        if name in self.sources:
+            return f"is already taken by '{self.sources[name]}'"
+        for other, token_id in self.token_ids.items():
+            if token_id == ids[0]:
+                return f"is the same token as '{other}' from '{self.sources[other]}'"
+        return None
+
+    def add(self, name: str, source: str):
+        (self.token_ids[name],) = self._ids(name)
+        self.sources[name] = source
+
+
+def resolve_name(placeholder: str, path: str, number: int, renamed_to: str | None, merged: MergedPlaceholders,
+                 interactive: bool, input_fn) -> str:
+    """The name under which a file's placeholder is merged: its own, its --rename, or one typed at the terminal."""
+    name = renamed_to or placeholder
+    problem = merged.problem(name)
+    if problem is None:
+        return name
+    if renamed_to is not None:
+        raise ValueError(f"--rename {number}:{placeholder}={renamed_to}: '{renamed_to}' {problem}; choose another NEW")
+    if not interactive:
+        raise ValueError(
+            f"placeholder '{placeholder}' of '{path}' {problem}: pass --rename {number}:{placeholder}=NEW "
+            "with a NEW that is one token"
+        )
+    prompt = f"Placeholder '{placeholder}' of '{path}' {problem}. Enter a replacement: "
+    while True:
+        name = input_fn(prompt).strip()
+        problem = merged.problem(name)
+        if problem is None:
+            return name
+        prompt = f"'{name}' {problem}. Enter another replacement: "
+
+
+def merge(paths: list[str], renames: dict[tuple[int, str], str], stable_diffusion: bool, interactive: bool,
+          input_fn) -> tuple[Embeddings, dict[str, str]]:
+    """The merged embeddings, with each merged placeholder's old name (renamed ones only)."""
+    files = [load_embeddings(path) for path in paths]
+    for (number, old), new in renames.items():
+        if old not in files[number - 1].vectors:
+            raise ValueError(
+                f"--rename {number}:{old}={new}: '{paths[number - 1]}' has no placeholder '{old}' "
+                f"(it has {', '.join(files[number - 1].vectors)})"
+            )
+    width = common_width(paths, files)
+    merged = MergedPlaceholders(choose_family(width, files, stable_diffusion))
+    vectors, old_names = {}, {}
+    for number, (path, embeddings) in enumerate(zip(paths, files), start=1):
+        for placeholder, placeholder_vectors in embeddings.vectors.items():
+            name = resolve_name(placeholder, path, number, renames.get((number, placeholder)), merged,
+                                interactive, input_fn)
+            merged.add(name, path)
+            vectors[name] = placeholder_vectors
+            if name != placeholder:
+                old_names[name] = placeholder
+    metadata = {
+        "model_family": merged.family,
+        "dim": width,
+        "placeholder_strings": list(vectors),
+        "num_vectors_per_token": max(v.shape[0] for v in vectors.values()),
+        "merged_from": {name: {"file": path, "placeholder": old_names.get(name, name)}
+                        for name, path in merged.sources.items()},
+    }
+    return Embeddings(vectors, dict(merged.token_ids), metadata), old_names
+
+
+def main(argv=None, input_fn=input) -> int:
+    args = parse_args(argv)
+    try:
+        renames = parse_renames(args.rename, len(args.manager_ckpts))
+        embeddings, old_names = merge(args.manager_ckpts, renames, args.stable_diffusion, sys.stdin.isatty(),
+                                      input_fn)
+        save_embeddings(embeddings, args.output_path, format="original")
+    except EOFError:
+        print("merge_embeddings: error: no replacement placeholder was entered; pass --rename N:OLD=NEW",
+              file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
+        print(f"merge_embeddings: error: {error}", file=sys.stderr)
+        return 1
+    for name, source in embeddings.metadata["merged_from"].items():
+        renamed = f" (was '{old_names[name]}')" if name in old_names else ""
+        print(f"{name}: {source['file']}{renamed}")
+    print(f"wrote {len(embeddings.vectors)} placeholders to {args.output_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""CLIP evaluation: the metric against direct computation, the evaluator on a tiny random open_clip model loaded
+from a local file, and scripts/evaluate.py end to end on the tiny SD model."""
+import copy
+import importlib.util
+import json
+import math
+import warnings
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import TINY_SD, draw_images, write_tiny_checkpoint
+from ldm.embeddings import Embeddings, save_embeddings
+from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, mean_pairwise_cosine, remove_placeholders
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
+TINY_CLIP = "tiny-clip-eval-test"
+# QuickGELU like OpenAI's CLIP, so the same weights also load as an OpenAI TorchScript archive.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory):
+    """A random tiny CLIP registered with open_clip, its weights as a state dict and as an OpenAI-style archive."""
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_CLIP).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # OpenAI's archives hold fp16 weights, so these survive the round trip
+            parameter.copy_(parameter.half().float())
+    torch.save(model.state_dict(), folder / "tiny_clip.pt")
+    # OpenAI's archive keeps the causal mask as a plain attribute, not in the state dict.
+    scripted = copy.deepcopy(model)
+    scripted.attn_mask = scripted._buffers.pop("attn_mask")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(scripted).save(str(folder / "tiny_openai.pt"))
+    return model, str(folder / "tiny_clip.pt"), str(folder / "tiny_openai.pt")
+
+
+@pytest.fixture(scope="module")
+def evaluator(clip_files):
+    _, weights, _ = clip_files
+    return CLIPEvaluator(*load_clip(weights, TINY_CLIP))
+
+
+def test_mean_pairwise_cosine_is_the_mean_of_the_full_matrix():
+    features = torch.randn(5, 8)
+    assert mean_pairwise_cosine(features[:1], 3 * features[:1]) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(torch.eye(4)[:2], torch.eye(4)[2:]) == pytest.approx(0.0)
+    a, b = torch.randn(3, 8), torch.randn(4, 8)
+    direct = sum(F.cosine_similarity(x, y, dim=0).item() for x in a for y in b) / 12
+    assert mean_pairwise_cosine(a, b) == pytest.approx(direct, abs=1e-6)
+    # Not the mean of the diagonal, nor of the row-wise maxima.
+    assert mean_pairwise_cosine(a, b) != pytest.approx(F.cosine_similarity(a, b[:3]).mean().item(), abs=1e-4)
+
+
+def test_placeholders_are_removed_as_the_paper_removed_star():
+    assert remove_placeholders("a photo of *", ["*"]) == "a photo of"
+    assert remove_placeholders("* in the style of @, on a table", ["*", "@"]) == "in the style of , on a table"
+    assert remove_placeholders("sks asks for a sks", ["sks"]) == "asks for a"
+    assert remove_placeholders("a *-shaped mug", ["*"]) == "a -shaped mug"
+
+
+def test_preprocessing_maps_minus1_1_to_clip_input(evaluator):
+    gray = torch.full((2, 3, 40, 60), 0.5)
+    inputs = evaluator.preprocess(gray)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    assert inputs.shape == (2, 3, 32, 32)
+    assert torch.allclose(inputs, ((0.75 - mean) / std).expand(2, 3, 32, 32), atol=1e-5)
+    # A tall image keeps its centre: the short side is resized to 32, then the middle 32 rows are cut.
+    tall = -torch.ones(1, 3, 64, 32)
+    tall[:, :, 16:48] = 1.0
+    assert torch.allclose(evaluator.preprocess(tall)[0], ((1.0 - mean) / std).expand(3, 32, 32), atol=1e-5)
+
+
+def test_evaluator_features_come_from_the_file_weights_and_score_as_the_paper(clip_files, evaluator):
+    model, _, _ = clip_files
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    expected = F.normalize(model.encode_image(evaluator.preprocess(images)), dim=-1)
+    features = evaluator.image_features(images)
+    assert torch.allclose(features, expected, atol=1e-5)
+    assert torch.allclose(features.norm(dim=-1), torch.ones(4))
+
+    same = images[:1].expand(3, -1, -1, -1)
+    assert evaluator.img_to_img_similarity(same[:2], same) == pytest.approx(1.0, abs=1e-5)
+    assert evaluator.img_to_img_similarity(images[:2], images[2:]) == pytest.approx(
+        (features[:2] @ features[2:].T).mean().item(), abs=1e-5)
+    text = evaluator.text_features("a photo of")
+    assert evaluator.txt_to_img_similarity("a photo of", images) == pytest.approx((features @ text.T).mean().item(),
+                                                                                  abs=1e-5)
+    # Images of other sizes pass one by one through the same pipeline.
+    resized = [F.interpolate(images[:1], size=48, mode="bicubic", antialias=True)[0], images[1]]
+    assert evaluator.image_features(resized).shape == (2, 16)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_openai_torchscript_archive_gives_the_same_features(clip_files, evaluator):
+    _, _, archive = clip_files
+    openai_evaluator = CLIPEvaluator(*load_clip(archive, TINY_CLIP))
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    assert torch.allclose(openai_evaluator.image_features(images), evaluator.image_features(images), atol=1e-4)
+    assert torch.allclose(openai_evaluator.text_features("a cat"), evaluator.text_features("a cat"), atol=1e-4)
+
+
+def test_bad_clip_weights_are_clear_errors(clip_files, tmp_path):
+    _, weights, _ = clip_files
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        load_clip(str(tmp_path / "missing.pt"), TINY_CLIP)
+    with pytest.raises(ValueError, match="'no-such-clip' is not an open_clip architecture"):
+        load_clip(weights, "no-such-clip")
+    torch.save({"visual.proj": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="are not ViT-B-32 weights .*pass the matching --clip_model"):
+        load_clip(str(tmp_path / "other.pt"), "ViT-B-32")
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("evaluate", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generation_run_scores_and_images_dir_rescoring_agree(script, clip_files, tmp_path, capsys):
+    _, weights, _ = clip_files
+    ckpt = write_tiny_checkpoint(TINY_SD, tmp_path / "tiny-sd.ckpt")
+    data = str(draw_images(tmp_path / "data", count=3))
+    star, at = str(tmp_path / "star.pt"), str(tmp_path / "at.pt")
+    save_embeddings(Embeddings({"*": torch.randn(1, 32)}), star)
+    save_embeddings(Embeddings({"@": torch.randn(2, 32)}), at)
+    outdir = tmp_path / "eval"
+    common = ["--data_dir", data, "--clip_weights", weights, "--clip_model", TINY_CLIP, "--prompt",
+              "a photo of * with @", "--device", "cpu"]
+    argv = common + ["--ckpt", ckpt, "--config", TINY_SD, "--embedding_path", star, at, "--n_samples", "4",
+                     "--batch_size", "3", "--ddim_steps", "4", "--outdir", str(outdir)]
+    assert script.main(argv) == 0
+    scores = json.loads((outdir / "clip_scores.json").read_text())
+    assert scores["n_samples"] == 4 and scores["n_source_images"] == 3 and scores["image_size"] == 32
+    assert scores["text_prompt"] == "a photo of with" and scores["placeholders"] == ["*", "@"]
+    assert scores["ddim_steps"] == 4 and scores["scale"] == 5.0 and scores["eta"] == 0.0 and scores["seed"] == 42
+    assert all(math.isfinite(scores[key]) and -1 <= scores[key] <= 1 for key in ("image_similarity",
+                                                                                  "text_similarity"))
+    printed = capsys.readouterr().out
+    assert f"image similarity  {scores['image_similarity']:.4f}" in printed
+    samples = sorted((outdir / "samples").glob("*.png"))
+    assert len(samples) == 4
+
+    evaluator = CLIPEvaluator(*load_clip(weights, TINY_CLIP))
+    generated = script.read_images(outdir / "samples", None)
+    assert scores["text_similarity"] == pytest.approx(evaluator.txt_to_img_similarity("a photo of with", generated),
+                                                      abs=1e-2)
+
+    rescored = tmp_path / "rescored.json"
+    argv = common + ["--images_dir", str(outdir / "samples"), "--embedding_path", star, at, "--out", str(rescored)]
+    assert script.main(argv) == 0
+    again = json.loads(rescored.read_text())
+    assert again["n_samples"] == 4 and again["text_prompt"] == "a photo of with"
+    assert again["image_similarity"] == pytest.approx(scores["image_similarity"], abs=1e-2)
+    assert again["text_similarity"] == pytest.approx(scores["text_similarity"], abs=1e-2)
+    assert again["image_similarity"] == pytest.approx(
+        evaluator.img_to_img_similarity(script.read_images(data, 32), generated), abs=1e-6)
+
+
+def test_generation_without_embeddings_is_a_one_line_error(script, clip_files, tmp_path, capsys):
+    _, weights, _ = clip_files
+    argv = ["--data_dir", str(draw_images(tmp_path / "data")), "--clip_weights", weights, "--clip_model", TINY_CLIP,
+            "--out", str(tmp_path / "s.json")]
+    assert script.main(argv) == 1
+    assert "pass --embedding_path" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()

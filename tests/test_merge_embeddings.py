@@ -1,0 +1,200 @@
+"""scripts/merge_embeddings.py: renames, family detection, refusals, the terminal dialogue, and that the merged
+file works in an EmbeddingManager with every placeholder substituted."""
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
+from ldm.modules.embedding_manager import EmbeddingManager
+from ldm.modules.encoders.modules import BERTEmbedder, FrozenCLIPEmbedder
+from ldm.modules.encoders.tokenizers import bert_tokenizer, clip_tokenizer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "merge_embeddings.py"
+TINY_CLIP_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("merge_embeddings", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeStdin(io.StringIO):
+    def __init__(self, is_terminal):
+        super().__init__()
+        self.is_terminal = is_terminal
+
+    def isatty(self):
+        return self.is_terminal
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    monkeypatch.setattr("sys.stdin", FakeStdin(True))
+
+
+@pytest.fixture
+def no_terminal(monkeypatch):
+    monkeypatch.setattr("sys.stdin", FakeStdin(False))
+
+
+def write(path, vectors: dict, metadata=None, seed=0):
+    """An embedding file whose vectors are random tensors of the given (k, D) shapes."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {name: torch.randn(*shape, generator=generator) for name, shape in vectors.items()}
+    save_embeddings(Embeddings(tensors, metadata=metadata or {}), path)
+    return str(path), tensors
+
+
+def clip_id(text):
+    (token,) = clip_tokenizer()(text, add_special_tokens=False).input_ids
+    return token
+
+
+def bert_id(text):
+    (token,) = bert_tokenizer()(text, add_special_tokens=False).input_ids
+    return token
+
+
+def test_rename_merges_two_stars_and_the_clip_manager_substitutes_both(script, tmp_path, no_terminal, capsys):
+    first, first_vectors = write(tmp_path / "cat.pt", {"*": (2, 32)}, seed=1)
+    second, second_vectors = write(tmp_path / "style.pt", {"*": (1, 32)}, seed=2)
+    out = tmp_path / "merged.pt"
+    assert script.main(["--manager_ckpts", first, second, "--rename", "2:*=@", "--output_path", str(out), "-sd"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"*: {first}", f"@: {second} (was '*')",
+                                                    f"wrote 2 placeholders to {out}"]
+
+    merged = load_embeddings(out)
+    assert list(merged.vectors) == ["*", "@"]
+    assert torch.equal(merged.vectors["*"], first_vectors["*"])
+    assert torch.equal(merged.vectors["@"], second_vectors["*"])
+    assert merged.token_ids == {"*": clip_id("*"), "@": clip_id("@")}
+    assert merged.metadata["merged_from"] == {"*": {"file": first, "placeholder": "*"},
+                                              "@": {"file": second, "placeholder": "*"}}
+    assert merged.metadata["model_family"] == "sd-v1" and merged.metadata["num_vectors_per_token"] == 2
+
+    torch.manual_seed(0)
+    clip = FrozenCLIPEmbedder(text_config=TINY_CLIP_CONFIG).freeze()
+    manager = EmbeddingManager(clip, embedding_manager_ckpt=str(out))
+    ids = clip.tokenize(["a photo of * in the style of @"])
+    substituted = manager(ids, clip.embed_tokens(ids))[0]
+    star = ids[0].tolist().index(clip_id("*"))
+    # "*" expands to its two vectors, which pushes "@" one slot further right.
+    at = ids[0].tolist().index(clip_id("@")) + 1
+    assert torch.equal(substituted[star:star + 2], first_vectors["*"])
+    assert torch.equal(substituted[at], second_vectors["*"][0])
+
+
+def test_three_bert_files_merge_in_order_into_a_bert_manager(script, tmp_path, no_terminal):
+    ldm = {"model_family": "ldm"}
+    a, a_vectors = write(tmp_path / "a.pt", {"*": (1, 64)}, ldm, seed=1)
+    b, b_vectors = write(tmp_path / "b.pt", {"*": (3, 64), "&": (1, 64)}, ldm, seed=2)
+    c, c_vectors = write(tmp_path / "c.pt", {"*": (2, 64)}, ldm, seed=3)
+    out = str(tmp_path / "abc.pt")
+    argv = ["--manager_ckpts", a, b, c, "--rename", "2:*=@", "--rename", "3:*=dog", "--output_path", out]
+    assert script.main(argv) == 0
+
+    merged = load_embeddings(out)
+    expected = {"*": a_vectors["*"], "@": b_vectors["*"], "&": b_vectors["&"], "dog": c_vectors["*"]}
+    assert list(merged.vectors) == list(expected)
+    assert all(torch.equal(merged.vectors[name], vectors) for name, vectors in expected.items())
+    assert merged.token_ids == {name: bert_id(name) for name in expected}
+
+    torch.manual_seed(0)
+    bert = BERTEmbedder(n_embed=64, n_layer=2).freeze()
+    manager = EmbeddingManager(bert, embedding_manager_ckpt=out)
+    assert manager.string_to_token_dict == merged.token_ids
+    for name, vectors in expected.items():
+        assert torch.equal(manager.vectors(name), vectors)
+    ids = bert.tokenize(["dog"])
+    assert torch.equal(manager(ids, bert.embed_tokens(ids))[0, 1:3], c_vectors["*"])
+
+
+def test_family_follows_the_width_and_a_contradicting_flag_is_an_error(script, tmp_path, no_terminal, capsys):
+    clip_file, _ = write(tmp_path / "clip.pt", {"*": (1, 768)})
+    bert_file, _ = write(tmp_path / "bert.pt", {"*": (1, 1280)})
+    assert script.main(["--manager_ckpts", clip_file, "--output_path", str(tmp_path / "clip_out.pt")]) == 0
+    assert load_embeddings(tmp_path / "clip_out.pt").token_ids == {"*": clip_id("*")}
+    assert script.main(["--manager_ckpts", bert_file, "--output_path", str(tmp_path / "bert_out.pt")]) == 0
+    assert load_embeddings(tmp_path / "bert_out.pt").token_ids == {"*": bert_id("*")}
+    capsys.readouterr()
+
+    assert script.main(["--manager_ckpts", bert_file, "--output_path", str(tmp_path / "x.pt"), "-sd"]) == 1
+    error = capsys.readouterr().err
+    assert "-sd asks for the CLIP tokenizer" in error and "1280-wide (LDM-BERT)" in error
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_files_of_different_widths_are_refused(script, tmp_path, no_terminal, capsys):
+    clip_file, _ = write(tmp_path / "clip.pt", {"*": (1, 768)})
+    bert_file, _ = write(tmp_path / "bert.pt", {"@": (1, 1280)})
+    out = tmp_path / "out.pt"
+    assert script.main(["--manager_ckpts", clip_file, bert_file, "--output_path", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "different widths" in error
+    assert f"'{clip_file}' is 768-wide (SD v1 CLIP ViT-L/14)" in error and f"'{bert_file}' is 1280-wide" in error
+    assert not out.exists()
+
+
+def test_a_conflict_without_a_terminal_asks_for_rename(script, tmp_path, no_terminal, capsys):
+    first, _ = write(tmp_path / "a.pt", {"*": (1, 768)})
+    second, _ = write(tmp_path / "b.pt", {"*": (1, 768)})
+    out = tmp_path / "out.pt"
+
+    def no_input(prompt):
+        raise AssertionError("stdin is not a terminal; nothing may be asked")
+
+    assert script.main(["--manager_ckpts", first, second, "--output_path", str(out)], input_fn=no_input) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert f"placeholder '*' of '{second}' is already taken by '{first}'" in error
+    assert "pass --rename 2:*=NEW" in error
+    assert not out.exists()
+
+
+def test_at_the_terminal_a_multi_token_answer_is_asked_again(script, tmp_path, terminal):
+    first, first_vectors = write(tmp_path / "a.pt", {"*": (1, 768)}, seed=1)
+    second, second_vectors = write(tmp_path / "b.pt", {"*": (1, 768)}, seed=2)
+    answers, prompts = iter(["<cat>", " @ "]), []
+
+    def answer(prompt):
+        prompts.append(prompt)
+        return next(answers)
+
+    out = str(tmp_path / "out.pt")
+    assert script.main(["--manager_ckpts", first, second, "--output_path", out], input_fn=answer) == 0
+    assert prompts == [
+        f"Placeholder '*' of '{second}' is already taken by '{first}'. Enter a replacement: ",
+        "'<cat>' is not one CLIP (SD v1) token (it becomes ['<', 'cat', '>']). Enter another replacement: ",
+    ]
+    merged = load_embeddings(out)
+    assert merged.token_ids == {"*": clip_id("*"), "@": clip_id("@")}
+    assert torch.equal(merged.vectors["@"], second_vectors["*"])
+
+
+def test_same_token_under_another_spelling_is_a_conflict(script, tmp_path, no_terminal, capsys):
+    first, _ = write(tmp_path / "a.pt", {"x": (1, 1280)})
+    second, _ = write(tmp_path / "b.pt", {"X": (1, 1280)})
+    assert script.main(["--manager_ckpts", first, second, "--output_path", str(tmp_path / "o.pt")]) == 1
+    assert f"'X' of '{second}' is the same token as 'x' from '{first}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rename, message", [
+    ("*=@", "is not N:OLD=NEW"),
+    ("3:*=@", "file number 3 is not between 1 and 2"),
+    ("2:&=@", "has no placeholder '&' (it has *)"),
+    ("2:*=*", "--rename 2:*=*: '*' is already taken"),
+    ("2:*=<cat>", "'<cat>' is not one CLIP (SD v1) token"),
+])
+def test_bad_renames_are_one_line_errors(script, tmp_path, no_terminal, capsys, rename, message):
+    first, _ = write(tmp_path / "a.pt", {"*": (1, 768)})
+    second, _ = write(tmp_path / "b.pt", {"*": (1, 768)})
+    argv = ["--manager_ckpts", first, second, "--rename", rename, "--output_path", str(tmp_path / "o.pt")]
+    assert script.main(argv) == 1
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
