@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
 from ldm.util import default
 
 
@@ -96,7 +96,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None, use_checkpoint=True):
         super().__init__()
         inner_dim = n_heads * d_head
-        self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        self.norm = GroupNorm32(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
         self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(

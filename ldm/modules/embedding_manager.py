@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ldm.data.templates import per_img_token_list
-from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
+from ldm.embeddings import Embeddings, load_embeddings, save_embeddings, width_label
 
 PROGRESSIVE_STEPS_PER_VECTOR = 2000
 PLACEHOLDER_CANDIDATES = ("*", "@", "&", "$", "§", "~")
@@ -275,15 +275,24 @@ class EmbeddingManager(nn.Module):
         save_embeddings(embeddings, path, format="original")
 
     def load(self, path: str):
-        """Replace all placeholders and vectors with those of an embedding file.
+        """Replace all placeholders and vectors with those of an embedding file (see `set_embeddings`)."""
+        self.set_embeddings(load_embeddings(path, expected_dim=self.token_dim), source=f"embedding file '{path}'")
 
-        Token ids come from this tokenizer (the file's ids are only compared), the vector count from the file, and
-        the training step from the file's metadata when recorded, so a progressive-words config uses exactly the
-        vectors that were active when the file was written. Optimizers built before this call hold stale tensors.
+    def set_embeddings(self, embeddings: Embeddings, source: str = "the embeddings"):
+        """Replace all placeholders and vectors with those of `embeddings`, e.g. several files merged in memory.
+
+        Token ids come from this tokenizer (recorded ids are only compared), the vector count from the embeddings,
+        and the training step from their metadata when recorded, so a progressive-words config uses exactly the
+        vectors that were active when the file was written. `source` names them in errors. Optimizers built before
+        this call hold stale tensors.
         """
-        embeddings = load_embeddings(path, expected_dim=self.token_dim)
         if not embeddings.vectors:
-            raise ValueError(f"embedding file '{path}' holds no vectors")
+            raise ValueError(f"{source} holds no vectors")
+        if embeddings.dim != self.token_dim:
+            raise ValueError(
+                f"{source} holds {width_label(embeddings.dim)} vectors; this model's text encoder is "
+                f"{width_label(self.token_dim)}: use embeddings trained for this model"
+            )
         previous_initial = {p: self.initial_embeddings[parameter_key(p)] for p in self.initializer_words}
         previous_words = self.initializer_words
         device = self.embedding_parameters()[0].device
@@ -294,11 +303,11 @@ class EmbeddingManager(nn.Module):
                 token = self._single_token_id(placeholder, "placeholder")
                 self._claim_token(placeholder, token)
             except ValueError as error:
-                raise ValueError(f"embedding file '{path}': {error}") from None
+                raise ValueError(f"{source}: {error}") from None
             recorded = embeddings.token_ids.get(placeholder)
             if recorded is not None and int(recorded) != token:
                 warnings.warn(
-                    f"embedding file '{path}' records token id {int(recorded)} for '{placeholder}' but this tokenizer "
+                    f"{source} records token id {int(recorded)} for '{placeholder}' but this tokenizer "
                     f"gives {token}; the file may come from another tokenizer",
                     stacklevel=2,
                 )

@@ -14,6 +14,9 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import count_params, instantiate_from_config, log_txt_as_img
 
 
+FROZEN_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:
     module.eval()
     module.train = lambda mode=True: module  # stays in eval mode when Lightning calls .train()
@@ -169,9 +172,14 @@ class LatentDiffusion(DDPM):
         conditioning_key=None,
         scale_factor=1.0,
         scale_by_std=False,
+        cache_latents=True,
+        frozen_weights_dtype="auto",
+        compile_unet=False,
         *args,
         **kwargs,
     ):
+        if frozen_weights_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"frozen_weights_dtype '{frozen_weights_dtype}' is not one of {', '.join(FROZEN_DTYPES)}")
         if conditioning_key is None:
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__":
@@ -179,6 +187,10 @@ class LatentDiffusion(DDPM):
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
         self.cond_stage_key = cond_stage_key
         self.cond_stage_trainable = cond_stage_trainable
+        self.cache_latents = cache_latents and not scale_by_std
+        self.frozen_weights_dtype = frozen_weights_dtype
+        self.compile_unet = compile_unet
+        self._latent_cache = {}  # (image_index, flipped) -> posterior parameters (mean and logvar) of the frozen VAE
         self.scale_by_std = scale_by_std
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
@@ -257,14 +269,43 @@ class LatentDiffusion(DDPM):
         logs["loss"] = loss
         return loss, logs
 
+    def posterior_of_batch(self, batch) -> DiagonalGaussianDistribution:
+        """The VAE posterior of each training image, encoded once per (image, flip) when `cache_latents` is on.
+
+        The VAE is frozen and the images are few, so the posterior of an image never changes: caching its mean
+        and log-variance and sampling fresh noise each step draws exactly the latents per-step encoding would draw."""
+        cacheable = self.cache_latents and "image_index" in batch and "flipped" in batch
+        keys = list(zip(batch["image_index"].tolist(), batch["flipped"].tolist())) if cacheable else []
+        missing = [i for i, key in enumerate(keys) if key not in self._latent_cache]
+        if not cacheable or missing:
+            x = self.get_input(batch, self.first_stage_key).to(self.device)
+            indices = missing if cacheable else list(range(len(x)))
+            with torch.no_grad():
+                posterior = self.encode_first_stage(x[indices])
+            if not cacheable:
+                return posterior
+            for row, i in enumerate(indices):
+                self._latent_cache[keys[i]] = posterior.parameters[row]
+        return DiagonalGaussianDistribution(torch.stack([self._latent_cache[key] for key in keys]))
+
     def shared_step(self, batch, generator):
-        x = self.get_input(batch, self.first_stage_key).to(self.device)
-        with torch.no_grad():
-            z = self.get_first_stage_encoding(self.encode_first_stage(x), generator=generator).detach()
+        posterior = self.posterior_of_batch(batch)
+        z = self.get_first_stage_encoding(posterior, generator=generator).detach()
         cond = self.get_learned_conditioning(batch[self.cond_stage_key])
         t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=self.device, generator=generator)
         noise = torch.randn(z.shape, device=self.device, generator=generator, dtype=z.dtype)
         return self.p_losses(z, cond, t, noise)
+
+    def setup(self, stage):
+        """Store the frozen weights in the trainer's half precision (autocast runs in it anyway): half the memory
+        and no per-step weight casts. The learned vectors stay float32."""
+        precision = str(self.trainer.precision) if self.trainer is not None else "32"
+        dtype = FROZEN_DTYPES[self.frozen_weights_dtype] or {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        if dtype is not None and not self.unfreeze_model:
+            for module in (self.model, self.first_stage_model, self.cond_stage_model):
+                module.to(dtype)
+        if self.compile_unet:  # in place: weights and state-dict names stay those of the plain module
+            self.model.diffusion_model.compile()
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.embedding_manager is not None:

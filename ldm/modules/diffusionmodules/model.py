@@ -8,12 +8,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.modules.diffusionmodules.util import GroupNorm32
+
 nonlinearity = F.silu
 
 
 def Normalize(in_channels):
     """GroupNorm with 32 groups and eps 1e-6, the normalisation every block of the original uses."""
-    return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+    return GroupNorm32(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
 
 
 class Upsample(nn.Module):

@@ -4,6 +4,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
@@ -80,10 +81,13 @@ def avg_pool_nd(dims, *args, **kwargs):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, so half-precision activations keep stable statistics."""
+    """GroupNorm computed in float32 (weights too) and cast back, so half-precision activations and weights
+    keep stable statistics."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels):

@@ -1,0 +1,278 @@
+"""The generation core and its scripts on tiny random models: seeded reproducibility, output files, several
+embedding files at once, img2img's strength endpoints, PLMS, --from-file and the command lines' errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldm.embeddings import Embeddings, save_embeddings
+from ldm.generate import generate, load_model, save_outputs
+from ldm.models.diffusion.ddim import DDIMSampler
+from scripts import img2img, stable_txt2img, txt2img
+from tests.conftest import REPO, TINY_LDM, TINY_SD, draw_images
+
+FAST = dict(n_samples=2, n_iter=1, steps=5, scale=7.5, eta=0.0, height=32, width=32, precision="full", progress=False)
+TINY_FLAGS = ["--H", "32", "--W", "32", "--f", "2", "--ddim_steps", "5", "--precision", "full"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Ops on these tiny tensors are far shorter than a thread-pool handoff, which a busy CPU makes slower still."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd_model(tiny_sd_ckpt):
+    return load_model(TINY_SD, tiny_sd_ckpt, "cpu")
+
+
+@pytest.fixture(scope="module")
+def init_images(tmp_path_factory):
+    folder = draw_images(tmp_path_factory.mktemp("init"), count=2, size=32)
+    return [Image.open(os.path.join(folder, f"img_{i}.png")).convert("RGB") for i in range(2)]
+
+
+def write_embedding(path, placeholder, rows, seed):
+    vectors = torch.randn(rows, 32, generator=torch.Generator().manual_seed(seed))
+    save_embeddings(Embeddings({placeholder: vectors}), path)
+    return str(path), vectors
+
+
+def test_same_seed_gives_identical_images_and_another_seed_different_ones(sd_model):
+    settings = dict(FAST, eta=0.5)  # eta > 0 also draws noise at every step
+    first = torch.stack(generate(sd_model, "a photo of a cat", seed=7, **settings))
+    again = torch.stack(generate(sd_model, "a photo of a cat", seed=7, **settings))
+    other = torch.stack(generate(sd_model, "a photo of a cat", seed=8, **settings))
+    assert first.shape == (2, 3, 32, 32) and 0 <= first.min() and first.max() <= 1
+    assert torch.equal(first, again)
+    assert (first - other).abs().mean() > 1e-3
+    assert (first[0] - first[1]).abs().mean() > 1e-3, "the images of one batch must start from different noise"
+
+
+def test_fixed_code_reuses_the_start_code_for_every_batch(sd_model):
+    fixed = torch.stack(generate(sd_model, "a cat", seed=3, fixed_code=True, **dict(FAST, n_iter=2)))
+    assert torch.equal(fixed[:2], fixed[2:])
+    assert (fixed[0] - fixed[1]).abs().mean() > 1e-3
+    fresh = torch.stack(generate(sd_model, "a cat", seed=3, **dict(FAST, n_iter=2)))
+    assert torch.equal(fresh[:2], fixed[:2]), "the first batch draws the same noise either way"
+    assert (fresh[:2] - fresh[2:]).abs().mean() > 1e-3
+
+
+def test_plms_and_prompt_lists_with_a_short_last_batch(sd_model):
+    prompts = ["a cat", "a dog", "a red house"]
+    images = torch.stack(generate(sd_model, prompts, seed=1, sampler="plms", **FAST))
+    assert images.shape == (3, 3, 32, 32)
+    ddim = torch.stack(generate(sd_model, prompts, seed=1, **FAST))
+    assert (images - ddim).abs().mean() > 1e-4, "PLMS must not fall back to DDIM"
+    with pytest.raises(ValueError, match="needs eta=0"):
+        generate(sd_model, prompts, seed=1, sampler="plms", **dict(FAST, eta=0.5))
+
+
+def test_autocast_on_the_cpu_stays_full_precision(sd_model):
+    settings = dict(FAST, n_samples=1, steps=2, scale=1.0)
+    full = torch.stack(generate(sd_model, "a cat", seed=5, **settings))
+    autocast = torch.stack(generate(sd_model, "a cat", seed=5, **dict(settings, precision="autocast")))
+    assert torch.equal(full, autocast)
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(downsampling_factor=8), "--f 8 does not match .* pass --f 2"),
+    (dict(latent_channels=3), "--C 3 does not match"),
+    (dict(height=30), "--H 30 must be a positive multiple of 4"),
+    (dict(sampler="euler"), "sampler 'euler' is unknown"),
+    (dict(strength=0.5), "strength applies only to img2img"),
+])
+def test_bad_settings_fail_before_sampling(sd_model, override, message):
+    with pytest.raises(ValueError, match=message):
+        generate(sd_model, "a cat", seed=0, **{**FAST, **override})
+
+
+def test_img2img_strength_zero_is_the_autoencoder_round_trip(sd_model, init_images):
+    (image,) = generate(sd_model, "a cat", seed=0, init_image=init_images[0], strength=0.0, **FAST)[:1]
+    x = torch.from_numpy(np.asarray(init_images[0], dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        expected = sd_model.decode_first_stage(sd_model.scale_factor * sd_model.encode_first_stage(x).mode())
+    torch.testing.assert_close(image, ((expected[0] + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_img2img_strength_one_ignores_the_input_and_other_strengths_use_it(sd_model, init_images):
+    settings = dict(FAST, n_samples=1)
+
+    def run(index, strength):
+        image = init_images[index]
+        return torch.stack(generate(sd_model, "a cat", seed=4, init_image=image, strength=strength, **settings))
+
+    from_noise = torch.stack(generate(sd_model, "a cat", seed=4, **settings))
+    assert torch.equal(run(0, 1.0), from_noise), "strength 1 is txt2img from the same noise"
+    assert torch.equal(run(1, 1.0), from_noise)
+    half_a, half_b = run(0, 0.5), run(1, 0.5)
+    assert (half_a - half_b).abs().mean() > 1e-3
+    assert (half_a - from_noise).abs().mean() > 1e-3
+
+
+def test_img2img_noises_to_the_step_its_first_denoising_step_starts_from(sd_model, init_images, monkeypatch):
+    """strength 0.6 of 5 steps denoises 3 steps (indices 2, 1, 0), so the input is noised to step index 2."""
+    calls = {}
+    encode, decode = DDIMSampler.stochastic_encode, DDIMSampler.decode
+
+    def recording_encode(self, x0, t, **kwargs):
+        calls["noised_to"] = t.tolist()
+        return encode(self, x0, t, **kwargs)
+
+    def recording_decode(self, x_latent, cond, t_start, **kwargs):
+        calls["denoised_from"] = t_start
+        return decode(self, x_latent, cond, t_start, **kwargs)
+
+    monkeypatch.setattr(DDIMSampler, "stochastic_encode", recording_encode)
+    monkeypatch.setattr(DDIMSampler, "decode", recording_decode)
+    generate(sd_model, "a cat", seed=0, init_image=init_images[0], strength=0.6, **FAST)
+    assert calls == {"noised_to": [2, 2], "denoised_from": 3}
+
+
+def test_img2img_sizes_and_errors(sd_model, init_images):
+    odd = init_images[0].resize((34, 38))
+    (image,) = generate(sd_model, "a cat", seed=0, init_image=odd, strength=0.25,
+                        **dict(FAST, n_samples=1, height=None, width=None))
+    assert image.shape == (3, 36, 32), "rounded down to a multiple of 4 (f=2 times one UNet downsampling)"
+    with pytest.raises(ValueError, match="--strength must be between 0 and 1"):
+        generate(sd_model, "a cat", seed=0, init_image=odd, strength=1.5, **FAST)
+    with pytest.raises(ValueError, match="img2img needs the DDIM sampler"):
+        generate(sd_model, "a cat", seed=0, init_image=odd, strength=0.5, sampler="plms", **FAST)
+
+
+def test_save_outputs_numbers_continue_and_grids_never_overwrite(tmp_path):
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    first = save_outputs(images, tmp_path, "a photo  of *", n_rows=3)
+    samples = sorted(os.listdir(tmp_path / "samples"))
+    assert samples == [f"{i:05}.png" for i in range(6)]
+    saved = np.asarray(Image.open(tmp_path / "samples" / "00004.png"))
+    np.testing.assert_array_equal(saved, (images[4].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    grid_path = tmp_path / "a-photo-of-_-0000.png"
+    assert first[-1] == str(grid_path)
+    assert Image.open(grid_path).size == (3 * 34 + 2, 2 * 34 + 2), "3 images per row, 2 rows, 2 px padding"
+    grid_bytes = grid_path.read_bytes()
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "samples" / "00041.png")
+    second = save_outputs(images[:2], tmp_path, "a photo  of *", n_rows=3)
+    assert [os.path.basename(p) for p in second] == ["00042.png", "00043.png", "a-photo-of-_-0001.png"]
+    assert grid_path.read_bytes() == grid_bytes
+    assert save_outputs(images, tmp_path, "x", n_rows=2, skip_grid=True, skip_save=True) == []
+
+
+def test_two_embedding_files_are_merged_and_both_words_are_active(tiny_sd_ckpt, tmp_path, capsys):
+    star_path, star = write_embedding(tmp_path / "star.pt", "*", 1, seed=0)
+    at_path, at = write_embedding(tmp_path / "at.pt", "@", 2, seed=1)
+    model = load_model(TINY_SD, tiny_sd_ckpt, "cpu", embedding_paths=[star_path, at_path])
+    assert "Learned words: * (1 vector), @ (2 vectors)" in capsys.readouterr().out
+    manager = model.embedding_manager
+    torch.testing.assert_close(manager.vectors("*").detach(), star)
+    torch.testing.assert_close(manager.vectors("@").detach(), at)
+
+    def conditioning():
+        with torch.no_grad():
+            return model.get_learned_conditioning(["a photo of * and @"])
+
+    both = conditioning()
+    for placeholder in ("*", "@"):
+        vectors = manager.vectors(placeholder)
+        learned = vectors.detach().clone()
+        with torch.no_grad():  # not a uniform shift: the encoder's LayerNorms would remove it
+            vectors.copy_(torch.randn(learned.shape, generator=torch.Generator().manual_seed(9)))
+        assert (conditioning() - both).abs().max() > 1e-2, f"'{placeholder}' has no effect on the conditioning"
+        with torch.no_grad():
+            vectors.copy_(learned)
+    torch.testing.assert_close(conditioning(), both)
+
+
+def test_a_placeholder_in_two_files_is_a_one_line_error(tiny_sd_ckpt, tmp_path):
+    first, _ = write_embedding(tmp_path / "cat.pt", "*", 1, seed=0)
+    second, _ = write_embedding(tmp_path / "dog.pt", "*", 1, seed=1)
+    with pytest.raises(ValueError) as error:
+        load_model(TINY_SD, tiny_sd_ckpt, "cpu", embedding_paths=[first, second])
+    message = str(error.value)
+    assert "'*'" in message and first in message and second in message and "\n" not in message
+    assert "scripts/merge_embeddings.py --rename" in message
+
+
+def test_a_config_without_personalization_gets_an_embedding_manager(tiny_ldm_ckpt, tmp_path):
+    config = OmegaConf.load(TINY_LDM)
+    del config.model.params.personalization_config
+    config_path = tmp_path / "ldm-eval.yaml"
+    OmegaConf.save(config, config_path)
+    star_path, star = write_embedding(tmp_path / "star.pt", "*", 1, seed=2)
+    model = load_model(str(config_path), tiny_ldm_ckpt, "cpu", embedding_paths=[star_path])
+    torch.testing.assert_close(model.embedding_manager.vectors("*").detach(), star)
+    with torch.no_grad():
+        learned = model.get_learned_conditioning(["a photo of *"])
+        model.embedding_manager.vectors("*").mul_(-1.0)
+        assert (model.get_learned_conditioning(["a photo of *"]) - learned).abs().max() > 1e-2
+
+
+def test_stable_txt2img_end_to_end_with_prompts_from_a_file(tiny_sd_ckpt, tmp_path):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a cat\n\na dog\na red house\n")
+    outdir = tmp_path / "out"
+    argv = ["--config", TINY_SD, "--ckpt", tiny_sd_ckpt, "--outdir", str(outdir), "--n_samples", "2",
+            "--n_iter", "1", "--from-file", str(prompt_file), *TINY_FLAGS]
+    assert stable_txt2img.main(argv) == 0
+    assert sorted(os.listdir(outdir / "samples")) == ["00000.png", "00001.png", "00002.png"]
+    assert Image.open(outdir / "prompts-0000.png").size == (2 * 34 + 2, 2 * 34 + 2), "2 per row, 2 rows"
+
+
+def test_txt2img_ldm_end_to_end_is_reproducible(tiny_ldm_ckpt, tmp_path):
+    def run(outdir):
+        argv = ["--config", TINY_LDM, "--ckpt_path", tiny_ldm_ckpt, "--outdir", str(outdir), "--n_samples", "2",
+                "--n_iter", "2", "--prompt", "a photo of a cat", "--seed", "11", *TINY_FLAGS]
+        assert txt2img.main(argv) == 0
+        return [np.asarray(Image.open(outdir / "samples" / name)) for name in sorted(os.listdir(outdir / "samples"))]
+
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    assert len(first) == 4
+    for one, other in zip(first, second):
+        np.testing.assert_array_equal(one, other)
+    assert os.path.isfile(tmp_path / "a" / "a-photo-of-a-cat-0000.png")
+
+
+def test_img2img_runs_from_the_repository_root(tiny_sd_ckpt, init_images, tmp_path):
+    init_path = tmp_path / "init.png"
+    init_images[0].save(init_path)
+    outdir = tmp_path / "out"
+    argv = ["--config", TINY_SD, "--ckpt", tiny_sd_ckpt, "--init_img", str(init_path), "--strength", "0.5",
+            "--n_samples", "1", "--n_iter", "1", "--outdir", str(outdir), *TINY_FLAGS]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "scripts/img2img.py", *argv], cwd=REPO, capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(outdir / "samples" / "00000.png").size == (32, 32)
+    assert os.path.isfile(outdir / "a-painting-of-a-virus-monster-playing-guitar-0000.png")
+
+
+def test_txt2img_defaults_are_the_ldm_ones():
+    args = txt2img.build_parser().parse_args([])
+    assert (args.ddim_steps, args.scale, args.H, args.W, args.n_samples, args.n_iter, args.seed) == (
+        200, 5.0, 256, 256, 4, 1, 42)
+    assert args.ckpt == "models/ldm/text2img-large/model.ckpt"
+    sd = stable_txt2img.build_parser().parse_args(["--embedding_path", "a.pt", "b.pt", "--embedding_path", "c.pt"])
+    assert (sd.ddim_steps, sd.scale, sd.H, sd.n_samples, sd.n_iter, sd.precision) == (50, 7.5, 512, 3, 2, "autocast")
+    assert sd.embedding_path == ["a.pt", "b.pt", "c.pt"]
+    image = img2img.build_parser().parse_args(["--init_img", "x.png"])
+    assert (image.strength, image.H, image.W) == (0.75, None, None)
+
+
+@pytest.mark.parametrize("script", [stable_txt2img, txt2img, img2img])
+def test_a_missing_checkpoint_is_a_one_line_error(script, tmp_path, capsys):
+    missing = str(tmp_path / "nowhere.ckpt")
+    argv = ["--config", TINY_SD, "--ckpt", missing, *TINY_FLAGS]
+    if script is img2img:
+        argv += ["--init_img", "unused.png"]
+    assert script.main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and missing in error and "does not exist" in error
