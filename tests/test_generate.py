@@ -199,7 +199,7 @@ def test_a_placeholder_in_two_files_is_a_one_line_error(tiny_sd_ckpt, tmp_path):
         load_model(TINY_SD, tiny_sd_ckpt, "cpu", embedding_paths=[first, second])
     message = str(error.value)
     assert "'*'" in message and first in message and second in message and "\n" not in message
-    assert "scripts/merge_embeddings.py --rename" in message
+    assert "scripts/merge_embeddings.py --manager_ckpts" in message and "--rename '2:*=NEW'" in message
 
 
 def test_a_config_without_personalization_gets_an_embedding_manager(tiny_ldm_ckpt, tmp_path):
