@@ -211,3 +211,30 @@ def restore(module: torch.nn.Module, source, ignore_keys=(), use_ema: bool = Fal
     if verbose:
         print(summary)
     return summary
+
+
+def build_random_model(config_path, seed: int = 0) -> torch.nn.Module:
+    """The model of a config with every weight random, zero-initialised layers included (for tests, demos and
+    benchmarks: a zero output layer would hide most of the network)."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    config = OmegaConf.load(config_path)
+    config.model.params.pop("ckpt_path", None)
+    torch.manual_seed(seed)
+    model = instantiate_from_config(config.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("embedding_manager.") and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return model
+
+
+def write_random_checkpoint(config_path, path, seed: int = 0) -> str:
+    """Save `build_random_model(config_path)` as an original-format Lightning-style checkpoint."""
+    model = build_random_model(config_path, seed)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding_manager.")}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"state_dict": state, "global_step": 0}, path)
+    return str(path)

@@ -368,7 +368,7 @@ def add_generation_arguments(parser, *, img2img: bool = False) -> None:
     add("--ckpt", "--ckpt_path", dest="ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
         help="model checkpoint (default: %(default)s)")
     add("--seed", type=int, default=42, help="seed of all sampling noise (default: %(default)s)")
-    add("--precision", type=str, choices=PRECISIONS, default="autocast", help="evaluate at this precision")
+    add("--precision", type=str, choices=PRECISIONS, default="autocast", help="autocast: fp16 on a GPU (fp32 on the CPU, where it is faster); full: fp32")
     add("--embedding_path", type=str, nargs="+", action="extend", default=[],
         help="embedding file(s) with learned words; repeat or list several to use their words together")
     add("--device", type=str, default=default_device(), help="device to run on (default: %(default)s)")

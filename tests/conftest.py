@@ -3,11 +3,9 @@ import os
 
 import numpy as np
 import pytest
-import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.util import instantiate_from_config
+from ldm.checkpoint import build_random_model, write_random_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SD = os.path.join(REPO, "configs", "tiny", "sd-tiny-finetune.yaml")
@@ -28,22 +26,11 @@ def draw_images(folder, count=4, size=40, seed=0):
 
 
 def build_tiny_model(config_path, seed=0):
-    """The model of a tiny config with every weight random (zero-initialised layers too)."""
-    config = OmegaConf.load(config_path)
-    torch.manual_seed(seed)
-    model = instantiate_from_config(config.model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("embedding_manager.") and p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return model
+    return build_random_model(config_path, seed)
 
 
 def write_tiny_checkpoint(config_path, path, seed=0):
-    model = build_tiny_model(config_path, seed)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding_manager.")}
-    torch.save({"state_dict": state, "global_step": 0}, path)
-    return str(path)
+    return write_random_checkpoint(config_path, path, seed)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,7 @@ PROMPTS = [
 # cleaned it before BPE, ours does, diffusers' transformers-5 tokenizer does not.
 FTFY_PROMPTS = ["it’s “quoted” — ok", "fish &amp; chips", "a ﬁne ｆｕｌｌ-width cat"]
 LATENT_SHAPE = (4, 8, 8)
+WIDTH = 32  # the tiny text encoder's hidden size, which is also the UNet's context_dim
 GUIDANCE_SCALE = 7.5
 DDIM_STEPS = 10
 TOKEN = "<cat-toy>"
@@ -106,7 +107,7 @@ def test_converted_pipeline_computes_what_our_model_computes(model, pipelines, s
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, *LATENT_SHAPE, generator=generator)
     t = torch.tensor([7, 801])
-    context = torch.randn(2, 77, 32, generator=generator)
+    context = torch.randn(2, 77, WIDTH, generator=generator)
     ours = model.apply_model(x, t, context)
     assert ours.abs().max() > 1e-2
     assert relative_error(ours, pipe.unet(x, t, encoder_hidden_states=context).sample) < 1e-4
@@ -183,11 +184,12 @@ def test_ddim_sampling_matches_a_diffusers_ddim_loop(model, pipe):
         ("learned_embeds.bin", "diffusers", TOKEN, None),
         (f"{A1111_NAME}.pt", "a1111", A1111_NAME, TOKEN),
     ],
+    ids=["diffusers-safetensors", "diffusers-bin", "a1111-pt"],
 )
 @torch.no_grad()
 def test_our_embedding_files_give_the_same_conditioning_in_diffusers(model, pipe, tmp_path, file_name, file_format,
                                                                       placeholder, token):
-    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(5))
+    vectors = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(5))
     save_embeddings(Embeddings({"*": vectors}), tmp_path / "embeddings.pt", format="original")
     save_embeddings(Embeddings({placeholder: vectors}), tmp_path / file_name, format=file_format)
     manager = EmbeddingManager(model.cond_stage_model, placeholder_strings=["*"])
@@ -222,13 +224,14 @@ def write_as_a1111(path, vectors):
         ("learned_embeds.bin", write_as_diffusers_training_script_bin, TOKEN),
         (f"{A1111_NAME}.pt", write_as_a1111, A1111_NAME),
     ],
+    ids=["diffusers-safetensors", "diffusers-bin", "a1111-pt"],
 )
 def test_files_written_by_diffusers_and_a1111_load_in_ours_and_in_diffusers(pipe, tmp_path, file_name, write, trigger):
-    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(6))
+    vectors = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(6))
     path = tmp_path / file_name
     write(path, vectors)
 
-    loaded = load_embeddings(path, expected_dim=32)
+    loaded = load_embeddings(path, expected_dim=WIDTH)
     assert list(loaded.vectors) == [trigger]
     assert torch.equal(loaded.vectors[trigger], vectors)
 

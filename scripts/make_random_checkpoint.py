@@ -1,0 +1,29 @@
+"""Write a checkpoint of random weights for a config, to try every command without a real model.
+
+    python scripts/make_random_checkpoint.py --config configs/tiny/sd-tiny-finetune.yaml --out models/tiny-sd-random.ckpt
+
+The images such a model makes are noise; the commands, files and formats are the real ones.
+"""
+import argparse
+import sys
+
+from ldm.checkpoint import write_random_checkpoint
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="model config (its `model:` block is used)")
+    parser.add_argument("--out", required=True, help="where to write the .ckpt")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        path = write_random_checkpoint(args.config, args.out, args.seed)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Wrote random weights for {args.config} to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
