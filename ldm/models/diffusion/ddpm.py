@@ -275,17 +275,15 @@ class LatentDiffusion(DDPM):
         The VAE is frozen and the images are few, so the posterior of an image never changes: caching its mean
         and log-variance and sampling fresh noise each step draws exactly the latents per-step encoding would draw."""
         cacheable = self.cache_latents and "image_index" in batch and "flipped" in batch
-        keys = list(zip(batch["image_index"].tolist(), batch["flipped"].tolist())) if cacheable else []
-        missing = [i for i, key in enumerate(keys) if key not in self._latent_cache]
-        if not cacheable or missing:
-            x = self.get_input(batch, self.first_stage_key).to(self.device)
-            indices = missing if cacheable else list(range(len(x)))
-            with torch.no_grad():
-                posterior = self.encode_first_stage(x[indices])
-            if not cacheable:
-                return posterior
-            for row, i in enumerate(indices):
-                self._latent_cache[keys[i]] = posterior.parameters[row]
+        x = self.get_input(batch, self.first_stage_key).to(self.device)
+        if not cacheable:
+            return self.encode_first_stage(x)
+        keys = list(zip(batch["image_index"].tolist(), batch["flipped"].tolist()))
+        for i, key in enumerate(keys):
+            if key not in self._latent_cache:
+                # One image at a time, so a cached latent never depends on which batch first met the image
+                # (a resumed run then reproduces an uninterrupted one bit for bit).
+                self._latent_cache[key] = self.encode_first_stage(x[i : i + 1]).parameters[0]
         return DiagonalGaussianDistribution(torch.stack([self._latent_cache[key] for key in keys]))
 
     def shared_step(self, batch, generator):
