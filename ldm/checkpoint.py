@@ -76,39 +76,54 @@ def _describe_bad_file(path: str) -> str:
     return f"'{path}' is truncated or not a PyTorch/safetensors checkpoint: download it again or check the path"
 
 
-def _torch_load(path: str):
-    """torch.load with weights_only=True and just enough allow-listing for Lightning-era checkpoints."""
+class UnsafePickleError(ValueError):
+    """A pickle names globals outside the allow-list; `names` lists them."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        super().__init__(", ".join(self.names))
+
+
+def safe_torch_load(path: str, stand_in, mmap: bool = False):
+    """`torch.load(weights_only=True)` that allows a pickled global only where `stand_in(name)` returns the
+    object to use for it (None refuses). Raises UnsafePickleError naming refused globals; other failures
+    (truncated or foreign files) surface as pickle.UnpicklingError, RuntimeError, EOFError or OSError."""
     is_zip = zipfile.is_zipfile(path)
     allowed: list = []
     if is_zip:
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception as exc:  # a damaged zip central directory or pickle
-            raise CheckpointError(_describe_bad_file(path)) from exc
-        refused = [n for n in names if _safe_global(n) is None]
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        refused = [n for n in names if stand_in(n) is None]
         if refused:
-            raise CheckpointError(
-                f"'{path}' pickles code we will not run ({', '.join(refused[:5])}): re-save it as .safetensors "
-                "from a trusted environment, or use a checkpoint from the original release"
-            )
-        allowed = [(_safe_global(n), n) for n in names]
+            raise UnsafePickleError(refused)
+        allowed = [(stand_in(n), n) for n in names]
         if any(n.startswith("numpy.") for n in names):
             allowed += _numpy_dtype_classes()
     for _ in range(20):  # legacy (non-zip) files: learn their globals from the refusals, one at a time
         try:
             with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
         except pickle.UnpicklingError as exc:
             match = re.search(r"GLOBAL ([\w.]+)", str(exc))
             if not match:
-                raise CheckpointError(_describe_bad_file(path)) from exc
+                raise
             name = match.group(1)
-            if _safe_global(name) is None or any(n == name for _, n in allowed):
-                raise CheckpointError(f"'{path}' pickles code we will not run ({name}): re-save it as .safetensors from a trusted environment") from exc
-            allowed.append((_safe_global(name), name))
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
-            raise CheckpointError(_describe_bad_file(path)) from exc
-    raise CheckpointError(f"'{path}' pickles too many unknown objects to load safely")
+            if stand_in(name) is None or any(n == name for _, n in allowed):
+                raise UnsafePickleError([name]) from exc
+            allowed.append((stand_in(name), name))
+    raise UnsafePickleError(["(more than 20 globals)"])
+
+
+def _torch_load(path: str):
+    """Lightning-era checkpoints: Lightning objects become inert stand-ins, numpy data constructors are allowed."""
+    try:
+        return safe_torch_load(path, _safe_global, mmap=True)
+    except UnsafePickleError as exc:
+        raise CheckpointError(
+            f"'{path}' pickles code we will not run ({', '.join(exc.names[:5])}): re-save it as .safetensors "
+            "from a trusted environment, or use a checkpoint from the original release"
+        ) from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(_describe_bad_file(path)) from exc
 
 
 @dataclass

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import pickle
-import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -27,6 +26,8 @@ import safetensors
 import safetensors.torch
 import torch
 from PIL import Image
+
+from ldm.checkpoint import UnsafePickleError, safe_torch_load
 
 FORMATS = ("original", "diffusers", "a1111")
 
@@ -41,7 +42,6 @@ ACCEPTED = (
 # The only class beyond torch's weights-only defaults that the original repo pickled; nn.Parameter itself is
 # rebuilt through torch._utils._rebuild_parameter, which torch already allows.
 ORIGINAL_PICKLE_GLOBALS = (torch.nn.ParameterDict,)
-_ALLOWED_GLOBAL_NAMES = {f"{cls.__module__}.{cls.__qualname__}" for cls in ORIGINAL_PICKLE_GLOBALS}
 
 # AUTOMATIC1111 always stores its vectors under "*" with CLIP's id for "*"; the trigger is the file's "name".
 A1111_KEY = "*"
@@ -243,27 +243,22 @@ def _read(path: str) -> Embeddings:
     if head.startswith(b"\x89PNG\r\n\x1a\n") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return _read_image(path)
     if head.startswith(b"PK\x03\x04"):
-        return _interpret(_torch_load(path, is_zip=True), path)
+        return _interpret(_torch_load(path), path)
     if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < _SAFETENSORS_MAX_HEADER:
         return _read_safetensors(path)
     if head[:1] == b"\x80":  # a pickle protocol marker: torch's legacy (pre-1.6) format
-        return _interpret(_torch_load(path, is_zip=False), path)
+        return _interpret(_torch_load(path), path)
     raise _unrecognised(_describe_head(head))
 
 
-def _torch_load(path: str, is_zip: bool):
+def _torch_load(path: str):
     """torch.load(weights_only=True) with only ORIGINAL_PICKLE_GLOBALS allowed; anything else is refused by name."""
+    allowed = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in ORIGINAL_PICKLE_GLOBALS}
     try:
-        if is_zip:
-            refused = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - _ALLOWED_GLOBAL_NAMES)
-            if refused:
-                raise _refusal(", ".join(refused))
-        with torch.serialization.safe_globals(list(ORIGINAL_PICKLE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return safe_torch_load(path, allowed.get)
+    except UnsafePickleError as error:
+        raise _refusal(", ".join(error.names)) from error
     except pickle.UnpicklingError as error:
-        match = re.search(r"GLOBAL ([\w.]+)", str(error))
-        if match:
-            raise _refusal(match.group(1)) from error
         reason = _unpickler_reason(error)
         raise ValueError(f"it is a pickle that torch's weights-only loader cannot read ({reason})") from error
     except (RuntimeError, EOFError) as error:

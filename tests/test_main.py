@@ -152,3 +152,31 @@ def test_two_process_ddp_on_cpu_writes_one_set_of_embeddings(tmp_path, images, t
     run = only_run(tmp_path / "logs")
     files = sorted(os.listdir(os.path.join(run, "checkpoints")))
     assert files == ["embeddings.pt", "embeddings_gs-10.pt", "last.ckpt"], files
+
+
+def test_per_image_tokens_with_the_ldm_encoder(tmp_path, images, tiny_ldm_ckpt):
+    trainer, run = train_in_process(
+        tmp_path, images, tiny_ldm_ckpt, "model.params.personalization_config.params.per_image_tokens=true",
+        "data.params.train.params.mixing_prob=1.0", config=TINY_LDM, steps=4,
+    )
+    learned = load_embeddings(os.path.join(run, "checkpoints", "embeddings.pt"))
+    assert len(learned.vectors) == 23 and "*" in learned.vectors
+    dataset = trainer.datamodule.datasets["train"]
+    item = dataset[1]
+    assert "*" in item["caption"] and learned.metadata["placeholder_strings"][1 + item["image_index"]] in item["caption"]
+
+
+def test_style_templates_through_the_command_line(tmp_path, images, tiny_sd_ckpt):
+    trainer, _ = train_in_process(
+        tmp_path, images, tiny_sd_ckpt, "data.params.train.target=ldm.data.personalized_style.PersonalizedBase",
+        "--init_word", "painting", steps=2,
+    )
+    captions = {trainer.datamodule.datasets["train"][i]["caption"] for i in range(10)}
+    assert all("in the style of *" in c for c in captions), captions
+
+
+def test_a_corrupt_image_is_named_before_training_starts(tmp_path, images, tiny_sd_ckpt):
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    result = run_cli(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images), "-l", str(tmp_path / "logs")])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "broken.png" in errors[0]
