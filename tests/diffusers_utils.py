@@ -14,22 +14,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-# The text half of openai/clip-vit-large-patch14's config.json (legacy bos/pad/eos ids included), which the tiny
-# configs shrink through `cond_stage_config.params.text_config`.
-SD_V1_TEXT_ENCODER_CONFIG = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-    projection_dim=768,
-    bos_token_id=0,
-    eos_token_id=2,
-    pad_token_id=1,
-)
+from ldm.modules.encoders.modules import SD_V1_CLIP_TEXT_CONFIG
+
 # runwayml/stable-diffusion-v1-5's scheduler_config.json: its PNDM scheduler, whose betas every SD v1 sampler shares.
 SD_V1_SCHEDULER_CONFIG = dict(
     beta_start=0.00085,
@@ -106,7 +92,7 @@ def write_diffusers_config_folder(yaml_path: str, folder, state: dict) -> str:
         UNet2DConditionModel(**unet_config).save_config(os.path.join(folder, "unet"))
         AutoencoderKL(**vae_config).save_config(os.path.join(folder, "vae"))
     text_overrides = params["cond_stage_config"]["params"].get("text_config") or {}
-    text_config = CLIPTextConfig(**{**SD_V1_TEXT_ENCODER_CONFIG, **text_overrides})
+    text_config = CLIPTextConfig(**{**SD_V1_CLIP_TEXT_CONFIG, **text_overrides})
     text_config.save_pretrained(os.path.join(folder, "text_encoder"))
     PNDMScheduler(**SD_V1_SCHEDULER_CONFIG).save_config(os.path.join(folder, "scheduler"))
     clip_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))

@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import re
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -18,14 +17,10 @@ from torch import nn
 from ldm import embeddings as embeddings_module
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_embedding.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("convert_embedding", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("scripts.convert_embedding")
 
 
 def random_vectors(rows=2, width=768, seed=0):

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import math
 import warnings
-from pathlib import Path
 
 import open_clip
 import pytest
@@ -16,7 +15,6 @@ from tests.conftest import TINY_SD, draw_images, write_tiny_checkpoint
 from ldm.embeddings import Embeddings, save_embeddings
 from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, mean_pairwise_cosine, remove_placeholders
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 TINY_CLIP = "tiny-clip-eval-test"
 # QuickGELU like OpenAI's CLIP, so the same weights also load as an OpenAI TorchScript archive.
 TINY_CLIP_CONFIG = {
@@ -127,10 +125,7 @@ def test_bad_clip_weights_are_clear_errors(clip_files, tmp_path):
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("evaluate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("scripts.evaluate")
 
 
 def test_generation_run_scores_and_images_dir_rescoring_agree(script, clip_files, tmp_path, capsys):

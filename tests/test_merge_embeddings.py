@@ -2,7 +2,6 @@
 file works in an EmbeddingManager with every placeholder substituted."""
 import importlib.util
 import io
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,16 +11,12 @@ from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.modules.encoders.modules import BERTEmbedder, FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import bert_tokenizer, clip_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "merge_embeddings.py"
 TINY_CLIP_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("merge_embeddings", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("scripts.merge_embeddings")
 
 
 class FakeStdin(io.StringIO):
