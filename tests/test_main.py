@@ -83,6 +83,11 @@ def test_ldm_multi_placeholder_multi_vector_and_captions(tmp_path, images, tiny_
     assert list(learned.vectors) == ["@"] and learned.vectors["@"].shape == (2, 32)
     saved = OmegaConf.load(glob.glob(os.path.join(run, "configs", "*-project.yaml"))[0])
     assert saved.model.params.personalization_config.params.placeholder_strings == ["@"]
+    # The trained model's own token table is untouched: every token but the placeholder embeds as before.
+    table = torch.load(tiny_ldm_ckpt, weights_only=False)["state_dict"]["cond_stage_model.transformer.token_emb.weight"]
+    encoder = trainer.lightning_module.cond_stage_model
+    assert torch.equal(encoder.embed_tokens(torch.arange(table.shape[0])[None])[0], table)
+    assert not torch.equal(learned.vectors["@"][0], table[encoder.text_to_token_ids("@")[0]])
 
 
 def test_interrupt_then_resume_reaches_the_uninterrupted_result(tmp_path, images, tiny_sd_ckpt):
