@@ -1,0 +1,594 @@
+"""Time our textual-inversion training step (and sampling) against diffusers' recipe on the same random weights.
+
+Ours: LatentDiffusion built from one of our configs with random weights, frozen weights stored in the training
+precision by the model's own `setup()`, autocast, AdamW over the learned vectors only, VAE posteriors cached.
+diffusers: our weights converted with `diffusers.loaders.single_file_utils` into UNet2DConditionModel,
+AutoencoderKL and transformers' CLIPTextModel, trained as examples/textual_inversion/textual_inversion.py does:
+UNet and VAE cast to the mixed-precision dtype and run without autocast, the text encoder kept in float32 and run
+under autocast (what accelerate does to the model it prepares), the VAE encoding every step, AdamW over the whole
+token-embedding table and every row but the placeholder's copied back after the step. LDM has no diffusers text
+encoder, so its diffusers rows use diffusers' UNet and VAE with a float32 copy of our LDM-BERT.
+
+Both steps draw latents, timesteps and noise in the same order from the same generator, so on the same batch they
+compute the same loss and the same update of the learned word (tests/test_benchmark.py checks it): the ratio
+compares two ways of doing one job. The placeholder is an existing one-token string ("*"), so the diffusers table
+keeps its size instead of gaining the one row the example adds.
+
+Timing: `--warmup` untimed steps, then `--steps` steps between two CUDA events (elsewhere time.perf_counter and a
+synchronize). Peak memory is torch.cuda.max_memory_allocated over the timed steps while the other implementation's
+weights wait on the CPU; other devices do not report it (n/a). FLOP-floor fraction (CUDA, full-size models): the
+FLOPs per image the step cannot avoid times images/s, over --peak_tflops; 1.0 would be the GPU doing only that
+work at its peak. Sampling runs in what `generate` uses: fp16 autocast on a GPU, float32 on the CPU or with
+--precision fp32; the diffusers pipeline gets the same dtype.
+
+Examples:
+  python scripts/benchmark.py                                   # CPU: tiny SD, batches 1 and 4
+  python scripts/benchmark.py --sampling --json bench.json      # GPU: SD v1, batches 1, 8, 16, and sampling
+  python scripts/benchmark.py --model ldm --compile --gradient_checkpointing
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    create_unet_diffusers_config_from_ldm,
+    create_vae_diffusers_config_from_ldm,
+)
+from diffusers.utils import logging as diffusers_logging
+from omegaconf import OmegaConf
+from transformers import CLIPTextModel
+
+from ldm.generate import first_stage_factor, generate
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+from ldm.modules.encoders.tokenizers import clip_tokenizer
+from ldm.util import instantiate_from_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "sd": "configs/stable-diffusion/v1-finetune.yaml",
+    "ldm": "configs/latent-diffusion/txt2img-1p4B-finetune.yaml",
+    "tiny-sd": "configs/tiny/sd-tiny-finetune.yaml",
+    "tiny-ldm": "configs/tiny/ldm-tiny-finetune.yaml",
+}
+# GFLOP per image of the least work a textual-inversion step needs: UNet forward plus the backward to its inputs,
+# text encoder forward and backward, no VAE (latents cached). FlopCounterMode counts, SD v1 at 512 px and LDM
+# text2img-large at 256 px (/work/shared/reference/performance-and-offline-assets.md, A3 and A5).
+FLOOR_GFLOP_PER_IMAGE = {"sd": 1669.2 + 26.8, "ldm": 364.8 + 196.7}
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINER_PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
+IMAGE_COUNT = 5
+CAPTION = "a photo of {}"
+SAMPLING_PROMPT = "a painting of {} in a garden"
+SAMPLING_BATCHES = (1, 8)
+GUIDANCE_SCALE = 7.5
+
+
+# --- ours ----------------------------------------------------------------------------------------------------
+class _PrecisionOnly:
+    """Stands in for the Lightning trainer in `LatentDiffusion.setup`, which reads only its precision."""
+
+    def __init__(self, precision: str):
+        self.precision = TRAINER_PRECISION[precision]
+
+
+def prepare_frozen_weights(model, precision: str, frozen_weights_dtype: str = "auto"):
+    """Store the frozen weights in `precision`'s half dtype, or in `frozen_weights_dtype` when not "auto" (and
+    compile the UNet if the config asks) through the model's own `setup()`, as a Lightning run would."""
+    model.frozen_weights_dtype = frozen_weights_dtype
+    model.trainer = _PrecisionOnly(precision)
+    model.setup("fit")
+    model.trainer = None
+
+
+@torch.no_grad()
+def build_ours(model_name: str, device: torch.device, precision: str, use_checkpoint: bool = False,
+               compile_unet: bool = False, seed: int = 0):
+    """Our model from its config with random weights (zero-initialised layers too, so every gradient is non-zero),
+    the config's speed levers set as a user would set them in the YAML."""
+    config = OmegaConf.load(os.path.join(REPO, CONFIGS[model_name]))
+    config.model.params.unet_config.params.use_checkpoint = use_checkpoint
+    config.model.params.compile_unet = compile_unet
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = instantiate_from_config(config.model)
+    model.to(device)  # also tells Lightning's `model.device` where the weights are
+    for name, parameter in model.named_parameters():
+        if not name.startswith("embedding_manager.") and not parameter.any():
+            parameter.normal_(0, 0.02)
+    prepare_frozen_weights(model, precision)
+    model.learning_rate = config.model.base_learning_rate
+    return model.train()
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=HALF_DTYPES[precision])
+
+
+def placeholder_of(model) -> str:
+    return next(iter(model.embedding_manager.string_to_token_dict))
+
+
+class OursStep:
+    """One training step of ours as Lightning runs it: `shared_step` under autocast, backward, AdamW on the learned
+    vectors (the model's `configure_optimizers`), zero_grad; a gradient scaler for fp16 as Lightning's."""
+
+    def __init__(self, model, precision: str):
+        self.model = model
+        self.precision = precision
+        self.optimizer = model.configure_optimizers()
+        self.scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16")
+
+    def fill_latent_cache(self, images: dict):
+        """Encode every training image once, as the first epoch of a run does, so timed steps read the cache."""
+        with autocast(self.model.device, self.precision):
+            self.model.posterior_of_batch(images)
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        with autocast(self.model.device, self.precision):
+            loss, _ = self.model.shared_step(batch, generator)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+# --- diffusers ---------------------------------------------------------------------------------------------------
+@dataclass
+class DiffusersParts:
+    """diffusers' modules holding our model's weights, and how the example script encodes text with them."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    token_embedding: torch.nn.Embedding
+    encode_text: Callable[[torch.Tensor], torch.Tensor]
+    noise_scheduler: DDPMScheduler
+    weight_dtype: torch.dtype
+    text_encoder_label: str
+
+    def to(self, device):
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+
+def _clip_text_encoder(model, state: dict):
+    # transformers 5's CLIPTextModel has no `text_model` level and no stored position_ids.
+    converted = {key.removeprefix("text_model."): value for key, value in convert_ldm_clip_checkpoint(state).items()
+                 if not key.endswith("position_ids")}
+    text_encoder = CLIPTextModel(copy.deepcopy(model.cond_stage_model.transformer.text_model.config))
+    text_encoder.load_state_dict(converted, strict=True)
+    return text_encoder, text_encoder.get_input_embeddings(), lambda ids: text_encoder(ids)[0], "CLIPTextModel"
+
+
+def _our_bert_text_encoder(model):
+    bert = copy.deepcopy(model.cond_stage_model).cpu().float()
+    return bert, bert.token_embedding, lambda ids: bert.encode_embeddings(bert.embed_tokens(ids)), "our LDM-BERT"
+
+
+@torch.no_grad()
+def convert_to_diffusers(model, model_name: str, precision: str) -> DiffusersParts:
+    """Our weights in diffusers' UNet and VAE (and transformers' CLIP text encoder for SD), on the CPU, placed and
+    frozen as the example script places and freezes them."""
+    original = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, CONFIGS[model_name])), resolve=True)
+    params = original["model"]["params"]
+    state = {key: value.detach().float().cpu() for key, value in model.state_dict().items()
+             if not key.startswith("embedding_manager.")}
+    unet_config = create_unet_diffusers_config_from_ldm(original, state)
+    unet_config["sample_size"] = params["image_size"]  # diffusers assumes 512-pixel SD v1 when not told
+    vae_config = create_vae_diffusers_config_from_ldm(original, state)
+    vae_config["sample_size"] = params["first_stage_config"]["params"]["ddconfig"]["resolution"]
+    unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(state, unet_config), strict=True)
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(state, vae_config), strict=True)
+    text_encoder, token_embedding, encode_text, label = (
+        _clip_text_encoder(model, state) if isinstance(model.cond_stage_model, FrozenCLIPEmbedder)
+        else _our_bert_text_encoder(model))
+    weight_dtype = HALF_DTYPES.get(precision, torch.float32)
+    unet.requires_grad_(False).to(weight_dtype).eval()
+    vae.requires_grad_(False).to(weight_dtype).eval()
+    text_encoder.requires_grad_(False).train()
+    token_embedding.weight.requires_grad_(True)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=model.num_timesteps, beta_start=model.linear_start,
+                                    beta_end=model.linear_end, beta_schedule="scaled_linear")
+    return DiffusersParts(unet, vae, text_encoder, token_embedding, encode_text, noise_scheduler, weight_dtype, label)
+
+
+def set_diffusers_gradient_checkpointing(parts: DiffusersParts, enabled: bool):
+    """The example's --gradient_checkpointing: UNet in train mode and checkpointed, CLIP checkpointed (our
+    LDM-BERT, standing in for a text encoder diffusers lacks, has no such switch)."""
+    if enabled:
+        parts.unet.enable_gradient_checkpointing()
+    else:
+        parts.unet.disable_gradient_checkpointing()
+    parts.unet.train(enabled)
+    if hasattr(parts.text_encoder, "activation_checkpointing_enable"):  # transformers 5's gradient_checkpointing_*
+        if enabled:
+            parts.text_encoder.activation_checkpointing_enable()
+        else:
+            parts.text_encoder.activation_checkpointing_disable()
+
+
+class DiffusersStep:
+    """One step of diffusers' examples/textual_inversion/textual_inversion.py on `parts`.
+
+    Differences that cost nothing: random draws come from the step's generator, in our order (latent sample,
+    timesteps, noise), and the learning-rate scheduler (constant by default) is left out.
+    """
+
+    def __init__(self, parts: DiffusersParts, precision: str, learning_rate: float, placeholder_id: int,
+                 initial_vector: torch.Tensor, gradient_checkpointing: bool = False):
+        self.parts = parts
+        self.precision = precision
+        table = parts.token_embedding.weight
+        with torch.no_grad():
+            table[placeholder_id] = initial_vector.to(table)
+        self.original_table = table.detach().clone()
+        self.rows_to_restore = torch.ones(table.shape[0], dtype=torch.bool)
+        self.rows_to_restore[placeholder_id] = False
+        self.optimizer = torch.optim.AdamW(parts.token_embedding.parameters(), lr=learning_rate)
+        self.scaler = torch.amp.GradScaler(table.device.type, enabled=precision == "fp16")
+        set_diffusers_gradient_checkpointing(parts, gradient_checkpointing)
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        parts = self.parts
+        pixels = batch["pixel_values"].to(parts.weight_dtype)
+        latents = parts.vae.encode(pixels).latent_dist.sample(generator).detach() * parts.vae.config.scaling_factor
+        timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  device=latents.device, generator=generator)
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
+        noisy_latents = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+        with autocast(latents.device, self.precision):
+            encoder_hidden_states = parts.encode_text(batch["input_ids"])
+        model_pred = parts.unet(noisy_latents, timesteps, encoder_hidden_states.to(parts.weight_dtype)).sample
+        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        with torch.no_grad():
+            parts.token_embedding.weight[self.rows_to_restore] = self.original_table[self.rows_to_restore]
+        return loss.detach()
+
+
+def diffusers_step_for(parts: DiffusersParts, model, precision: str, gradient_checkpointing: bool = False):
+    """A diffusers step that starts where `model` starts: its placeholder row holds our learned vector."""
+    placeholder = placeholder_of(model)
+    vectors = model.embedding_manager.vectors(placeholder)
+    if vectors.shape[0] != 1:
+        raise ValueError(f"the benchmark compares one vector per placeholder; this config has {vectors.shape[0]}: "
+                         "set num_vectors_per_token: 1")
+    placeholder_id = model.embedding_manager.string_to_token_dict[placeholder]
+    return DiffusersStep(parts, precision, model.learning_rate, placeholder_id, vectors[0].detach(),
+                         gradient_checkpointing)
+
+
+# --- data and timing ---------------------------------------------------------------------------------------------
+def image_size(model) -> int:
+    return model.image_size * first_stage_factor(model)
+
+
+def training_images(model, seed: int = 0) -> dict:
+    """IMAGE_COUNT random images and their mirror images as one batch, in both layouts: ours (B, H, W, 3) with
+    image_index/flipped, the example's (B, 3, H, W) pixel_values with pre-tokenized input_ids (its data loader
+    tokenizes, outside the step)."""
+    size = image_size(model)
+    pixels = torch.rand(IMAGE_COUNT, size, size, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    pixels = torch.cat([pixels, pixels.flip(2)]).to(model.device)
+    count = 2 * IMAGE_COUNT
+    captions = [CAPTION.format(placeholder_of(model))] * count
+    return {
+        "image": pixels,
+        "caption": captions,
+        "image_index": torch.arange(count) % IMAGE_COUNT,
+        "flipped": torch.arange(count) >= IMAGE_COUNT,
+        "pixel_values": pixels.permute(0, 3, 1, 2).contiguous(),
+        "input_ids": model.cond_stage_model.tokenize(captions),
+    }
+
+
+def batches_of(images: dict, batch_size: int) -> list[dict]:
+    """The distinct batches of a run that cycles through the images `batch_size` at a time."""
+    count = len(images["caption"])
+    batches = []
+    for first in range(0, count * batch_size // math.gcd(count, batch_size), batch_size):
+        rows = [(first + offset) % count for offset in range(batch_size)]
+        batches.append({key: [value[row] for row in rows] if isinstance(value, list) else value[rows]
+                         for key, value in images.items()})
+    return batches
+
+
+def synchronize(device: torch.device):
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def measure(device: torch.device, run: Callable[[], object]) -> tuple[float, float | None]:
+    """Seconds `run()` takes, and the peak GiB allocated meanwhile where the device reports it (CUDA)."""
+    synchronize(device)
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # events record on the current device's stream
+            torch.cuda.reset_peak_memory_stats(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+        return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated(device) / 2**30
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - start, None
+
+
+def time_training(step, batches: list[dict], device: torch.device, warmup: int, steps: int, seed: int = 0) -> dict:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for index in range(warmup):
+        step(batches[index % len(batches)], generator)
+
+    def timed_steps():
+        for index in range(warmup, warmup + steps):
+            step(batches[index % len(batches)], generator)
+
+    seconds, peak = measure(device, timed_steps)
+    batch_size = len(batches[0]["caption"])
+    return {"ms_per_step": 1e3 * seconds / steps, "images_per_s": batch_size * steps / seconds, "peak_memory_gib": peak}
+
+
+def release_memory(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+def floor_fraction(model_name: str, device: torch.device, images_per_s: float, peak_tflops: float) -> float | None:
+    if device.type != "cuda" or model_name not in FLOOR_GFLOP_PER_IMAGE:
+        return None
+    return FLOOR_GFLOP_PER_IMAGE[model_name] * images_per_s / (peak_tflops * 1e3)
+
+
+def train_rows(step, label: str, variant: str, images: dict, args) -> list[dict]:
+    rows = []
+    for batch_size in args.batch_sizes:
+        timing = time_training(step, batches_of(images, batch_size), args.device, args.warmup, args.steps)
+        fraction = floor_fraction(args.model, args.device, timing["images_per_s"], args.peak_tflops)
+        rows.append({"implementation": label, "batch_size": batch_size, "variant": variant, **timing,
+                     "floor_fraction": fraction})
+        print(f"  {label} {variant} batch {batch_size}: {timing['images_per_s']:.3g} images/s", file=sys.stderr)
+    return rows
+
+
+def add_ratios(rows: list[dict]):
+    """ours / diffusers images/s at the same batch size, against diffusers' same variant or else its eager run."""
+    theirs = {(row["batch_size"], row["variant"]): row["images_per_s"] for row in rows
+              if row["implementation"] != "ours"}
+    for row in rows:
+        baseline = theirs.get((row["batch_size"], row["variant"]), theirs.get((row["batch_size"], "eager")))
+        row["ratio"] = row["images_per_s"] / baseline if row["implementation"] == "ours" and baseline else None
+
+
+def sampling_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """What `generate(precision="autocast")` computes in: the device's autocast dtype, float32 on the CPU."""
+    if precision == "fp32" or device.type == "cpu":
+        return torch.float32
+    return torch.get_autocast_dtype(device.type)
+
+
+def diffusers_pipeline(parts: DiffusersParts, dtype: torch.dtype):
+    """StableDiffusionPipeline from the converted modules, DDIM with SD v1's settings; nothing loaded from the hub."""
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=clip_tokenizer(),
+                                   unet=parts.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
+
+
+def sampling_rows(model, parts: DiffusersParts | None, args) -> list[dict]:
+    """DDIM, eta 0, guidance 7.5, one prompt, 1 and 8 images per call: ours through `generate`, diffusers through
+    its pipeline; one short untimed call of each first."""
+    device, size = args.device, image_size(model)
+    dtype = sampling_dtype(device, args.precision)
+    prepare_frozen_weights(model, args.precision, frozen_weights_dtype=str(dtype).removeprefix("torch."))
+    prompt = SAMPLING_PROMPT.format(placeholder_of(model))
+    model.eval()
+    runners = {"ours": lambda n, steps: generate(
+        model, prompt, n_samples=n, n_iter=1, steps=steps, scale=GUIDANCE_SCALE, eta=0.0, seed=0, height=size,
+        width=size, precision="full" if args.precision == "fp32" else "autocast", progress=False)}
+    if parts is not None:
+        pipe = diffusers_pipeline(parts, dtype)
+        generator = torch.Generator(device=device).manual_seed(0)
+        runners["diffusers"] = lambda n, steps: pipe(
+            prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, eta=0.0,
+            num_images_per_prompt=n, generator=generator, output_type="np")
+    rows = []
+    for n in SAMPLING_BATCHES:
+        seconds = {}
+        for label, run in runners.items():
+            run(n, min(2, args.sampling_steps))
+            seconds[label], _ = measure(device, partial(run, n, args.sampling_steps))
+        for label, value in seconds.items():
+            ratio = seconds["diffusers"] / value if label == "ours" and "diffusers" in seconds else None
+            rows.append({"implementation": label, "images_per_prompt": n, "s_per_call": value,
+                         "images_per_s": n / value, "ratio": ratio})
+    return rows
+
+
+def run_benchmark(args) -> dict:
+    """Build, time and return every row. Each model waits on the CPU while another is timed, so a peak is its own."""
+    device = args.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # for both, as our configs' `trainer: benchmark: True` asks
+    notes = []
+    model = build_ours(args.model, device, args.precision)
+    images = training_images(model)
+    parts = None if args.skip_diffusers else convert_to_diffusers(model, args.model, args.precision)
+    variants = [("eager", {})]
+    if args.gradient_checkpointing:
+        variants.append(("checkpointing", {"use_checkpoint": True}))
+    if args.compile:
+        variants.append(("compiled", {"compile_unet": True}))
+        notes.append("compiled: ours with compile_unet; its ratio is against diffusers' eager step (the example "
+                     "script does not compile).")
+    rows = []
+    for variant, levers in variants:
+        ours = build_ours(args.model, device, args.precision, **levers) if levers else model
+        step = OursStep(ours, args.precision)
+        step.fill_latent_cache(images)
+        rows += train_rows(step, "ours", variant, images, args)
+        ours.cpu()
+        del step, ours
+        release_memory(device)
+    if parts is not None:
+        parts.to(device)
+        label = f"diffusers ({parts.text_encoder_label})"
+        if parts.text_encoder_label != "CLIPTextModel":
+            notes.append("LDM: diffusers has no LDM-BERT; its rows run diffusers' UNet and VAE with our LDM-BERT.")
+        for variant in ["eager"] + (["checkpointing"] if args.gradient_checkpointing else []):
+            step = diffusers_step_for(parts, model, args.precision, gradient_checkpointing=variant != "eager")
+            rows += train_rows(step, label, variant, images, args)
+            del step
+            release_memory(device)
+        set_diffusers_gradient_checkpointing(parts, False)
+    model.to(device)
+    add_ratios(rows)
+    report = {"device": device_name(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
+              "date": datetime.date.today().isoformat(),
+              "model": args.model, "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
+              "peak_tflops": args.peak_tflops, "training": rows, "notes": notes}
+    if args.sampling:
+        if parts is not None and parts.text_encoder_label != "CLIPTextModel":
+            notes.append("Sampling: StableDiffusionPipeline needs a CLIP text encoder, so LDM sampling is ours only.")
+            parts = None
+        report["sampling"] = sampling_rows(model, parts, args)
+        report["sampling_steps"] = args.sampling_steps
+        report["sampling_dtype"] = str(sampling_dtype(device, args.precision)).removeprefix("torch.")
+    return report
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+# --- output --------------------------------------------------------------------------------------------------------
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
+def _table(header: list[str], lines: list[list]) -> str:
+    rows = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    rows += ["| " + " | ".join(_cell(value) for value in line) + " |" for line in lines]
+    return "\n".join(rows)
+
+
+def format_report(report: dict) -> str:
+    setting = (f"{report['device']}, torch {report['torch']}, diffusers {report['diffusers']}, {report['date']}; "
+               f"{report['steps']} timed steps after {report['warmup']} warm-up steps")
+    lines = [f"# Textual-inversion benchmark: {report['model']}, {report['precision']}", setting, ""]
+    lines.append(_table(
+        ["implementation", "batch", "variant", "images/s", "ms/step", "peak GiB", "FLOP-floor fraction",
+         "ours/diffusers"],
+        [[row["implementation"], row["batch_size"], row["variant"], row["images_per_s"], row["ms_per_step"],
+          row["peak_memory_gib"], row["floor_fraction"], row["ratio"]] for row in report["training"]]))
+    lines.append("")
+    floors = ", ".join(f"{name} {gflop:g}" for name, gflop in FLOOR_GFLOP_PER_IMAGE.items())
+    lines.append(f"Peak memory: torch.cuda.max_memory_allocated over the timed steps (n/a off CUDA). FLOP-floor "
+                 f"fraction: GFLOP/image of UNet forward + input-gradient backward + text encoder ({floors}) "
+                 f"x images/s / {report['peak_tflops']:g} TFLOP/s (CUDA, full-size models only).")
+    if "sampling" in report:
+        heading = (f"## Sampling: DDIM {report['sampling_steps']} steps, guidance {GUIDANCE_SCALE}, "
+                   f"{report['sampling_dtype']}")
+        lines += ["", heading, ""]
+        lines.append(_table(["implementation", "images/prompt", "s/call", "images/s", "ours/diffusers"],
+                            [[row["implementation"], row["images_per_prompt"], row["s_per_call"],
+                              row["images_per_s"], row["ratio"]] for row in report["sampling"]]))
+    lines += [""] + report["notes"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=CONFIGS, help="which config (default: sd on a GPU, tiny-sd on the CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to run on (default: %(default)s)")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", help="batch sizes (default: 1 8 16; CPU: 1 4)")
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (default: 20; CPU: 10)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them (default: 5; CPU: 2)")
+    parser.add_argument("--precision", choices=TRAINER_PRECISION, help="default: bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--compile", action="store_true", help="also time ours with the UNet compiled")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="also time both with gradient checkpointing (ours: the UNet's use_checkpoint)")
+    parser.add_argument("--sampling", action="store_true", help="also time DDIM sampling with guidance")
+    parser.add_argument("--sampling_steps", type=int, help="DDIM steps (default: 50; CPU: 10)")
+    parser.add_argument("--skip_diffusers", action="store_true", help="time ours only")
+    parser.add_argument("--peak_tflops", type=float, default=790.0,
+                        help="the GPU's dense bf16 peak for the FLOP-floor fraction (default: %(default)s, H100)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device '{args.device}' is not a device: use e.g. cpu, cuda or cuda:1")
+    on_cpu = args.device.type == "cpu"
+    defaults = {"model": "tiny-sd" if on_cpu else "sd", "batch_sizes": [1, 4] if on_cpu else [1, 8, 16],
+                "steps": 10 if on_cpu else 20, "warmup": 2 if on_cpu else 5,
+                "precision": "fp32" if on_cpu else "bf16", "sampling_steps": 10 if on_cpu else 50}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for flag in ("steps", "sampling_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if args.warmup < 0 or min(args.batch_sizes) < 1:
+        parser.error("--warmup must be at least 0 and every --batch_sizes entry at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    diffusers_logging.set_verbosity_error()  # it warns about every dtype cast the example script also makes
+    report = run_benchmark(args)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""scripts/benchmark.py: it runs end to end at tiny size, and its two training steps are the same computation,
+so the ours/diffusers ratio compares speed alone."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_main_prints_and_writes_both_implementations_at_tiny_size(benchmark, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--model", "tiny-sd", "--steps", "2", "--warmup", "1", "--batch_sizes", "1", "2",
+            "--sampling", "--sampling_steps", "2", "--json", str(out)]
+    assert benchmark.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "torch " + torch.__version__ in printed
+    assert "| ours | 1 | eager |" in printed and "| diffusers (CLIPTextModel) | 2 | eager |" in printed
+
+    report = json.loads(out.read_text())
+    training = report["training"]
+    assert sorted((row["implementation"], row["batch_size"]) for row in training) == [
+        ("diffusers (CLIPTextModel)", 1), ("diffusers (CLIPTextModel)", 2), ("ours", 1), ("ours", 2)]
+    for row in training:
+        assert positive(row["images_per_s"]) and positive(row["ms_per_step"])
+        assert row["images_per_s"] == pytest.approx(1e3 * row["batch_size"] / row["ms_per_step"])
+        assert row["peak_memory_gib"] is None and row["floor_fraction"] is None  # CUDA-only measurements
+    theirs = {row["batch_size"]: row["images_per_s"] for row in training if row["implementation"] != "ours"}
+    for row in (row for row in training if row["implementation"] == "ours"):
+        assert row["ratio"] == pytest.approx(row["images_per_s"] / theirs[row["batch_size"]])
+
+    sampling = report["sampling"]
+    assert sorted((row["implementation"], row["images_per_prompt"]) for row in sampling) == [
+        ("diffusers", 1), ("diffusers", 8), ("ours", 1), ("ours", 8)]
+    for row in sampling:
+        assert positive(row["s_per_call"]) and positive(row["images_per_s"])
+        assert row["images_per_s"] * row["s_per_call"] == pytest.approx(row["images_per_prompt"])
+
+
+@pytest.mark.parametrize("model_name", ["tiny-sd", "tiny-ldm"])
+def test_both_training_steps_compute_the_same_loss_gradient_and_update(benchmark, model_name):
+    """Same weights, batch and generator seed in float32: the diffusers-style step (VAE every step, whole
+    token-embedding table trained, other rows restored) must do exactly what our step does to the learned word."""
+    device = torch.device("cpu")
+    model = benchmark.build_ours(model_name, device, "fp32")
+    parts = benchmark.convert_to_diffusers(model, model_name, "fp32")
+    batch = benchmark.batches_of(benchmark.training_images(model), 2)[0]
+    ours = benchmark.OursStep(model, "fp32")
+    theirs = benchmark.diffusers_step_for(parts, model, "fp32")
+    placeholder = benchmark.placeholder_of(model)
+    row = model.embedding_manager.string_to_token_dict[placeholder]
+    vector = model.embedding_manager.vectors(placeholder)
+    table = parts.token_embedding.weight
+    start = vector.detach().clone()
+    table_before = table.detach().clone()
+
+    our_loss = ours(batch, torch.Generator().manual_seed(3))
+    their_loss = theirs(batch, torch.Generator().manual_seed(3))
+
+    assert our_loss.item() == pytest.approx(their_loss.item(), rel=1e-5)
+    # AdamW's first moment after one step is (1 - beta1) * gradient: compare the gradients themselves.
+    our_gradient = ours.optimizer.state[vector]["exp_avg"][0]
+    their_gradient = theirs.optimizer.state[table]["exp_avg"][row]
+    assert our_gradient.abs().max() > 1e-6
+    assert torch.allclose(our_gradient, their_gradient, rtol=1e-3, atol=1e-9)
+    assert not torch.equal(vector[0], start[0])
+    assert torch.allclose(vector[0], table[row], rtol=1e-5, atol=1e-7)
+    others = torch.arange(table.shape[0]) != row
+    assert torch.equal(table[others], table_before[others])
