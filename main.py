@@ -1,7 +1,12 @@
-"""Train a textual-inversion embedding: `python main.py --base <config.yaml> -t --actual_resume <model.ckpt> ...`.
+"""Train what a config describes, as the original textual_inversion / latent-diffusion `main.py` did:
 
-The flags are those of the original textual_inversion / latent-diffusion `main.py`; anything else on the
-command line in `a.b.c=value` form overrides the merged YAML configs.
+- a textual-inversion embedding (a model with a `personalization_config`):
+  `python main.py --base <config.yaml> -t --actual_resume <model.ckpt> --data_root <images> ...`;
+- a model from scratch, e.g. the toy KL autoencoder or text-to-image LDM (the dataset comes from the config):
+  `python main.py --base configs/toy/autoencoder.yaml -t`.
+
+The flags are those of the original `main.py`; anything else on the command line in `a.b.c=value` form
+overrides the merged YAML configs.
 """
 import argparse
 import datetime
@@ -63,8 +68,8 @@ def get_parser():
     parser.add_argument("-l", "--logdir", type=str, default="logs", help="root folder of the runs")
     parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True, help="lr = accumulate x GPUs x batch x base_lr")
     parser.add_argument("--datadir_in_name", type=str2bool, nargs="?", const=True, default=True, help="prefix the run folder with the data folder's name")
-    parser.add_argument("--actual_resume", type=str, default="", help="the pretrained model checkpoint (.ckpt or .safetensors)")
-    parser.add_argument("--data_root", type=str, default="", help="folder with the 3-5 training images")
+    parser.add_argument("--actual_resume", type=str, default="", help="the pretrained model checkpoint (.ckpt or .safetensors); required for textual inversion")
+    parser.add_argument("--data_root", type=str, default="", help="folder with the 3-5 training images; required for textual inversion")
     parser.add_argument("--embedding_manager_ckpt", type=str, default="", help="start from an existing embeddings file")
     parser.add_argument("--placeholder_string", type=str, help="the pseudo-word (one token), e.g. '*' or '@'")
     parser.add_argument("--init_word", type=str, help="a one-token word describing the concept, e.g. 'cat'")
@@ -137,14 +142,14 @@ def build_config(opt, unknown, base_configs):
     if "data" in config:
         data_params = config.data.setdefault("params", {})
         data_params.seed = opt.seed
-        placeholder = (personalization.params.get("placeholder_strings") or ["*"])[0] if personalization is not None else "*"
         for split in ("train", "validation"):
             if split in data_params:
                 params = data_params[split].setdefault("params", {})
                 if opt.data_root:
                     params.data_root = opt.data_root
-                params.placeholder_token = placeholder  # the original always wrote '*' into captions
                 if personalization is not None:
+                    # The original always wrote '*' into captions.
+                    params.placeholder_token = (personalization.params.get("placeholder_strings") or ["*"])[0]
                     params.per_image_tokens = bool(personalization.params.get("per_image_tokens", False))
     return config
 
@@ -208,9 +213,12 @@ def main(argv=None):
 
     config = build_config(opt, unknown, base_configs)
     lightning_config = config.pop("lightning", OmegaConf.create())
-    if opt.train and not config.model.params.get("ckpt_path"):
+    if "data" not in config:
+        raise UsageError("no data in the configs: pass a config with a data block with --base (e.g. configs/toy/autoencoder.yaml)")
+    textual_inversion = config.model.params.get("personalization_config") is not None
+    if opt.train and textual_inversion and not config.model.params.get("ckpt_path"):
         raise UsageError("--actual_resume is required: the pretrained model checkpoint (e.g. models/ldm/stable-diffusion-v1/model.ckpt)")
-    if opt.train and "data" in config and not config.data.params.train.params.get("data_root"):
+    if opt.train and textual_inversion and not config.data.params.train.params.get("data_root"):
         raise UsageError("--data_root is required: the folder with your 3-5 training images")
     settings, world = trainer_settings(opt, lightning_config)
     lightning_config.trainer = settings
@@ -252,7 +260,8 @@ def main(argv=None):
         install_signal_handlers(trainer, checkpointer)
         trainer.fit(model, data, ckpt_path=ckpt_to_resume)
         if trainer.stop_signal is not None:
-            print(f"Stopped at step {trainer.global_step}; embeddings and last.ckpt are in {ckptdir}. Continue with: python main.py -r {logdir}")
+            saved = "embeddings and last.ckpt are" if textual_inversion else "last.ckpt is"
+            print(f"Stopped at step {trainer.global_step}; {saved} in {ckptdir}. Continue with: python main.py -r {logdir}")
     return trainer
 
 

@@ -1,4 +1,4 @@
-"""Lightning callbacks of a textual-inversion run: run folder, checkpoints, sample images."""
+"""Lightning callbacks of a main.py run (textual inversion or pretraining): run folder, checkpoints, sample images."""
 import os
 import time
 
@@ -26,8 +26,9 @@ class SetupCallback(Callback):
 
 
 class TrainingCheckpoint(Callback):
-    """Writes `embeddings_gs-<step>.pt`, `embeddings.pt` and a resumable `last.ckpt` every N steps, at the end,
-    and when training is interrupted (Ctrl-C, SIGTERM, an exception), so no run is ever lost."""
+    """Writes a resumable `last.ckpt` (plus `embeddings_gs-<step>.pt` and `embeddings.pt` when the model learns
+    pseudo-words) every N steps, at the end, and when training is interrupted (Ctrl-C, SIGTERM, an exception),
+    so no run is ever lost. What `last.ckpt` holds is the model's choice (`on_save_checkpoint`)."""
 
     def __init__(self, ckptdir: str, every_n_train_steps: int = 500):
         super().__init__()
@@ -45,9 +46,10 @@ class TrainingCheckpoint(Callback):
         trainer.save_checkpoint(last + ".tmp")
         if trainer.is_global_zero:
             os.replace(last + ".tmp", last)
-            manager = pl_module.embedding_manager
-            manager.save(os.path.join(self.ckptdir, f"embeddings_gs-{step}.pt"), step=step)
-            manager.save(os.path.join(self.ckptdir, "embeddings.pt"), step=step)
+            manager = getattr(pl_module, "embedding_manager", None)
+            if manager is not None:
+                manager.save(os.path.join(self.ckptdir, f"embeddings_gs-{step}.pt"), step=step)
+                manager.save(os.path.join(self.ckptdir, "embeddings.pt"), step=step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.save_requested or (self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0):
@@ -58,14 +60,14 @@ class TrainingCheckpoint(Callback):
         self.save(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception):
-        if trainer.global_step > 0 and pl_module.embedding_manager is not None:
-            print(f"\nTraining stopped ({type(exception).__name__}); saving embeddings and last.ckpt at step {trainer.global_step}.")
+        if trainer.global_step > 0:
+            print(f"\nTraining stopped ({type(exception).__name__}); saving at step {trainer.global_step}.")
             self.save(trainer, pl_module)
 
 
 class ImageLogger(Callback):
-    """Every `batch_frequency` steps, saves grids of inputs, reconstructions, captions and samples to
-    `images/<split>/` and to TensorBoard."""
+    """Every `batch_frequency` steps, saves grids of what the model's `log_images` returns (inputs,
+    reconstructions, captions, samples) to `images/<split>/` and to TensorBoard."""
 
     def __init__(self, batch_frequency, max_images, clamp=True, increase_log_steps=True, disabled=False, log_first_step=False, log_images_kwargs=None):
         super().__init__()

@@ -81,3 +81,11 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     """(C, H, W) in [0, 1] to a PIL image."""
     array = (image.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(array)
+
+
+def step_generator(seed: int, step: int, device, rank: int = 0) -> torch.Generator:
+    """The random stream of one training step: a pure function of (seed, step, rank), so resumed runs
+    draw exactly what an uninterrupted run would have drawn."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step * 101 + rank) % (2**63))
+    return generator

@@ -44,7 +44,13 @@ from functools import partial
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
@@ -82,20 +88,11 @@ GUIDANCE_SCALE = 7.5
 
 
 # --- ours ----------------------------------------------------------------------------------------------------
-class _PrecisionOnly:
-    """Stands in for the Lightning trainer in `LatentDiffusion.setup`, which reads only its precision."""
-
-    def __init__(self, precision: str):
-        self.precision = TRAINER_PRECISION[precision]
-
-
 def prepare_frozen_weights(model, precision: str, frozen_weights_dtype: str = "auto"):
     """Store the frozen weights in `precision`'s half dtype, or in `frozen_weights_dtype` when not "auto" (and
-    compile the UNet if the config asks) through the model's own `setup()`, as a Lightning run would."""
+    compile the UNet if the config asks) through the model's own preparation, as a Lightning run does."""
     model.frozen_weights_dtype = frozen_weights_dtype
-    model.trainer = _PrecisionOnly(precision)
-    model.setup("fit")
-    model.trainer = None
+    model.prepare_for_training(TRAINER_PRECISION[precision])
 
 
 @torch.no_grad()

@@ -57,14 +57,9 @@ def test_half_precision_frozen_weights_stay_close_to_float32(dataset):
     assert torch.nn.functional.cosine_similarity(grad32.flatten(), grad16.float().flatten(), dim=0) > 0.98
 
 
-def test_setup_casts_frozen_weights_to_the_trainer_precision():
+def test_preparation_casts_frozen_weights_to_the_trainer_precision():
     model = build_tiny_model(TINY_SD)
-
-    class Trainer:
-        precision = "bf16-mixed"
-
-    model.trainer = Trainer()
-    model.setup("fit")
+    model.prepare_for_training("bf16-mixed")
     assert next(model.model.parameters()).dtype == torch.bfloat16
     assert next(model.first_stage_model.parameters()).dtype == torch.bfloat16
     assert model.embedding_manager.vectors("*").dtype == torch.float32

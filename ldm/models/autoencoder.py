@@ -1,17 +1,19 @@
 """First-stage autoencoders that map images to the latent space the diffusion model works in.
 
-They are plain `nn.Module`s rather than the original LightningModules because they are always frozen here;
-constructor arguments, attribute names and state-dict keys match CompVis latent-diffusion / stable-diffusion v1,
-so original configs build them and `first_stage_model.*` weights load key for key. Arguments that only served
-training (`image_key`, `monitor`) are accepted so that those configs keep working.
+Constructor arguments, attribute names and state-dict keys match CompVis latent-diffusion / stable-diffusion v1,
+so original configs build them and `first_stage_model.*` weights load key for key. `AutoencoderKL` is a
+LightningModule, as in LDM, so that `main.py` can pretrain one (the toy model's first stage); inside
+LatentDiffusion it is only ever used frozen. The VQ models are plain modules: nothing here trains them, and
+arguments that only served their training (`monitor`) are accepted so that those configs keep working.
 """
+import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from taming.modules.vqvae.quantize import VectorQuantizer2
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, step_generator
 
 
 def _restore(model, ckpt_path, ignore_keys):
@@ -20,12 +22,15 @@ def _restore(model, ckpt_path, ignore_keys):
 
     restore(model, ckpt_path, ignore_keys=ignore_keys)
 
+class AutoencoderKL(pl.LightningModule):
+    """KL-regularised autoencoder (SD v1's VAE): `encode` gives a Gaussian posterior, `decode` an image.
 
-class AutoencoderKL(nn.Module):
-    """KL-regularised autoencoder (SD v1's VAE): `encode` gives a Gaussian posterior, `decode` an image."""
+    Trained by `lossconfig` (e.g. `ldm.modules.losses.ReconstructionKLLoss`) with Adam at `learning_rate`,
+    which main.py sets; its posterior noise is a pure function of (seed, step) so that resumed runs repeat.
+    """
 
     def __init__(self, ddconfig, lossconfig, embed_dim, ckpt_path=None, ignore_keys=(), image_key="image",
-                 colorize_nlabels=None, monitor=None):
+                 colorize_nlabels=None, monitor=None, seed=23):
         super().__init__()
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder must output mean and logvar)")
@@ -36,6 +41,9 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
+        self.monitor = monitor
+        self.seed = seed
+        self.learning_rate = 4.5e-6  # LDM's base rate; main.py replaces it with the scaled one
         if colorize_nlabels is not None:
             self.register_buffer("colorize", torch.randn(3, colorize_nlabels, 1, 1))
         if ckpt_path is not None:
@@ -47,11 +55,49 @@ class AutoencoderKL(nn.Module):
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, input, sample_posterior=True):
+    def forward(self, input, sample_posterior=True, generator=None):
         posterior = self.encode(input)
-        z = posterior.sample() if sample_posterior else posterior.mode()
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
+    # --- training ---------------------------------------------------------------------------------
+    def get_input(self, batch, key):
+        """Dataset images are (B, H, W, C) in [-1, 1]; the networks take (B, C, H, W)."""
+        x = batch[key]
+        if x.ndim == 3:
+            x = x[..., None]
+        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+    def training_step(self, batch, batch_idx):
+        inputs = self.get_input(batch, self.image_key)
+        generator = step_generator(self.seed, self.global_step, self.device, self.global_rank)
+        reconstructions, posterior = self(inputs, generator=generator)
+        loss, logs = self.loss(inputs, reconstructions, posterior, split="train")
+        self.log("aeloss", loss, prog_bar=True, logger=False, on_step=True)
+        self.log_dict(logs, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        # A fixed stream per validation batch makes val/rec_loss comparable across the run.
+        inputs = self.get_input(batch, self.image_key)
+        generator = step_generator(self.seed + 1, batch_idx, self.device, self.global_rank)
+        reconstructions, posterior = self(inputs, generator=generator)
+        _, logs = self.loss(inputs, reconstructions, posterior, split="val")
+        self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True, batch_size=inputs.shape[0])
+
+    def configure_optimizers(self):
+        # LDM's autoencoder optimizer, without the discriminator's second one.
+        modules = (self.encoder, self.decoder, self.quant_conv, self.post_quant_conv)
+        return torch.optim.Adam([p for m in modules for p in m.parameters()], lr=self.learning_rate, betas=(0.5, 0.9))
+
+    @torch.no_grad()
+    def log_images(self, batch, N=8, seed=0):
+        """Inputs, their reconstructions (posterior mean) and decodings of N(0, I) latents."""
+        x = self.get_input(batch, self.image_key)[:N].to(self.device)
+        posterior = self.encode(x)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        noise = torch.randn(posterior.mean.shape, generator=generator, device=self.device, dtype=posterior.mean.dtype)
+        return {"inputs": x, "reconstructions": self.decode(posterior.mode()), "samples": self.decode(noise)}
 
 class VQModel(nn.Module):
     """Vector-quantised autoencoder (LDM's VQ-f4/f8 first stages) built on taming's `VectorQuantizer2`."""
@@ -86,7 +132,6 @@ class VQModel(nn.Module):
         quant, diff, _ = self.quantize(self.quant_conv(self.encoder(input)))
         return self.decoder(self.post_quant_conv(quant)), diff
 
-
 class VQModelInterface(VQModel):
     """VQModel as latent diffusion uses it: latents are pre-quantisation, quantised only when decoded."""
 
@@ -96,7 +141,6 @@ class VQModelInterface(VQModel):
     def decode(self, h, force_not_quantize=False):
         quant = h if force_not_quantize else self.quantize(h)[0]
         return super().decode(quant)
-
 
 class IdentityFirstStage(nn.Module):
     """No-op first stage for pixel-space diffusion; `vq_interface` makes `quantize` return taming's tuple."""

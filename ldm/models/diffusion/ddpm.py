@@ -1,18 +1,28 @@
-"""Denoising diffusion in latent space, trained here only through the textual-inversion vectors.
+"""Denoising diffusion in latent space, trained through the textual-inversion vectors or pretrained whole.
 
 `DDPM` holds the noise schedule and the denoising loss; `LatentDiffusion` adds the frozen autoencoder
-(first stage), the frozen text encoder (cond stage) and the `EmbeddingManager` whose few vectors are the only
-trainable parameters. Module and buffer names follow CompVis latent-diffusion so original checkpoints load
-key for key.
+(first stage), the text encoder (cond stage) and the `EmbeddingManager`. Two ways to train it:
+- textual inversion (a `personalization_config`): the pseudo-word vectors are the only trainable parameters
+  unless `unfreeze_model` also opens the UNet and text encoder at `model_lr`;
+- pretraining (no `personalization_config`, `unfreeze_model: true`): the UNet, and the text encoder when
+  `cond_stage_trainable`, learn at `learning_rate`, with an EMA copy of the UNet (`use_ema`) as LDM kept one.
+Module and buffer names follow CompVis latent-diffusion so original checkpoints load key for key.
 """
+from contextlib import nullcontext
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import count_params, instantiate_from_config, log_txt_as_img
-
+from ldm.modules.ema import LitEma
+from ldm.util import (
+    count_params,
+    instantiate_from_config,
+    log_txt_as_img,
+    step_generator,
+)
 
 FROZEN_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,14 +33,6 @@ def _freeze(module: torch.nn.Module) -> torch.nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
-
-
-def step_generator(seed: int, step: int, device, rank: int = 0) -> torch.Generator:
-    """The random stream of one training step: a pure function of (seed, step, rank), so resumed runs
-    draw exactly what an uninterrupted run would have drawn."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step * 101 + rank) % (2**63))
-    return generator
 
 
 class DiffusionWrapper(torch.nn.Module):
@@ -157,7 +159,12 @@ class DDPM(pl.LightningModule):
 
 
 class LatentDiffusion(DDPM):
-    """DDPM on autoencoder latents, conditioned on text through a frozen encoder and learned pseudo-words."""
+    """DDPM on autoencoder latents, conditioned on text through the cond-stage encoder and learned pseudo-words.
+
+    `ucg_training` (SD 2's name), e.g. `{caption: {p: 0.1, val: ""}}`, replaces a batch entry by `val` with
+    probability `p` while training, so that the model also learns the unconditional prediction that classifier-free
+    guidance needs.
+    """
 
     def __init__(
         self,
@@ -175,6 +182,7 @@ class LatentDiffusion(DDPM):
         cache_latents=True,
         frozen_weights_dtype="auto",
         compile_unet=False,
+        ucg_training=None,
         *args,
         **kwargs,
     ):
@@ -190,6 +198,7 @@ class LatentDiffusion(DDPM):
         self.cache_latents = cache_latents and not scale_by_std
         self.frozen_weights_dtype = frozen_weights_dtype
         self.compile_unet = compile_unet
+        self.ucg_training = dict(ucg_training or {})
         self._latent_cache = {}  # (image_index, flipped) -> posterior parameters (mean and logvar) of the frozen VAE
         self.scale_by_std = scale_by_std
         if scale_by_std:
@@ -198,14 +207,19 @@ class LatentDiffusion(DDPM):
             self.scale_factor = scale_factor
         self.first_stage_model = _freeze(instantiate_from_config(first_stage_config))
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        self.restored_from_checkpoint = self._pending_ckpt is not None
         if self._pending_ckpt:
             from ldm.checkpoint import restore
 
             restore(self, self._pending_ckpt[0], ignore_keys=self._pending_ckpt[1], use_ema=self.use_ema)
+        self.pretraining = self.unfreeze_model and personalization_config is None
         if not self.unfreeze_model:
             _freeze(self.model)
             if self.cond_stage_model is not None:
                 _freeze(self.cond_stage_model)
+        elif self.pretraining and not cond_stage_trainable and self.cond_stage_model is not None:
+            _freeze(self.cond_stage_model)
+        self.model_ema = LitEma(self.model) if self.pretraining and self.use_ema else None
         self.embedding_manager = None
         if personalization_config is not None:
             self.embedding_manager = instantiate_from_config(personalization_config, embedder=self.cond_stage_model)
@@ -295,9 +309,11 @@ class LatentDiffusion(DDPM):
         return self.p_losses(z, cond, t, noise)
 
     def setup(self, stage):
+        self.prepare_for_training(str(self.trainer.precision))
+
+    def prepare_for_training(self, precision: str):
         """Store the frozen weights in the trainer's half precision (autocast runs in it anyway): half the memory
-        and no per-step weight casts. The learned vectors stay float32."""
-        precision = str(self.trainer.precision) if self.trainer is not None else "32"
+        and no per-step weight casts; the learned vectors stay float32. Compile the UNet if asked."""
         dtype = FROZEN_DTYPES[self.frozen_weights_dtype] or {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         if dtype is not None and not self.unfreeze_model:
             for module in (self.model, self.first_stage_model, self.cond_stage_model):
@@ -308,15 +324,28 @@ class LatentDiffusion(DDPM):
     def on_train_batch_start(self, batch, batch_idx):
         if self.embedding_manager is not None:
             self.embedding_manager.set_training_step(self.global_step)
-        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.trainer.ckpt_path:
+        fresh_start = not self.trainer.ckpt_path and not self.restored_from_checkpoint
+        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and fresh_start:
             with torch.no_grad():
                 x = self.get_input(batch, self.first_stage_key).to(self.device)
                 z = self.encode_first_stage(x).sample()
             self.scale_factor = 1.0 / z.flatten().std()
             print(f"Setting scale_factor to {self.scale_factor.item():.5f} (1 / std of the first batch's latents)")
 
+    def drop_conditioning(self, batch, generator):
+        """`ucg_training`: each item's entry under a configured key becomes `val` with probability `p`."""
+        if not self.ucg_training:
+            return batch
+        batch = dict(batch)
+        for key, setting in self.ucg_training.items():
+            values = list(batch[key])
+            dropped = torch.rand(len(values), generator=generator, device=generator.device) < float(setting["p"])
+            batch[key] = [setting["val"] if drop else value for drop, value in zip(dropped.tolist(), values)]
+        return batch
+
     def training_step(self, batch, batch_idx):
-        loss, logs = self.shared_step(batch, self.training_generator())
+        generator = self.training_generator()
+        loss, logs = self.shared_step(self.drop_conditioning(batch, generator), generator)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", loss, prog_bar=True, logger=False, on_step=True)
         if self.embedding_manager is not None:
@@ -328,15 +357,39 @@ class LatentDiffusion(DDPM):
         if self.embedding_manager is not None:
             self.embedding_manager.apply_norm_cap()
 
+    def optimizer_step(self, *args, **kwargs):
+        """The EMA follows every optimizer step here, before any callback (checkpointing) sees the step end."""
+        super().optimizer_step(*args, **kwargs)
+        if self.model_ema is not None:
+            self.model_ema(self.model)
+
+    def ema_scope(self):
+        """A context with the EMA weights in the UNet, when the model keeps an EMA."""
+        return self.model_ema.applied_to(self.model) if self.model_ema is not None else nullcontext()
+
     def validation_step(self, batch, batch_idx):
         # A fixed stream per validation batch makes val/loss comparable across the run.
-        generator = step_generator(self.seed + 1, batch_idx, self.device, self.global_rank)
-        _, logs = self.shared_step(batch, generator)
-        self.log_dict({f"val/{k}": v for k, v in logs.items()}, on_step=False, on_epoch=True, sync_dist=True)
+        def log_losses(suffix):
+            generator = step_generator(self.seed + 1, batch_idx, self.device, self.global_rank)
+            _, logs = self.shared_step(batch, generator)
+            self.log_dict({f"val/{k}{suffix}": v for k, v in logs.items()}, on_step=False, on_epoch=True, sync_dist=True)
+
+        log_losses("")
+        if self.model_ema is not None:
+            with self.ema_scope():
+                log_losses("_ema")
 
     def configure_optimizers(self):
+        if self.pretraining:
+            params = list(self.model.parameters())
+            if self.cond_stage_trainable and self.cond_stage_model is not None:
+                params += list(self.cond_stage_model.parameters())
+            return torch.optim.AdamW(params, lr=self.learning_rate)
         if self.embedding_manager is None:
-            raise ValueError("this config has no personalization_config: nothing to train (add the EmbeddingManager block)")
+            raise ValueError(
+                "this config has no personalization_config: nothing to train (add the EmbeddingManager block for "
+                "textual inversion, or set model.params.unfreeze_model: true to pretrain the model)"
+            )
         groups = [{"params": list(self.embedding_manager.embedding_parameters()), "lr": self.learning_rate}]
         if self.unfreeze_model:
             model_params = list(self.model.parameters()) + list(self.cond_stage_model.parameters())
@@ -344,7 +397,8 @@ class LatentDiffusion(DDPM):
         return torch.optim.AdamW(groups, lr=self.learning_rate)
 
     def on_save_checkpoint(self, checkpoint):
-        """Keep only what training changed: the frozen model is already in the user's checkpoint."""
+        """Keep only what training changed: the frozen model is already in the user's checkpoint. An unfrozen
+        model (pretraining, or textual inversion with `unfreeze_model`) is saved whole."""
         if not self.unfreeze_model:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("embedding_manager.")}
             if self.scale_by_std:
@@ -353,7 +407,8 @@ class LatentDiffusion(DDPM):
     # --- images for the logger --------------------------------------------------------------------
     @torch.no_grad()
     def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=50, ddim_eta=1.0, unconditional_guidance_scale=5.0, seed=0, **ignored):
-        """Inputs, reconstructions, the captions as images, and samples without and with guidance."""
+        """Inputs, reconstructions, the captions as images, and samples without and with guidance (drawn with
+        the EMA weights when the model keeps an EMA)."""
         from ldm.models.diffusion.ddim import DDIMSampler
 
         x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
@@ -363,17 +418,17 @@ class LatentDiffusion(DDPM):
         logs = {"inputs": x, "reconstruction": self.decode_first_stage(z)}
         logs["conditioning"] = log_txt_as_img((x.shape[3], x.shape[2]), texts).to(self.device)
         if sample:
-            cond = self.get_learned_conditioning(texts)
-            sampler = DDIMSampler(self)
-            shape = tuple(z.shape[1:])
-            samples, _ = sampler.sample(ddim_steps, z.shape[0], shape, cond, eta=ddim_eta, generator=generator)
-            logs["samples"] = self.decode_first_stage(samples)
-            if unconditional_guidance_scale != 1.0:
-                uc = self.get_learned_conditioning(len(texts) * [""])
-                samples, _ = sampler.sample(
-                    ddim_steps, z.shape[0], shape, cond, eta=ddim_eta, generator=generator,
-                    unconditional_guidance_scale=unconditional_guidance_scale, unconditional_conditioning=uc,
-                )
-                logs["samples_scaled"] = self.decode_first_stage(samples)
+            with self.ema_scope():
+                cond = self.get_learned_conditioning(texts)
+                sampler = DDIMSampler(self)
+                shape = tuple(z.shape[1:])
+                samples, _ = sampler.sample(ddim_steps, z.shape[0], shape, cond, eta=ddim_eta, generator=generator)
+                logs["samples"] = self.decode_first_stage(samples)
+                if unconditional_guidance_scale != 1.0:
+                    uc = self.get_learned_conditioning(len(texts) * [""])
+                    samples, _ = sampler.sample(
+                        ddim_steps, z.shape[0], shape, cond, eta=ddim_eta, generator=generator,
+                        unconditional_guidance_scale=unconditional_guidance_scale, unconditional_conditioning=uc,
+                    )
+                    logs["samples_scaled"] = self.decode_first_stage(samples)
         return logs
-
