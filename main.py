@@ -253,7 +253,10 @@ def main(argv=None):
     for callback_config in lightning_config.get("callbacks", {}).values():
         callbacks.append(instantiate_from_config(callback_config))
     logger = TensorBoardLogger(save_dir=logdir, name="tensorboard", version=0, default_hp_metric=False)
-    trainer = pl.Trainer(**settings, callbacks=callbacks, logger=logger, default_root_dir=logdir, use_distributed_sampler=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        **settings, callbacks=callbacks, logger=logger, default_root_dir=logdir, use_distributed_sampler=False,
+        num_sanity_val_steps=0, enable_checkpointing=False,  # TrainingCheckpoint writes last.ckpt itself
+    )
     trainer.logdir = logdir
     trainer.stop_signal = None
     if opt.train:

@@ -171,13 +171,15 @@ def test_per_image_tokens_with_the_ldm_encoder(tmp_path, images, tiny_ldm_ckpt):
     assert "*" in item["caption"] and learned.metadata["placeholder_strings"][1 + item["image_index"]] in item["caption"]
 
 
-def test_style_templates_through_the_command_line(tmp_path, images, tiny_sd_ckpt):
-    trainer, _ = train_in_process(
+def test_style_templates_and_the_norm_cap_through_the_command_line(tmp_path, images, tiny_sd_ckpt):
+    trainer, run = train_in_process(
         tmp_path, images, tiny_sd_ckpt, "data.params.train.target=ldm.data.personalized_style.PersonalizedBase",
-        "--init_word", "painting", steps=2,
+        "--init_word", "painting", "model.params.personalization_config.params.max_vector_norm=0.05", steps=2,
     )
     captions = {trainer.datamodule.datasets["train"][i]["caption"] for i in range(10)}
     assert all("in the style of *" in c for c in captions), captions
+    saved = load_embeddings(os.path.join(run, "checkpoints", "embeddings.pt")).vectors["*"]
+    assert saved.norm(dim=1).max() <= 0.05 * (1 + 1e-5)
 
 
 def test_a_corrupt_image_is_named_before_training_starts(tmp_path, images, tiny_sd_ckpt):

@@ -353,13 +353,12 @@ class LatentDiffusion(DDPM):
             self.log_dict(norms, on_step=True, on_epoch=False)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        """The norm cap and the EMA follow every optimizer step here, before any callback (checkpointing) sees
+        the step end."""
+        super().optimizer_step(*args, **kwargs)
         if self.embedding_manager is not None:
             self.embedding_manager.apply_norm_cap()
-
-    def optimizer_step(self, *args, **kwargs):
-        """The EMA follows every optimizer step here, before any callback (checkpointing) sees the step end."""
-        super().optimizer_step(*args, **kwargs)
         if self.model_ema is not None:
             self.model_ema(self.model)
 
