@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.checkpoint import build_random_model, write_random_checkpoint
+from ldm.checkpoint import write_random_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SD = os.path.join(REPO, "configs", "tiny", "sd-tiny-finetune.yaml")
@@ -25,22 +25,14 @@ def draw_images(folder, count=4, size=40, seed=0):
     return folder
 
 
-def build_tiny_model(config_path, seed=0):
-    return build_random_model(config_path, seed)
-
-
-def write_tiny_checkpoint(config_path, path, seed=0):
-    return write_random_checkpoint(config_path, path, seed)
-
-
 @pytest.fixture(scope="session")
 def tiny_sd_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(TINY_SD, tmp_path_factory.mktemp("ckpt") / "tiny-sd.ckpt")
+    return write_random_checkpoint(TINY_SD, tmp_path_factory.mktemp("ckpt") / "tiny-sd.ckpt")
 
 
 @pytest.fixture(scope="session")
 def tiny_ldm_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(TINY_LDM, tmp_path_factory.mktemp("ckpt") / "tiny-ldm.ckpt")
+    return write_random_checkpoint(TINY_LDM, tmp_path_factory.mktemp("ckpt") / "tiny-ldm.ckpt")
 
 
 @pytest.fixture

@@ -6,9 +6,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ldm.models.autoencoder import AutoencoderKL, IdentityFirstStage, VQModel, VQModelInterface
+from ldm.models.autoencoder import (
+    AutoencoderKL,
+    IdentityFirstStage,
+    VQModel,
+    VQModelInterface,
+)
 from ldm.modules.diffusionmodules.model import AttnBlock, Encoder
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution, normal_kl
+from ldm.modules.distributions.distributions import (
+    DiagonalGaussianDistribution,
+    normal_kl,
+)
 from ldm.util import count_params
 
 IDENTITY_LOSS = {"target": "torch.nn.Identity"}
@@ -39,7 +47,10 @@ def max_relative_error(actual, expected):
 @pytest.mark.filterwarnings("ignore:.*image_size.*:FutureWarning")
 def test_kl_autoencoder_matches_diffusers():
     diffusers = pytest.importorskip("diffusers")
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_vae_checkpoint,
+        create_vae_diffusers_config_from_ldm,
+    )
 
     ours = randomize_(AutoencoderKL(TINY_DDCONFIG, IDENTITY_LOSS, embed_dim=4)).eval()
     checkpoint = {f"first_stage_model.{k}": v for k, v in ours.state_dict().items()}

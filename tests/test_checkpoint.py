@@ -6,7 +6,13 @@ from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
 from pytorch_lightning.utilities.parsing import AttributeDict
 from safetensors.torch import save_file
 
-from ldm.checkpoint import CheckpointError, PickledLightningObject, ema_state_dict, load_checkpoint, restore
+from ldm.checkpoint import (
+    CheckpointError,
+    PickledLightningObject,
+    ema_state_dict,
+    load_checkpoint,
+    restore,
+)
 
 
 def tiny_state():

@@ -11,12 +11,12 @@ import safetensors.torch
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import restore
+from ldm.checkpoint import build_random_model, restore
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.util import instantiate_from_config
-from tests.conftest import TINY_SD, build_tiny_model
+from tests.conftest import TINY_SD
 from tests.diffusers_utils import (
     load_converted_pipeline,
     offline_hub,
@@ -66,7 +66,7 @@ def offline():
 
 @pytest.fixture(scope="module")
 def model():
-    return randomise_constant_parameters(build_tiny_model(TINY_SD)).eval()
+    return randomise_constant_parameters(build_random_model(TINY_SD)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,11 @@ from transformers import BertTokenizerFast
 from ldm.data.templates import per_img_token_list
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 from ldm.modules.embedding_manager import EmbeddingManager, parameter_key
-from ldm.modules.encoders.modules import BERTEmbedder, FrozenCLIPEmbedder, TextConditioner
+from ldm.modules.encoders.modules import (
+    BERTEmbedder,
+    FrozenCLIPEmbedder,
+    TextConditioner,
+)
 
 TINY_VOCAB = [
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "*", "@", "&", "leav", "##anny", "sculpture",

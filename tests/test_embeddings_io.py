@@ -18,7 +18,6 @@ from ldm import embeddings as embeddings_module
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 
 
-
 def load_script():
     return importlib.import_module("scripts.convert_embedding")
 

@@ -11,9 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import TINY_SD, draw_images, write_tiny_checkpoint
+from ldm.checkpoint import write_random_checkpoint
 from ldm.embeddings import Embeddings, save_embeddings
-from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, mean_pairwise_cosine, remove_placeholders
+from ldm.evaluation.clip_eval import (
+    CLIPEvaluator,
+    load_clip,
+    mean_pairwise_cosine,
+    remove_placeholders,
+)
+from tests.conftest import TINY_SD, draw_images
 
 TINY_CLIP = "tiny-clip-eval-test"
 # QuickGELU like OpenAI's CLIP, so the same weights also load as an OpenAI TorchScript archive.
@@ -130,7 +136,7 @@ def script():
 
 def test_generation_run_scores_and_images_dir_rescoring_agree(script, clip_files, tmp_path, capsys):
     _, weights, _ = clip_files
-    ckpt = write_tiny_checkpoint(TINY_SD, tmp_path / "tiny-sd.ckpt")
+    ckpt = write_random_checkpoint(TINY_SD, tmp_path / "tiny-sd.ckpt")
     data = str(draw_images(tmp_path / "data", count=3))
     star, at = str(tmp_path / "star.pt"), str(tmp_path / "at.pt")
     save_embeddings(Embeddings({"*": torch.randn(1, 32)}), star)

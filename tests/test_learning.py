@@ -9,8 +9,9 @@ import os
 import torch
 
 import main as main_module
+from ldm.checkpoint import build_random_model
 from ldm.embeddings import load_embeddings
-from tests.conftest import TINY_SD, build_tiny_model
+from tests.conftest import TINY_SD
 
 
 def denoising_loss(model, images, vector, draws=48):
@@ -31,7 +32,7 @@ def denoising_loss(model, images, vector, draws=48):
 
 
 def text_sensitive_model():
-    model = build_tiny_model(TINY_SD)
+    model = build_random_model(TINY_SD)
     with torch.no_grad():
         for name, p in model.model.named_parameters():
             if "attn2.to_v" in name or "attn2.to_out" in name or "proj_out" in name:

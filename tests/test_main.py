@@ -11,8 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 import main as main_module
+from ldm.checkpoint import build_random_model
 from ldm.embeddings import load_embeddings
-from tests.conftest import REPO, TINY_LDM, TINY_SD, build_tiny_model
+from tests.conftest import REPO, TINY_LDM, TINY_SD
 
 QUIET = ["lightning.callbacks.image_logger.params.disabled=True"]
 
@@ -55,7 +56,7 @@ def test_cli_end_to_end_sd(tmp_path, images, tiny_sd_ckpt):
     # Only the placeholder changed: every other token embedding is bit-identical to the pretrained table.
     learned = load_embeddings(os.path.join(run, "checkpoints", "embeddings.pt"))
     assert learned.metadata["step"] == 20 and learned.metadata["initializer_words"] == ["cat"]
-    model = build_tiny_model(TINY_SD)
+    model = build_random_model(TINY_SD)
     table = torch.load(tiny_sd_ckpt, weights_only=False)["state_dict"]["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]
     assert torch.equal(model.cond_stage_model.embed_tokens(torch.arange(49408)[None])[0], table)
     cat_id = model.cond_stage_model.text_to_token_ids("cat")[0]

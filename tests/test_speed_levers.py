@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import TINY_SD, build_tiny_model
+from ldm.checkpoint import build_random_model
+from tests.conftest import TINY_SD
 
 
 def batch_of(images, indices, flipped):
@@ -29,7 +30,7 @@ def losses(model, batches, seed=0):
 
 
 def test_cached_latents_draw_exactly_what_per_step_encoding_draws(dataset):
-    cached = build_tiny_model(TINY_SD)
+    cached = build_random_model(TINY_SD)
     fresh = copy.deepcopy(cached)
     fresh.cache_latents = False
     batches = [batch_of(dataset, [0, 1], [False, True]), batch_of(dataset, [1, 2], [True, False]), batch_of(dataset, [0, 1], [False, True])]
@@ -42,7 +43,7 @@ def test_cached_latents_draw_exactly_what_per_step_encoding_draws(dataset):
 
 
 def test_half_precision_frozen_weights_stay_close_to_float32(dataset):
-    reference = build_tiny_model(TINY_SD)
+    reference = build_random_model(TINY_SD)
     half = copy.deepcopy(reference)
     for module in (half.model, half.first_stage_model, half.cond_stage_model):
         module.to(torch.bfloat16)
@@ -58,7 +59,7 @@ def test_half_precision_frozen_weights_stay_close_to_float32(dataset):
 
 
 def test_preparation_casts_frozen_weights_to_the_trainer_precision():
-    model = build_tiny_model(TINY_SD)
+    model = build_random_model(TINY_SD)
     model.prepare_for_training("bf16-mixed")
     assert next(model.model.parameters()).dtype == torch.bfloat16
     assert next(model.first_stage_model.parameters()).dtype == torch.bfloat16
@@ -67,7 +68,7 @@ def test_preparation_casts_frozen_weights_to_the_trainer_precision():
 
 @pytest.mark.slow
 def test_compiled_unet_equals_eager(dataset):
-    eager = build_tiny_model(TINY_SD)
+    eager = build_random_model(TINY_SD)
     compiled = copy.deepcopy(eager)
     compiled.model.diffusion_model.compile()
     batch = batch_of(dataset, [0, 1], [False, False])
