@@ -225,11 +225,11 @@ def main(argv=None):
     pl.seed_everything(opt.seed, workers=True)
 
     ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
-    model = instantiate_from_config(config.model)
     data = instantiate_from_config(config.data)
-    data.setup()
+    data.setup()  # before the model: a bad image folder fails at once, not after loading gigabytes of weights
     for split, dataset in data.datasets.items():
         print(f"{split}: {type(dataset).__name__}, {len(dataset)} items")
+    model = instantiate_from_config(config.model)
 
     batch_size, base_lr = config.data.params.batch_size, config.model.base_learning_rate
     accumulate = int(settings.get("accumulate_grad_batches", 1))
