@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldm.checkpoint import write_random_checkpoint
@@ -23,6 +24,15 @@ def draw_images(folder, count=4, size=40, seed=0):
         image[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = (230, 40, 40)
         Image.fromarray(image).save(os.path.join(folder, f"img_{i}.png"))
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Ops on tiny tensors are far shorter than a thread-pool handoff, which a busy CPU makes slower still."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

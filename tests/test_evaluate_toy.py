@@ -20,13 +20,7 @@ HEART = HELD_OUT_CONCEPTS["heart"]
 CROSS = HELD_OUT_CONCEPTS["striped_yellow_cross"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Ops on these tiny tensors are far shorter than a thread-pool handoff, which a busy CPU makes slower still."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def predictions(**labels) -> dict:

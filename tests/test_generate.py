@@ -20,13 +20,7 @@ FAST = dict(n_samples=2, n_iter=1, steps=5, scale=7.5, eta=0.0, height=32, width
 TINY_FLAGS = ["--H", "32", "--W", "32", "--f", "2", "--ddim_steps", "5", "--precision", "full"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Ops on these tiny tensors are far shorter than a thread-pool handoff, which a busy CPU makes slower still."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -52,15 +52,6 @@ def test_shipped_classifier_recognises_held_out_concepts(shipped):
         assert np.mean([p == s.background for p, s in zip(predicted["background"], scenes)]) > 0.95
 
 
-@pytest.fixture
-def one_thread():
-    """Small convolutions train several times faster on one thread when other work shares the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_training_lowers_the_loss_and_is_reproducible(one_thread):
     history = []
     state_before = torch.random.get_rng_state()
