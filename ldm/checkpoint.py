@@ -138,7 +138,7 @@ def load_checkpoint(path) -> LoadedCheckpoint:
     """Read a `.ckpt`/`.pt`/`.pth`/`.bin` (Lightning `{"state_dict": ...}` or a bare state dict) or `.safetensors`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist: check the path (SD v1 goes in models/ldm/stable-diffusion-v1/model.ckpt)")
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist: check the path (models/README.md says which file goes where)")
     if path.endswith(SAFETENSORS_SUFFIXES):
         from safetensors import SafetensorError
         from safetensors.torch import load_file

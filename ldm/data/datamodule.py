@@ -5,6 +5,7 @@ seeded permutation and the item's own randomness (template, flip) is seeded by p
 sees exactly the batches an uninterrupted run would have seen, whatever the number of workers.
 """
 import random
+import warnings
 
 import numpy as np
 import pytorch_lightning as pl
@@ -81,6 +82,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def __init__(self, batch_size, train=None, validation=None, test=None, predict=None, wrap=False, num_workers=None, seed=23, **ignored):
         super().__init__()
+        if ignored:
+            warnings.warn(f"DataModuleFromConfig ignores config keys {sorted(ignored)}", stacklevel=2)
         self.batch_size = batch_size
         self.num_workers = num_workers if num_workers is not None else batch_size * 2
         self.seed = seed

@@ -8,6 +8,7 @@
   `cond_stage_trainable`, learn at `learning_rate`, with an EMA copy of the UNet (`use_ema`) as LDM kept one.
 Module and buffer names follow CompVis latent-diffusion so original checkpoints load key for key.
 """
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -84,6 +85,8 @@ class DDPM(pl.LightningModule):
         **ignored,
     ):
         super().__init__()
+        if ignored:  # original config keys we do not use, or typos: say so rather than drop them silently
+            warnings.warn(f"{type(self).__name__} ignores config keys {sorted(ignored)}", stacklevel=2)
         if parameterization not in ("eps", "x0"):
             raise ValueError(f"parameterization '{parameterization}' is not supported: use eps or x0")
         if loss_type not in ("l1", "l2"):
