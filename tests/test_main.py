@@ -127,10 +127,9 @@ def test_usage_errors_are_one_line(tmp_path, images, tiny_sd_ckpt):
     assert missing.returncode == 2 and "--actual_resume is required" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
 
-    with pytest.raises(main_module.UsageError, match="no GPU|sees none"):
-        if torch.cuda.is_available():
-            pytest.skip("a GPU is present")
-        main_module.main(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images), "--gpus", "0,", "-l", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(main_module.UsageError, match="sees none"):
+            main_module.main(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images), "--gpus", "0,", "-l", str(tmp_path)])
 
     multi = run_cli(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images),
                      "--init_word", "leavanny", "-l", str(tmp_path)])
