@@ -226,7 +226,8 @@ def generate(model: LatentDiffusion, prompts, *, n_samples: int, n_iter: int, st
     """Images as (3, H, W) float tensors in [0, 1] on the CPU, in the order they are made.
 
     `prompts` is one prompt (each batch is n_samples copies) or a list (cut into batches of n_samples); all batches
-    run n_iter times. With `init_image` (path or PIL image) this is img2img: H and W default to the image's size.
+    run n_iter times. H and W default to the size the model was trained at, with `init_image` (path or PIL image,
+    img2img) to the image's size.
     `fixed_code` reuses the first batch's start noise for every batch. "autocast" runs under
     `torch.autocast` in fp16 on a GPU; on the CPU, where half precision is slower, it stays fp32 like "full". `latent_channels` and
     `downsampling_factor` (--C, --f) are checked against the model, which alone decides the latent shape.
@@ -247,8 +248,9 @@ def generate(model: LatentDiffusion, prompts, *, n_samples: int, n_iter: int, st
         if init_image is None:
             if strength is not None:
                 raise ValueError("strength applies only to img2img: pass an init image too")
-            _check_image_size(model, height, width)
             factor = first_stage_factor(model)
+            height, width = height or model.image_size * factor, width or model.image_size * factor
+            _check_image_size(model, height, width)
             latent_shape = (model.channels, height // factor, width // factor)
             denoise = partial(_sample_from_noise, SAMPLERS[sampler](model), **settings)
         else:
@@ -351,12 +353,13 @@ def add_generation_arguments(parser, *, img2img: bool = False) -> None:
     add("--fixed_code", action="store_true", help="use the same start code for every batch")
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 is deterministic DDIM)")
     add("--n_iter", type=int, default=2, help="how often to sample each batch (default: %(default)s)")
-    add("--H", type=int, default=512,
-        help="image height in pixels (default: %(default)s; img2img: None keeps the init image's)")
-    add("--W", type=int, default=512,
-        help="image width in pixels (default: %(default)s; img2img: None keeps the init image's)")
-    add("--C", type=int, default=4, help="latent channels; checked against the model")
-    add("--f", type=int, default=8, help="autoencoder downsampling factor; checked against the model")
+    add("--H", type=int, default=None,
+        help="image height in pixels (default: the size the model was trained at, 512 for SD v1, 256 for LDM; "
+             "img2img: the init image's)")
+    add("--W", type=int, default=None, help="image width in pixels (default: as --H)")
+    add("--C", type=int, default=None, help="latent channels (default: the model's); checked against the model")
+    add("--f", type=int, default=None,
+        help="autoencoder downsampling factor (default: the model's); checked against the model")
     add("--n_samples", type=int, default=3, help="batch size: images per prompt per iteration (default: %(default)s)")
     add("--n_rows", type=int, default=0, help="images per grid row (default: 0, meaning n_samples)")
     add("--scale", type=float, default=7.5,

@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_arguments(parser)
     parser.set_defaults(
-        ddim_steps=200, scale=5.0, H=256, W=256, n_samples=4, n_iter=1,
+        ddim_steps=200, scale=5.0, n_samples=4, n_iter=1,
         config="configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml",
         ckpt="models/ldm/text2img-large/model.ckpt",
     )

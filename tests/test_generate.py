@@ -51,6 +51,12 @@ def test_same_seed_gives_identical_images_and_another_seed_different_ones(sd_mod
     assert (first[0] - first[1]).abs().mean() > 1e-3, "the images of one batch must start from different noise"
 
 
+def test_image_size_defaults_to_the_size_the_model_was_trained_at(sd_model):
+    native = sd_model.image_size * 2  # the tiny autoencoder downsamples by 2
+    images = generate(sd_model, "a cat", seed=0, **dict(FAST, n_samples=1, height=None, width=None))
+    assert images[0].shape == (3, native, native)
+
+
 def test_fixed_code_reuses_the_start_code_for_every_batch(sd_model):
     fixed = torch.stack(generate(sd_model, "a cat", seed=3, fixed_code=True, **dict(FAST, n_iter=2)))
     assert torch.equal(fixed[:2], fixed[2:])
@@ -252,10 +258,14 @@ def test_img2img_runs_from_the_repository_root(tiny_sd_ckpt, init_images, tmp_pa
 def test_txt2img_defaults_are_the_ldm_ones():
     args = txt2img.build_parser().parse_args([])
     assert (args.ddim_steps, args.scale, args.H, args.W, args.n_samples, args.n_iter, args.seed) == (
-        200, 5.0, 256, 256, 4, 1, 42)
+        200, 5.0, None, None, 4, 1, 42)
     assert args.ckpt == "models/ldm/text2img-large/model.ckpt"
     sd = stable_txt2img.build_parser().parse_args(["--embedding_path", "a.pt", "b.pt", "--embedding_path", "c.pt"])
-    assert (sd.ddim_steps, sd.scale, sd.H, sd.n_samples, sd.n_iter, sd.precision) == (50, 7.5, 512, 3, 2, "autocast")
+    assert (sd.ddim_steps, sd.scale, sd.H, sd.n_samples, sd.n_iter, sd.precision) == (50, 7.5, None, 3, 2, "autocast")
+    # no --H/--W means the model's own size: the originals' 256 px (LDM) and 512 px (SD v1), latents downsampled by 8
+    for parser, pixels in ((txt2img, 256), (stable_txt2img, 512)):
+        config = OmegaConf.load(os.path.join(REPO, parser.build_parser().parse_args([]).config))
+        assert config.model.params.image_size * 8 == pixels
     assert sd.embedding_path == ["a.pt", "b.pt", "c.pt"]
     image = img2img.build_parser().parse_args(["--init_img", "x.png"])
     assert (image.strength, image.H, image.W) == (0.75, None, None)
