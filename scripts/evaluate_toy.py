@@ -15,7 +15,8 @@ vectors), the init-word baseline (the initializer word's token-embedding row, i.
 and the random baseline (as many vectors as ours, drawn from N(mean, std) of the token table per dimension).
 
 Example:
-  python scripts/evaluate_toy.py --embedding_path logs/heart/checkpoints/embeddings.pt --concept heart
+  python scripts/evaluate_toy.py --embedding_path logs/heart/checkpoints/embeddings.pt --concept heart \
+      --grid heart_grid.png
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ from ldm.data.procedural import HELD_OUT_CONCEPTS, HeldOutConcept, held_out_conc
 from ldm.embeddings import Embeddings, load_embeddings
 from ldm.evaluation.world_classifier import load_classifier
 from ldm.generate import default_device, first_stage_factor, generate, load_model
+from ldm.util import log_txt_as_img, make_grid, tensor_to_pil
 
 FIDELITY_TEMPLATES = ("a photo of {}", "a {}")
 EDIT_VALUES = {
@@ -45,6 +47,8 @@ EDIT_TEMPLATES = {
 }
 CONDITIONS = ("ours", "init_word", "random")
 DDIM_ETA = 0.0  # deterministic DDIM, as in the paper's evaluation protocol
+GRID_IMAGES = 4  # per prompt and condition in the --grid picture
+GRID_LABEL_WIDTH = 4  # image widths for the prompt text at the start of each --grid row
 COLUMN_TITLES = {"fidelity": "fidelity", "background": "background edit", "count": "count edit",
                  "color": "colour edit", "texture": "texture edit"}
 
@@ -164,6 +168,24 @@ def classify(classifier, images: list[torch.Tensor], prompts: list[EvalPrompt], 
     return predictions
 
 
+def comparison_grid(images: dict, prompts: list[EvalPrompt], n_samples: int) -> torch.Tensor:
+    """(3, H, W) in [0, 1]: one row per prompt, its text, then the first GRID_IMAGES images of each condition
+    (in CONDITIONS order, blocks a blank image apart)."""
+    side = next(iter(images.values()))[0].shape[-1]
+    per_cell = min(GRID_IMAGES, n_samples)
+    blank = torch.ones(1, 3, side, side)
+    labels = (log_txt_as_img((GRID_LABEL_WIDTH * side, side), [p.text for p in prompts]) + 1.0) / 2.0
+    rows = []
+    for index, label in enumerate(labels):
+        tiles = []
+        for condition in CONDITIONS:
+            start = index * n_samples
+            tiles += [blank, torch.stack(images[condition][start:start + per_cell])]
+        row = make_grid(torch.cat(tiles[1:]), nrow=len(CONDITIONS) * (per_cell + 1), padding=0)
+        rows.append(torch.cat([label, row], dim=-1))
+    return make_grid(torch.stack(rows), nrow=1, padding=2)
+
+
 def evaluate(args) -> dict:
     """Generate and score every condition; returns the JSON-able results with the settings."""
     for flag in ("n_samples", "batch_size", "ddim_steps"):
@@ -184,13 +206,18 @@ def evaluate(args) -> dict:
     side = model.image_size * first_stage_factor(model)
     prompts = evaluation_prompts(concept, args.placeholder)
     texts = [prompt.text for prompt in prompts for _ in range(args.n_samples)]
-    results = {}
+    results, images = {}, {}
     for condition, vectors in condition_vectors(model, embeddings, args.placeholder, init_word, args.seed).items():
         model.embedding_manager.set_embeddings(Embeddings({**embeddings.vectors, args.placeholder: vectors}),
                                                source=f"the {condition} condition")
-        images = generate(model, texts, n_samples=args.batch_size, n_iter=1, steps=args.ddim_steps, scale=args.scale,
-                          eta=DDIM_ETA, seed=args.seed, height=side, width=side, precision="full", progress=False)
-        results[condition] = score_condition(prompts, classify(classifier, images, prompts, args.n_samples), concept)
+        images[condition] = generate(model, texts, n_samples=args.batch_size, n_iter=1, steps=args.ddim_steps,
+                                     scale=args.scale, eta=DDIM_ETA, seed=args.seed, height=side, width=side,
+                                     precision="full", progress=False)
+        predictions = classify(classifier, images[condition], prompts, args.n_samples)
+        results[condition] = score_condition(prompts, predictions, concept)
+    if args.grid:
+        os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
+        tensor_to_pil(comparison_grid(images, prompts, args.n_samples)).save(args.grid)
     settings = {
         "config": args.config, "ckpt": args.ckpt, "embedding_path": args.embedding_path, "classifier": args.classifier,
         "placeholder": args.placeholder, "init_word": init_word, "n_samples": args.n_samples,
@@ -234,6 +261,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--scale", type=float, default=5.0, help="classifier-free guidance scale (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of the sampling noise and the random baseline (default: %(default)s)")
     add("--out", default="results.json", help="JSON file for the results (default: %(default)s)")
+    add("--grid", help="also write a PNG: per prompt, the first images of ours, the init word and random")
     add("--device", default=default_device(), help="device to run on (default: %(default)s)")
     return parser.parse_args(argv)
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 
 from ldm.checkpoint import build_random_model, write_random_checkpoint
 from ldm.data.procedural import HELD_OUT_CONCEPTS, LABEL_NAMES
@@ -135,7 +136,8 @@ def test_script_runs_end_to_end_on_a_tiny_random_toy_model(tmp_path, capsys, mon
     argv = ["--config", TOY, "--ckpt", ckpt, "--embedding_path", embedding_path, "--concept", concept,
             "--classifier", classifier_path, "--n_samples", "2", "--ddim_steps", "3", "--out", str(out),
             "--device", "cpu"]
-    assert evaluate_toy.main(argv) == 0
+    grid = tmp_path / "grid.png"
+    assert evaluate_toy.main(argv + ["--grid", str(grid)]) == 0
 
     ours, init_word, random = (torch.stack(images) for images in generated)
     assert len(ours) == 2 * len(evaluate_toy.evaluation_prompts(HELD_OUT_CONCEPTS[concept]))
@@ -154,6 +156,11 @@ def test_script_runs_end_to_end_on_a_tiny_random_toy_model(tmp_path, capsys, mon
     table = capsys.readouterr().out
     assert "| init word (circle) |" in table and "count edit" in table
     assert ("colour edit" in table) == ("color" in edit_kinds)
+    n_prompts = len(evaluate_toy.evaluation_prompts(HELD_OUT_CONCEPTS[concept]))
+    blocks = len(evaluate_toy.CONDITIONS)
+    with Image.open(grid) as picture:  # 2 images per cell here (n_samples 2), 32 px, 2 px padding
+        assert picture.size == (2 + (evaluate_toy.GRID_LABEL_WIDTH + blocks * 2 + blocks - 1) * 32 + 2,
+                                2 + n_prompts * (32 + 2))
 
     assert evaluate_toy.main(argv + ["--init_word", "two words"]) == 1
     assert "--init_word 'two words'" in capsys.readouterr().err
