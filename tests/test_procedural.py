@@ -13,6 +13,7 @@ from ldm.data.procedural import (
     COLORS,
     HELD_OUT_CONCEPTS,
     OBJECT_COLORS,
+    OMITTABLE,
     SHAPES,
     TEXTURES,
     ProceduralCaptions,
@@ -62,6 +63,33 @@ def test_captions_name_attributes_in_words():
     assert scene("heart", "orange", "white", 2, "plain").caption() == "two orange hearts on a white background"
     with pytest.raises(ValueError, match="shape 'hexagon' is unknown"):
         scene("hexagon", "red", "blue", 1, "plain")
+    star = scene("star", "orange", "blue", 1, "striped")
+    assert star.caption(["color"]) == "a striped star on a blue background"
+    assert star.caption(["texture", "color"]) == "a star on a blue background"
+    assert star.caption(["texture"]) == "an orange star on a blue background"
+    assert star.caption(["background"]) == "a striped orange star"
+    assert scene("cross", "red", "white", 3, "dotted").caption(OMITTABLE) == "three crosses"
+    with pytest.raises(ValueError, match="cannot omit shape"):
+        star.caption(["shape"])
+
+
+def test_short_captions_leave_out_each_attribute_at_its_rate_and_keep_the_scene():
+    full = ProceduralCaptions(size=32, length=600, seed=5)
+    short = ProceduralCaptions(size=32, length=600, seed=5, omit_p=0.3)
+    said = Counter()
+    for i in range(600):
+        scene, caption = short.scene(i), short[i]["caption"]
+        assert scene == full.scene(i)
+        omissions = itertools.chain.from_iterable(itertools.combinations(OMITTABLE, k) for k in range(4))
+        assert caption in {scene.caption(omit) for omit in omissions}
+        said.update({"color": scene.color in caption.split(), "background": "background" in caption,
+                     "everything": caption == scene.caption()})
+    assert 0.62 < said["color"] / 600 < 0.78 and 0.62 < said["background"] / 600 < 0.78  # 0.7 expected
+    assert 0.33 < said["everything"] / 600 < 0.46  # 0.7 ** 2 * (1/3 + 2/3 * 0.7) = 0.392: "plain" is never said
+    np.testing.assert_array_equal(short[3]["image"], full[3]["image"])
+    assert short[3]["caption"] == short[3]["caption"]
+    with pytest.raises(ValueError, match="omit_p"):
+        ProceduralCaptions(omit_p=1.5)
 
 
 def test_same_seed_same_data_and_other_seed_other_data():

@@ -44,6 +44,8 @@ LABEL_NAMES = {
     "texture": TEXTURES,
 }
 
+OMITTABLE = ("texture", "color", "background")
+"""Attributes a caption may leave unsaid; the shape and the count are always said."""
 SPLITS = ("train", "val")
 SUPERSAMPLE = 4
 EDGE_MARGIN = 0.04
@@ -164,13 +166,20 @@ class Scene:
         if not 1 <= self.count <= len(COUNT_WORDS) or len(self.positions) != self.count:
             raise ValueError(f"count {self.count} needs 1 to {len(COUNT_WORDS)} objects and one position per object")
 
-    def caption(self) -> str:
-        words = ([] if self.texture == "plain" else [self.texture]) + [self.color]
+    def caption(self, omit=()) -> str:
+        """The scene in words. Attributes named in `omit` ("texture", "color", "background") are left unsaid, as
+        people leave them unsaid; the shape and the count are always said."""
+        unknown = set(omit) - set(OMITTABLE)
+        if unknown:
+            raise ValueError(f"cannot omit {', '.join(sorted(unknown))}; only {', '.join(OMITTABLE)}")
+        words = [] if self.texture == "plain" or "texture" in omit else [self.texture]
+        words += [] if "color" in omit else [self.color]
+        place = "" if "background" in omit else f" on a {self.background} background"
         if self.count == 1:
-            article = "an" if words[0][0] in "aeiou" else "a"
-            return f"{article} {' '.join(words)} {self.shape} on a {self.background} background"
-        noun = _pluralize(self.shape)
-        return f"{COUNT_WORDS[self.count - 1]} {' '.join(words)} {noun} on a {self.background} background"
+            noun = " ".join(words + [self.shape])
+            article = "an" if noun[0] in "aeiou" else "a"
+            return f"{article} {noun}{place}"
+        return f"{COUNT_WORDS[self.count - 1]} {' '.join(words + [_pluralize(self.shape)])}{place}"
 
     def labels(self) -> dict:
         """Each attribute as its index into `LABEL_NAMES`, the classifier's targets."""
@@ -274,30 +283,44 @@ def write_concept_examples(concept, folder, count: int = 5, size: int = 64, seed
 
 class ProceduralCaptions(Dataset):
     """Captioned scenes for pretraining a text-to-image model. Item i is a pure function of (seed, split, i), so
-    any number of workers in any order sees the same data; each split draws from its own random stream."""
+    any number of workers in any order sees the same data; each split draws from its own random stream.
 
-    def __init__(self, size: int = 32, length: int = 100_000, seed: int = 0, held_out: bool = True, split: str = "train"):
+    With `omit_p` > 0 each of texture, colour and background is left out of the caption with that probability,
+    so that the model also follows short prompts ("a red star", "two crosses on a blue background"), which the
+    inversion's templates and edit prompts are.
+    """
+
+    def __init__(self, size: int = 32, length: int = 100_000, seed: int = 0, held_out: bool = True,
+                 split: str = "train", omit_p: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"split '{split}' is unknown; use 'train' or 'val'")
+        if not 0.0 <= omit_p <= 1.0:
+            raise ValueError(f"omit_p must be between 0 and 1, got {omit_p}")
         self.size = size
         self.length = length
         self.seed = seed
         self.held_out = held_out
         self.split_index = SPLITS.index(split)
+        self.omit_p = omit_p
 
     def __len__(self):
         return self.length
 
-    def scene(self, i: int) -> Scene:
+    def _rng(self, i: int) -> np.random.Generator:
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for a dataset of length {self.length}")
-        return sample_scene(np.random.default_rng([self.seed, self.split_index, i]), self.held_out)
+        return np.random.default_rng([self.seed, self.split_index, i])
+
+    def scene(self, i: int) -> Scene:
+        return sample_scene(self._rng(i), self.held_out)
 
     def __getitem__(self, i):
-        scene = self.scene(i)
+        rng = self._rng(i)
+        scene = sample_scene(rng, self.held_out)
+        omit = [name for name, drop in zip(OMITTABLE, rng.random(len(OMITTABLE)) < self.omit_p) if drop]
         return {
             "image": scene.render(self.size).astype(np.float32) / 127.5 - 1.0,
-            "caption": scene.caption(),
+            "caption": scene.caption(omit),
             "labels": scene.labels(),
         }
 
