@@ -177,9 +177,8 @@ def comparison_grid(images: dict, prompts: list[EvalPrompt], n_samples: int) -> 
     labels = (log_txt_as_img((GRID_LABEL_WIDTH * side, side), [p.text for p in prompts]) + 1.0) / 2.0
     rows = []
     for index, label in enumerate(labels):
-        tiles = []
+        start, tiles = index * n_samples, []
         for condition in CONDITIONS:
-            start = index * n_samples
             tiles += [blank, torch.stack(images[condition][start:start + per_cell])]
         row = make_grid(torch.cat(tiles[1:]), nrow=len(CONDITIONS) * (per_cell + 1), padding=0)
         rows.append(torch.cat([label, row], dim=-1))
