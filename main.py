@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.callbacks import ImageLogger, SetupCallback, TrainingCheckpoint
 from ldm.data.datamodule import DataModuleFromConfig
@@ -261,7 +262,15 @@ def main(argv=None):
     trainer.stop_signal = None
     if opt.train:
         install_signal_handlers(trainer, checkpointer)
-        trainer.fit(model, data, ckpt_path=ckpt_to_resume)
+        try:
+            trainer.fit(model, data, ckpt_path=ckpt_to_resume)
+        except SIGTERMException:  # Lightning's own stop on SIGTERM, raised after TrainingCheckpoint has saved
+            trainer.stop_signal = signal.SIGTERM
+        except Exception:
+            # Data-loader workers get the signal too (it goes to the whole process group), so fetching the next
+            # batch may fail once they are gone; TrainingCheckpoint has saved by then.
+            if trainer.stop_signal is None:
+                raise
         if trainer.stop_signal is not None:
             saved = "embeddings and last.ckpt are" if textual_inversion else "last.ckpt is"
             print(f"Stopped at step {trainer.global_step}; {saved} in {ckptdir}. Continue with: python main.py -r {logdir}")

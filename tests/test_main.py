@@ -122,6 +122,29 @@ def test_interrupt_then_resume_reaches_the_uninterrupted_result(tmp_path, images
     assert torch.equal(final.vectors["*"], expected.vectors["*"])
 
 
+def test_sigterm_to_the_process_group_saves_with_data_workers(tmp_path, images, tiny_sd_ckpt):
+    """`timeout`, SLURM and a terminal signal every process of the group, data-loader workers too: the workers
+    must leave the signal to the main process, which finishes its step and saves."""
+    logroot = tmp_path / "logs"
+    args = ["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images), "--init_word", "cat",
+            "-l", str(logroot), "data.params.num_workers=2", "lightning.trainer.max_steps=400",
+            "lightning.modelcheckpoint.params.every_n_train_steps=5", *QUIET]
+    process = subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not glob.glob(str(logroot / "*" / "checkpoints" / "embeddings_gs-10.pt")):
+        assert process.poll() is None and time.time() < deadline, "training ended before it could be stopped"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "killed by signal" not in output and "Continue with: python main.py -r" in output, output[-3000:]
+    run = only_run(logroot)
+    saved = load_embeddings(os.path.join(run, "checkpoints", "embeddings.pt")).metadata["step"]
+    assert 10 <= saved < 400, output[-2000:]
+    assert torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)["global_step"] == saved
+
+
 def test_usage_errors_are_one_line(tmp_path, images, tiny_sd_ckpt):
     missing = run_cli(["--base", TINY_SD, "-t", "--data_root", str(images), "-l", str(tmp_path)])
     assert missing.returncode == 2 and "--actual_resume is required" in missing.stderr

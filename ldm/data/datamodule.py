@@ -5,11 +5,13 @@ seeded permutation and the item's own randomness (template, flip) is seeded by p
 sees exactly the batches an uninterrupted run would have seen, whatever the number of workers.
 """
 import random
+import signal
 import warnings
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldm.util import instantiate_from_config
@@ -77,6 +79,15 @@ class StepSampler(Sampler):
                 yield int(order[within_epoch]), _mix(self.seed, position)
 
 
+def init_worker(worker_id: int):
+    """Let a worker take SIGTERM as it takes Ctrl-C: PyTorch's worker loop ends quietly on KeyboardInterrupt.
+    `timeout`, SLURM and terminals signal the whole process group, and a worker killed outright by SIGTERM makes
+    the main process fail in the middle of its last save. Then seed the worker as Lightning would have (it adds
+    its own init function only to loaders that have none)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    pl_worker_init_function(worker_id)
+
+
 class DataModuleFromConfig(pl.LightningDataModule):
     """Train/validation datasets from configs (the LDM `data:` block), with the step-seeded training stream."""
 
@@ -110,9 +121,11 @@ class DataModuleFromConfig(pl.LightningDataModule):
             drop_last=True,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=init_worker,
         )
 
     def val_dataloader(self):
         if "validation" not in self.datasets:
             return []
-        return DataLoader(self.datasets["validation"], batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False)
+        return DataLoader(self.datasets["validation"], batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False,
+                          worker_init_fn=init_worker)

@@ -5,6 +5,7 @@ pseudo-word vectors into the token embeddings, before position embeddings are ad
 The weights always come from the diffusion checkpoint, so nothing here downloads.
 """
 import abc
+import inspect
 import os
 
 import torch
@@ -14,6 +15,17 @@ from transformers.masking_utils import create_causal_mask
 
 from ldm.modules.encoders.tokenizers import bert_tokenizer, clean_clip_text, clip_tokenizer
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
+
+_CAUSAL_MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
+
+
+def _causal_mask(config, hidden: torch.Tensor):
+    """CLIPTextModel.forward's mask (None plus is_causal under SDPA, an explicit mask otherwise) through
+    `create_causal_mask`, whose cache arguments were renamed within transformers 5 (past_key_values -> cache)."""
+    arguments = {"cache" if "cache" in _CAUSAL_MASK_PARAMETERS else "past_key_values": None}
+    if "cache_position" in _CAUSAL_MASK_PARAMETERS:
+        arguments["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+    return create_causal_mask(config, hidden, attention_mask=None, **arguments)
 
 SD_V1_CLIP_VERSION = "openai/clip-vit-large-patch14"
 # The text half of openai/clip-vit-large-patch14's config.json (its legacy bos/pad/eos ids only affect pooling).
@@ -140,8 +152,7 @@ class FrozenCLIPEmbedder(TextConditioner):
     def encode_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
         text_model = self.transformer.text_model
         hidden = text_model.embeddings(inputs_embeds=embeds)
-        # Same mask construction as CLIPTextModel.forward: None plus is_causal for SDPA, an explicit mask otherwise.
-        causal_mask = create_causal_mask(text_model.config, hidden, attention_mask=None, cache=None)
+        causal_mask = _causal_mask(text_model.config, hidden)
         hidden = text_model.encoder(inputs_embeds=hidden, attention_mask=causal_mask, is_causal=True).last_hidden_state
         return text_model.final_layer_norm(hidden)
 
