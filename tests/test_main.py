@@ -124,7 +124,7 @@ def test_interrupt_then_resume_reaches_the_uninterrupted_result(tmp_path, images
 
 def test_sigterm_to_the_process_group_saves_with_data_workers(tmp_path, images, tiny_sd_ckpt):
     """`timeout`, SLURM and a terminal signal every process of the group, data-loader workers too: the workers
-    must leave the signal to the main process, which finishes its step and saves."""
+    end quietly, and the main process saves, says how to continue and exits 128 + SIGTERM."""
     logroot = tmp_path / "logs"
     args = ["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images), "--init_word", "cat",
             "-l", str(logroot), "data.params.num_workers=2", "lightning.trainer.max_steps=400",
