@@ -1,7 +1,8 @@
 """Time our textual-inversion training step (and sampling) against diffusers' recipe on the same random weights.
 
 Ours: LatentDiffusion built from one of our configs with random weights, frozen weights stored in the training
-precision by the model's own `setup()`, autocast, AdamW over the learned vectors only, VAE posteriors cached.
+precision by the model's own `setup()`, autocast, AdamW over the learned vectors only, VAE posteriors cached (the VAE
+waiting in CPU memory on a GPU).
 diffusers: our weights converted with `diffusers.loaders.single_file_utils` into UNet2DConditionModel,
 AutoencoderKL and transformers' CLIPTextModel, trained as examples/textual_inversion/textual_inversion.py does:
 UNet and VAE cast to the mixed-precision dtype and run without autocast, the text encoder kept in float32 and run
@@ -16,7 +17,8 @@ keeps its size instead of gaining the one row the example adds.
 
 Timing: `--warmup` untimed steps, then `--steps` steps between two CUDA events (elsewhere time.perf_counter and a
 synchronize). Peak memory is torch.cuda.max_memory_allocated over the timed steps while the other implementation's
-weights wait on the CPU; other devices do not report it (n/a). FLOP-floor fraction (CUDA, full-size models): the
+weights wait on the CPU; other devices do not report it (n/a). Held for backward is measured on every device: the
+memory one forward leaves allocated for its backward. FLOP-floor fraction (CUDA, full-size models): the
 FLOPs per image the step cannot avoid times images/s, over --peak_tflops; 1.0 would be the GPU doing only that
 work at its peak. Sampling runs in what `generate` uses: fp16 autocast on a GPU, float32 on the CPU or with
 --precision fp32; the diffusers pipeline gets the same dtype.
@@ -136,13 +138,18 @@ class OursStep:
         self.scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16")
 
     def fill_latent_cache(self, images: dict):
-        """Encode every training image once, as the first epoch of a run does, so timed steps read the cache."""
+        """Encode every training image once, as the first epoch of a run does, so timed steps read the cache; the
+        VAE waits in CPU memory in between, as in a run (`park_first_stage`)."""
+        self.model.park_idle_first_stage(images)
         with autocast(self.model.device, self.precision):
             self.model.posterior_of_batch(images)
 
-    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         with autocast(self.model.device, self.precision):
-            loss, _ = self.model.shared_step(batch, generator)
+            return self.model.shared_step(batch, generator)[0]
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        loss = self.loss(batch, generator)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -249,7 +256,7 @@ class DiffusersStep:
         self.scaler = torch.amp.GradScaler(table.device.type, enabled=precision == "fp16")
         set_diffusers_gradient_checkpointing(parts, gradient_checkpointing)
 
-    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         parts = self.parts
         pixels = batch["pixel_values"].to(parts.weight_dtype)
         latents = parts.vae.encode(pixels).latent_dist.sample(generator).detach() * parts.vae.config.scaling_factor
@@ -260,7 +267,11 @@ class DiffusersStep:
         with autocast(latents.device, self.precision):
             encoder_hidden_states = parts.encode_text(batch["input_ids"])
         model_pred = parts.unet(noisy_latents, timesteps, encoder_hidden_states.to(parts.weight_dtype)).sample
-        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        return F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        parts = self.parts
+        loss = self.loss(batch, generator)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -340,6 +351,39 @@ def measure(device: torch.device, run: Callable[[], object]) -> tuple[float, flo
     return time.perf_counter() - start, None
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Send what C++ writes to stderr (the CPU profiler's start/stop lines) to /dev/null for a moment."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def held_for_backward(step, batch: dict, device: torch.device) -> float:
+    """MiB that one training forward leaves allocated until its backward: the activations autograd keeps (with
+    gradient checkpointing, the checkpoints' inputs). Counted by the CUDA allocator, or on the CPU by the
+    profiler's allocation records, so that the memory levers can be compared on any machine."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    synchronize(device)
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        loss = step.loss(batch, generator)
+        held = torch.cuda.memory_allocated(device) - before
+    else:
+        with native_stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                              profile_memory=True) as profile:
+            loss = step.loss(batch, generator)
+        held = sum(event.self_cpu_memory_usage for event in profile.events())
+    del loss
+    return held / 2**20
+
+
 def time_training(step, batches: list[dict], device: torch.device, warmup: int, steps: int, seed: int = 0) -> dict:
     generator = torch.Generator(device=device).manual_seed(seed)
     for index in range(warmup):
@@ -370,10 +414,12 @@ def floor_fraction(model_name: str, device: torch.device, images_per_s: float, p
 def train_rows(step, label: str, variant: str, images: dict, args) -> list[dict]:
     rows = []
     for batch_size in args.batch_sizes:
-        timing = time_training(step, batches_of(images, batch_size), args.device, args.warmup, args.steps)
+        batches = batches_of(images, batch_size)
+        held = held_for_backward(step, batches[0], args.device)
+        timing = time_training(step, batches, args.device, args.warmup, args.steps)
         fraction = floor_fraction(args.model, args.device, timing["images_per_s"], args.peak_tflops)
         rows.append({"implementation": label, "batch_size": batch_size, "variant": variant, **timing,
-                     "floor_fraction": fraction})
+                     "held_for_backward_mib": held, "floor_fraction": fraction})
         print(f"  {label} {variant} batch {batch_size}: {timing['images_per_s']:.3g} images/s", file=sys.stderr)
     return rows
 
@@ -516,13 +562,16 @@ def format_report(report: dict) -> str:
                f"{report['steps']} timed steps after {report['warmup']} warm-up steps")
     lines = [f"# Textual-inversion benchmark: {report['model']}, {report['precision']}", setting, ""]
     lines.append(_table(
-        ["implementation", "batch", "variant", "images/s", "ms/step", "peak GiB", "FLOP-floor fraction",
-         "ours/diffusers"],
+        ["implementation", "batch", "variant", "images/s", "ms/step", "peak GiB", "held for backward MiB",
+         "FLOP-floor fraction", "ours/diffusers"],
         [[row["implementation"], row["batch_size"], row["variant"], row["images_per_s"], row["ms_per_step"],
-          row["peak_memory_gib"], row["floor_fraction"], row["ratio"]] for row in report["training"]]))
+          row["peak_memory_gib"], row["held_for_backward_mib"], row["floor_fraction"], row["ratio"]]
+         for row in report["training"]]))
     lines.append("")
     floors = ", ".join(f"{name} {gflop:g}" for name, gflop in FLOOR_GFLOP_PER_IMAGE.items())
-    lines.append(f"Peak memory: torch.cuda.max_memory_allocated over the timed steps (n/a off CUDA). FLOP-floor "
+    lines.append(f"Peak memory: torch.cuda.max_memory_allocated over the timed steps (n/a off CUDA). Held for "
+                 f"backward: what one forward leaves allocated for its backward (activations; CUDA allocator, or "
+                 f"the CPU profiler's allocations). FLOP-floor "
                  f"fraction: GFLOP/image of UNet forward + input-gradient backward + text encoder ({floors}) "
                  f"x images/s / {report['peak_tflops']:g} TFLOP/s (CUDA, full-size models only).")
     if "sampling" in report:

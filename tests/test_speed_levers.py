@@ -1,12 +1,17 @@
-"""Each speed lever leaves training unchanged: cached latents, half-precision frozen weights, torch.compile.
+"""Each speed and memory lever leaves training unchanged: cached latents, the VAE parked in CPU memory, the lean
+UNet layers, half-precision frozen weights, torch.compile.
 
 The compile test takes about a minute on a CPU (inductor builds C++ kernels), so it is marked slow."""
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import ldm.modules.attention
 from ldm.checkpoint import build_random_model
+from ldm.modules.diffusionmodules.util import GroupNorm32
+from ldm.modules.lean_ops import LeanConv
 from tests.conftest import TINY_SD
 
 
@@ -40,6 +45,106 @@ def test_cached_latents_draw_exactly_what_per_step_encoding_draws(dataset):
     assert set(cached._latent_cache) == {(0, False), (1, True), (2, False)}
     posterior = fresh.encode_first_stage(fresh.get_input(batches[0], "image"))
     assert torch.allclose(cached._latent_cache[(1, True)], posterior.parameters[1], rtol=1e-5, atol=1e-6)
+
+
+class MovesRecorded:
+    """Stands in for the VAE's `.to`/`.cpu` on a CPU-only machine: records each move and only pretends to make
+    it (the VAE reports the device it was last moved to, `waits_on` at first)."""
+
+    def __init__(self, model, monkeypatch, waits_on):
+        self.moves = []
+        self.waits_on = waits_on
+        vae = model.first_stage_model
+        monkeypatch.setattr(vae, "to", lambda target: self.move(str(target)) or vae)
+        monkeypatch.setattr(vae, "cpu", lambda: self.move("cpu") or vae)
+        parameter = next(vae.parameters())
+        where = type("Where", (), {"device": property(lambda _: torch.device(self.waits_on))})()
+        monkeypatch.setattr(vae, "parameters", lambda: iter([where, parameter]))
+
+    def move(self, device: str):
+        self.moves.append(device)
+        self.waits_on = device
+
+
+def test_a_waiting_vae_visits_the_model_device_once_per_batch_of_new_images(dataset, monkeypatch):
+    model = build_random_model(TINY_SD)
+    recorded = MovesRecorded(model, monkeypatch, waits_on="meta")  # the model is on the CPU, the VAE elsewhere
+    batch = batch_of(dataset, [0, 1, 2], [False, True, False])
+    model.posterior_of_batch(batch)
+    assert recorded.moves == ["cpu", "meta"]  # three images encoded in one visit
+    model.posterior_of_batch(batch)
+    assert recorded.moves == ["cpu", "meta"]  # all cached: the VAE stays where it waits
+    model.decode_first_stage(torch.zeros(1, 4, 4, 4))
+    assert recorded.moves == ["cpu", "meta"] * 2
+
+
+def test_vae_is_parked_in_cpu_memory_only_where_the_cache_serves_the_batches(dataset, monkeypatch):
+    model = build_random_model(TINY_SD)
+    monkeypatch.setattr(type(model), "device", property(lambda _: torch.device("cuda")))
+    recorded = MovesRecorded(model, monkeypatch, waits_on="cuda")
+    uncached = {key: value for key, value in batch_of(dataset, [0], [False]).items() if key != "image_index"}
+    model.park_idle_first_stage(uncached)  # e.g. pretraining data: every step encodes, so it stays
+    assert recorded.moves == []
+    model.park_idle_first_stage(batch_of(dataset, [0], [False]))
+    assert recorded.moves == ["cpu"]
+    model.park_idle_first_stage(batch_of(dataset, [0], [False]))
+    assert recorded.moves == ["cpu"]  # already parked
+    recorded.waits_on = "cuda"
+    model.park_first_stage = False
+    model.park_idle_first_stage(batch_of(dataset, [0], [False]))
+    assert recorded.moves == ["cpu"]
+
+
+def with_stock_layers(model):
+    """`model` with nn.Conv, the two-step GEGLU and float32 GroupNorm, as LDM and diffusers have them."""
+    stock = copy.deepcopy(model)
+    for module in stock.modules():
+        if isinstance(module, LeanConv):
+            module.__class__ = module.__class__.__mro__[2]  # LeanConv2d -> LeanConv -> nn.Conv2d
+    return stock
+
+
+def stock_gated_gelu(projected):
+    value, gate = projected.chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+def float32_group_norm(self, x):
+    return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
+
+
+def vector_gradient(model, batch, dtype):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+        loss = losses(model, [batch])[0]
+    return loss, torch.autograd.grad(loss, model.embedding_manager.vectors("*"))[0]
+
+
+def test_lean_layers_give_the_stock_loss_and_gradient(dataset, monkeypatch):
+    lean = build_random_model(TINY_SD)
+    for parameter in lean.model.parameters():  # the zero-initialised output layers would hide the UNet's inside
+        if not parameter.any():
+            torch.nn.init.normal_(parameter, std=0.05)
+    stock = with_stock_layers(lean)
+    assert type(stock.model.diffusion_model.input_blocks[0][0]) is torch.nn.Conv2d
+    batch = batch_of(dataset, [0, 1], [False, True])
+    lean_loss, lean_grad = vector_gradient(lean, batch, torch.float32)
+    with monkeypatch.context() as patch:
+        patch.setattr(ldm.modules.attention, "gated_gelu", stock_gated_gelu)
+        stock_loss, stock_grad = vector_gradient(stock, batch, torch.float32)
+    assert torch.equal(lean_loss, stock_loss)
+    # Each layer's gradient is bit for bit the stock one; autograd may add up a tensor's gradients in another order.
+    torch.testing.assert_close(lean_grad, stock_grad, rtol=1e-5, atol=1e-8)
+
+    for model in (lean, stock):
+        for module in (model.model, model.first_stage_model, model.cond_stage_model):
+            module.to(torch.bfloat16)
+    lean_loss, lean_grad = vector_gradient(lean, batch, torch.bfloat16)
+    with monkeypatch.context() as patch:
+        patch.setattr(ldm.modules.attention, "gated_gelu", stock_gated_gelu)
+        patch.setattr(GroupNorm32, "forward", float32_group_norm)
+        stock_loss, stock_grad = vector_gradient(stock, batch, torch.bfloat16)
+    assert abs(lean_loss.item() - stock_loss.item()) < 0.01 * stock_loss.item()
+    assert F.cosine_similarity(lean_grad.flatten(), stock_grad.flatten(), dim=0) > 0.99
 
 
 def test_half_precision_frozen_weights_stay_close_to_float32(dataset):

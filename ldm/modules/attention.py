@@ -9,19 +9,19 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
+from ldm.modules.lean_ops import LeanConv2d, gated_gelu
 from ldm.util import default
 
 
 class GEGLU(nn.Module):
-    """Gated GELU projection: half of the output gates the other half."""
+    """Gated GELU projection: half of the output gates the other half (keeping only the projection for backward)."""
 
     def __init__(self, dim_in, dim_out):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return gated_gelu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -97,14 +97,14 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner_dim = n_heads * d_head
         self.norm = GroupNorm32(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
-        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        self.proj_in = LeanConv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(
                 inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim, checkpoint=use_checkpoint
             )
             for _ in range(depth)
         )
-        self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+        self.proj_out = zero_module(LeanConv2d(inner_dim, in_channels, kernel_size=1))
 
     def forward(self, x, context=None):
         height, width = x.shape[-2:]

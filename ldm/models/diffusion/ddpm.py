@@ -9,7 +9,7 @@
 Module and buffer names follow CompVis latent-diffusion so original checkpoints load key for key.
 """
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pytorch_lightning as pl
@@ -183,6 +183,7 @@ class LatentDiffusion(DDPM):
         scale_factor=1.0,
         scale_by_std=False,
         cache_latents=True,
+        park_first_stage=True,
         frozen_weights_dtype="auto",
         compile_unet=False,
         ucg_training=None,
@@ -199,6 +200,7 @@ class LatentDiffusion(DDPM):
         self.cond_stage_key = cond_stage_key
         self.cond_stage_trainable = cond_stage_trainable
         self.cache_latents = cache_latents and not scale_by_std
+        self.park_first_stage = park_first_stage
         self.frozen_weights_dtype = frozen_weights_dtype
         self.compile_unet = compile_unet
         self.ucg_training = dict(ucg_training or {})
@@ -237,9 +239,34 @@ class LatentDiffusion(DDPM):
             texts = [texts]
         return self.cond_stage_model.encode(list(texts), embedding_manager=self.embedding_manager)
 
+    @contextmanager
+    def first_stage_on_device(self):
+        """The frozen VAE on the model's device for the duration, wherever it waits in between."""
+        waiting_on = next(self.first_stage_model.parameters()).device
+        if waiting_on == self.device:
+            yield
+            return
+        self.first_stage_model.to(self.device)
+        try:
+            yield
+        finally:
+            self.first_stage_model.to(waiting_on)
+
+    def park_idle_first_stage(self, batch):
+        """Keep the frozen VAE in CPU memory while the training batches are ones the latent cache serves, where it
+        idles after each image's first encoding (`park_first_stage`); it comes back for those encodings and for
+        logged images. Its bf16 weights are 0.16 GiB of GPU memory for SD v1."""
+        parkable = self.park_first_stage and self.latents_cacheable(batch) and self.device.type != "cpu"
+        if parkable and next(self.first_stage_model.parameters()).device.type != "cpu":
+            self.first_stage_model.cpu()
+
+    def latents_cacheable(self, batch) -> bool:
+        return self.cache_latents and "image_index" in batch and "flipped" in batch
+
     @torch.no_grad()
     def encode_first_stage(self, x):
-        return self.first_stage_model.encode(x)
+        with self.first_stage_on_device():
+            return self.first_stage_model.encode(x)
 
     def get_first_stage_encoding(self, encoder_posterior, generator=None):
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):
@@ -252,7 +279,8 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def decode_first_stage(self, z):
-        return self.first_stage_model.decode(z / self.scale_factor)
+        with self.first_stage_on_device():
+            return self.first_stage_model.decode(z / self.scale_factor)
 
     def apply_model(self, x_noisy, t, cond):
         if self.model.conditioning_key == "concat":
@@ -291,16 +319,17 @@ class LatentDiffusion(DDPM):
 
         The VAE is frozen and the images are few, so the posterior of an image never changes: caching its mean
         and log-variance and sampling fresh noise each step draws exactly the latents per-step encoding would draw."""
-        cacheable = self.cache_latents and "image_index" in batch and "flipped" in batch
         x = self.get_input(batch, self.first_stage_key).to(self.device)
-        if not cacheable:
+        if not self.latents_cacheable(batch):
             return self.encode_first_stage(x)
         keys = list(zip(batch["image_index"].tolist(), batch["flipped"].tolist()))
-        for i, key in enumerate(keys):
-            if key not in self._latent_cache:
-                # One image at a time, so a cached latent never depends on which batch first met the image
-                # (a resumed run then reproduces an uninterrupted one bit for bit).
-                self._latent_cache[key] = self.encode_first_stage(x[i : i + 1]).parameters[0]
+        missing = [i for i, key in enumerate(keys) if key not in self._latent_cache]
+        if missing:
+            with self.first_stage_on_device():
+                for i in missing:
+                    # One image at a time, so a cached latent never depends on which batch first met the image
+                    # (a resumed run then reproduces an uninterrupted one bit for bit).
+                    self._latent_cache[keys[i]] = self.encode_first_stage(x[i : i + 1]).parameters[0]
         return DiagonalGaussianDistribution(torch.stack([self._latent_cache[key] for key in keys]))
 
     def shared_step(self, batch, generator):
@@ -324,9 +353,13 @@ class LatentDiffusion(DDPM):
         if self.compile_unet:  # in place: weights and state-dict names stay those of the plain module
             self.model.diffusion_model.compile()
 
+    def on_train_end(self):
+        self.first_stage_model.to(self.device)
+
     def on_train_batch_start(self, batch, batch_idx):
         if self.embedding_manager is not None:
             self.embedding_manager.set_training_step(self.global_step)
+        self.park_idle_first_stage(batch)
         fresh_start = not self.trainer.ckpt_path and not self.restored_from_checkpoint
         if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and fresh_start:
             with torch.no_grad():
@@ -411,6 +444,10 @@ class LatentDiffusion(DDPM):
     def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=50, ddim_eta=1.0, unconditional_guidance_scale=5.0, seed=0, **ignored):
         """Inputs, reconstructions, the captions as images, and samples without and with guidance (drawn with
         the EMA weights when the model keeps an EMA)."""
+        with self.first_stage_on_device():
+            return self._log_images(batch, N, sample, ddim_steps, ddim_eta, unconditional_guidance_scale, seed)
+
+    def _log_images(self, batch, N, sample, ddim_steps, ddim_eta, unconditional_guidance_scale, seed):
         from ldm.models.diffusion.ddim import DDIMSampler
 
         x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)

@@ -7,6 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from ldm.modules.lean_ops import LeanConv1d, LeanConv2d, LeanConv3d
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 
 def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
     """Per-step noise variances beta_t as a float64 numpy array of length `n_timestep`.
@@ -60,8 +64,8 @@ def zero_module(module):
 
 
 def conv_nd(dims, *args, **kwargs):
-    """A 1-, 2- or 3-D convolution."""
-    convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    """A 1-, 2- or 3-D convolution that keeps no input for backward while its weights are frozen."""
+    convs = {1: LeanConv1d, 2: LeanConv2d, 3: LeanConv3d}
     if dims not in convs:
         raise ValueError(f"unsupported dims {dims}; use 1, 2 or 3")
     return convs[dims](*args, **kwargs)
@@ -81,10 +85,16 @@ def avg_pool_nd(dims, *args, **kwargs):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 (weights too) and cast back, so half-precision activations and weights
-    keep stable statistics."""
+    """GroupNorm with float32 statistics, returned in the input's dtype.
+
+    Half-precision inputs with half-precision weights run the native kernel, which accumulates in float32 and
+    rounds once, as the float32 path does, without keeping a float32 copy of the input for backward (autocast
+    would otherwise upcast it). Other mixes compute in float32 and cast back, as LDM does."""
 
     def forward(self, x):
+        if x.dtype in HALF_DTYPES and all(p is None or p.dtype == x.dtype for p in (self.weight, self.bias)):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)

@@ -1,0 +1,123 @@
+"""What the UNet keeps for its backward pass in one training forward, by layer and by the op that made it.
+
+Textual inversion's training memory beyond the weights is mostly these kept activations, so this is the map to
+read before changing a layer. The UNet of a config runs once with random weights under the training precision,
+with a gradient only towards its text conditioning (frozen weights), and autograd's saved-tensor hooks count
+each kept storage once (weights excluded). Runs on any device; on the CPU, SD v1 at batch 1 takes seconds.
+
+Examples:
+  python scripts/activation_memory.py                          # SD v1, batch 1, 512 px, bf16, CPU
+  python scripts/activation_memory.py --model ldm --batch_size 4
+"""
+import argparse
+import collections
+import contextlib
+import os
+import sys
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ldm.util import instantiate_from_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "sd": "configs/stable-diffusion/v1-finetune.yaml",
+    "ldm": "configs/latent-diffusion/txt2img-1p4B-finetune.yaml",
+    "tiny-sd": "configs/tiny/sd-tiny-finetune.yaml",
+    "tiny-ldm": "configs/tiny/ldm-tiny-finetune.yaml",
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class LastOp(TorchDispatchMode):
+    """Remembers the last op run: the one whose output autograd is about to keep."""
+
+    name = "?"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.name = func.overloadpacket.__name__
+        return func(*args, **(kwargs or {}))
+
+
+def unet_of(model_name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
+    """The config's UNet with random frozen weights in `dtype` (as training stores them), and its model params."""
+    config = OmegaConf.load(os.path.join(REPO, CONFIGS[model_name]))
+    params = config.model.params
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = instantiate_from_config(params.unet_config)
+    return unet.requires_grad_(False).to(dtype), params
+
+
+def kept_by_layer(unet: torch.nn.Module, params, batch_size: int, dtype: torch.dtype) -> collections.Counter:
+    """Bytes kept for backward, keyed by (innermost module class, last op run before the tensor was kept: mostly
+    the op that made it, dtype)."""
+    device = next(unet.parameters()).device
+    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    modules = ["UNetModel"]
+
+    def enter(module, args):
+        modules.append(type(module).__name__)
+
+    def leave(module, args, output):
+        modules.pop()
+
+    for module in unet.modules():
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+    last_op = LastOp()
+    seen, kept = set(), collections.Counter()
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            kept[(modules[-1], last_op.name, str(tensor.dtype).removeprefix("torch."))] += storage.nbytes()
+        return tensor
+
+    size = params.image_size
+    x = torch.randn(batch_size, params.channels, size, size, device=device, dtype=dtype)
+    context = torch.randn(batch_size, 77, params.unet_config.params.context_dim, device=device, requires_grad=True)
+    timesteps = torch.full((batch_size,), 500, device=device)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast, last_op:
+        output = unet(x, timesteps, context=context)
+    del output
+    return kept
+
+
+def report(kept: collections.Counter, title: str) -> str:
+    total = sum(kept.values())
+    lines = [f"# {title}", "", "| layer | last op before it was kept | dtype | MiB | share |", "|---|---|---|---|---|"]
+    for (module, op, dtype), size in kept.most_common():
+        lines.append(f"| {module} | {op} | {dtype} | {size / 2**20:.1f} | {size / total:.1%} |")
+    lines += ["", f"Total kept for backward: {total / 2**20:.1f} MiB"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=CONFIGS, default="sd", help="which config's UNet (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=1, help="default: %(default)s")
+    parser.add_argument("--precision", choices=DTYPES, default="bf16",
+                        help="frozen weights and autocast dtype (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="default: %(default)s")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device '{args.device}' is not a device: use e.g. cpu or cuda")
+    dtype = DTYPES[args.precision]
+    unet, params = unet_of(args.model, device, dtype)
+    kept = kept_by_layer(unet, params, args.batch_size, dtype)
+    print(report(kept, f"Kept for backward: {args.model} UNet, batch {args.batch_size}, {args.precision}, {device}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The lean UNet layers compute what the stock layers compute, gradients included, and keep less for backward."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.modules.diffusionmodules.util import GroupNorm32
+from ldm.modules.lean_ops import LeanConv1d, LeanConv2d, gated_gelu
+
+
+def kept_for_backward(run) -> list[torch.Tensor]:
+    """The tensors autograd keeps while `run()` builds its graph (the graph stays alive while they are counted)."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        output = run()
+    return kept, output
+
+
+def frozen_twin(lean_class, stock: nn.Module) -> nn.Module:
+    lean = lean_class(stock.in_channels, stock.out_channels, stock.kernel_size, stride=stock.stride,
+                      padding=stock.padding, groups=stock.groups)
+    lean.load_state_dict(stock.state_dict())
+    return lean.requires_grad_(False), stock.requires_grad_(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lean_class, stock_class, shape, settings", [
+    (LeanConv2d, nn.Conv2d, (2, 8, 12, 12), {"kernel_size": 3, "padding": 1}),
+    (LeanConv2d, nn.Conv2d, (2, 8, 12, 12), {"kernel_size": 3, "padding": 1, "stride": 2}),
+    (LeanConv2d, nn.Conv2d, (2, 8, 12, 12), {"kernel_size": 1, "groups": 4}),
+    (LeanConv1d, nn.Conv1d, (2, 8, 20), {"kernel_size": 1}),
+])
+def test_frozen_lean_conv_matches_the_stock_conv_and_keeps_only_its_weight(lean_class, stock_class, shape, settings,
+                                                                             dtype):
+    torch.manual_seed(0)
+    lean, stock = frozen_twin(lean_class, stock_class(8, 16, **settings))
+    lean.to(dtype), stock.to(dtype)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    grad_output = None
+    results = []
+    for conv in (stock, lean):
+        kept, output = kept_for_backward(lambda conv=conv: conv(x))
+        if grad_output is None:
+            grad_output = torch.randn_like(output)
+        (grad,) = torch.autograd.grad(output, x, grad_output)
+        results.append((kept, output, grad))
+    (stock_kept, stock_out, stock_grad), (lean_kept, lean_out, lean_grad) = results
+    assert torch.equal(lean_out, stock_out) and torch.equal(lean_grad, stock_grad)
+    assert any(t.shape == x.shape for t in stock_kept)
+    assert [t.shape for t in lean_kept] == [lean.weight.shape]
+
+
+def test_lean_conv_under_autocast_over_float32_weights_matches_the_stock_conv():
+    torch.manual_seed(0)
+    lean, stock = frozen_twin(LeanConv2d, nn.Conv2d(8, 16, 3, padding=1))
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    grads = []
+    for conv in (stock, lean):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = conv(x)
+        assert output.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad(output.float().square().sum(), x)[0])
+    assert grads[0].dtype == grads[1].dtype == torch.float32
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_lean_conv_with_trainable_weights_is_the_stock_conv():
+    torch.manual_seed(0)
+    conv = LeanConv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    kept, output = kept_for_backward(lambda: conv(x))
+    assert any(t.shape == x.shape for t in kept)
+    output.sum().backward()
+    assert conv.weight.grad is not None and x.grad is not None
+
+
+def stock_gated_gelu(projected):
+    value, gate = projected.chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_gelu_matches_geglu_bit_for_bit_and_keeps_only_its_input(dtype):
+    torch.manual_seed(0)
+    projected = torch.randn(2, 16, 24, dtype=dtype, requires_grad=True)
+    grad_output = torch.randn(2, 16, 12, dtype=dtype)
+    outputs, grads, kept = [], [], []
+    for function in (stock_gated_gelu, gated_gelu):
+        saved, output = kept_for_backward(lambda function=function: function(projected))
+        outputs.append(output)
+        grads.append(torch.autograd.grad(output, projected, grad_output)[0])
+        kept.append(sum(t.numel() for t in saved))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])
+    assert kept == [projected.numel() + projected.numel() // 2, projected.numel()]
+
+
+def test_gated_gelu_without_gradients_is_plain():
+    projected = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(gated_gelu(projected), stock_gated_gelu(projected))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_group_norm_on_half_inputs_and_weights_runs_natively_without_a_float32_copy(dtype):
+    torch.manual_seed(0)
+    norm = GroupNorm32(4, 16)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1), norm.bias.normal_(0, 0.1)
+    norm.to(dtype).requires_grad_(False)
+    x = (torch.randn(2, 16, 8, 8) * 3 + 1).to(dtype).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept, output = kept_for_backward(lambda: norm(x))
+    assert output.dtype == dtype
+    assert all(t.dtype != torch.float32 or t.numel() < x.numel() for t in kept)  # only per-group statistics in fp32
+    reference = F.group_norm(x.float(), 4, norm.weight.float(), norm.bias.float(), norm.eps).to(dtype)
+    torch.testing.assert_close(output, reference, rtol=0, atol=torch.finfo(dtype).eps * 8)
+    (grad,) = torch.autograd.grad(output.float().square().sum(), x)
+    (reference_grad,) = torch.autograd.grad(reference.float().square().sum(), x)
+    torch.testing.assert_close(grad, reference_grad, rtol=2e-2, atol=2e-2)
+
+
+def test_group_norm_with_float32_weights_on_half_inputs_computes_in_float32():
+    norm = GroupNorm32(4, 16)
+    x = torch.randn(2, 16, 8, 8).bfloat16()
+    expected = F.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps).bfloat16()
+    assert torch.equal(norm(x), expected)
