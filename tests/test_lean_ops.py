@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.modules.diffusionmodules.util import GroupNorm32
-from ldm.modules.lean_ops import LeanConv1d, LeanConv2d, gated_gelu
+from ldm.modules.lean_ops import LeanConv1d, LeanConv2d, gated_gelu, group_norm_silu
 
 
 def kept_for_backward(run) -> list[torch.Tensor]:
@@ -124,3 +124,30 @@ def test_group_norm_with_float32_weights_on_half_inputs_computes_in_float32():
     x = torch.randn(2, 16, 8, 8).bfloat16()
     expected = F.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps).bfloat16()
     assert torch.equal(norm(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_silu_matches_the_two_ops_bit_for_bit_and_keeps_no_normed_copy(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 16, 6, 6) * 2 + 0.5).to(dtype).requires_grad_(True)
+    weight = (1 + 0.1 * torch.randn(16)).to(dtype).requires_grad_(True)  # trainable too, as in pretraining
+    bias = (0.1 * torch.randn(16)).to(dtype).requires_grad_(True)
+    grad_output = torch.randn(2, 16, 6, 6, dtype=dtype)
+    results = []
+    for function in (lambda: F.silu(F.group_norm(x, 4, weight, bias, 1e-5)),
+                     lambda: group_norm_silu(x, 4, weight, bias, 1e-5)):
+        kept, output = kept_for_backward(function)
+        results.append((kept, output, torch.autograd.grad(output, (x, weight, bias), grad_output)))
+    (stock_kept, stock_out, stock_grads), (lean_kept, lean_out, lean_grads) = results
+    assert torch.equal(lean_out, stock_out)
+    for lean_grad, stock_grad in zip(lean_grads, stock_grads):
+        assert torch.equal(lean_grad, stock_grad)
+    activations = lambda kept: sum(t.numel() for t in kept if t.shape == x.shape)  # noqa: E731
+    assert activations(stock_kept) == 2 * x.numel() and activations(lean_kept) == x.numel()
+
+
+def test_group_norm_silu_without_gradients_is_plain():
+    x = torch.randn(1, 8, 4, 4)
+    weight, bias = torch.ones(8), torch.zeros(8)
+    with torch.no_grad():
+        assert torch.equal(group_norm_silu(x, 2, weight, bias, 1e-6), F.silu(F.group_norm(x, 2, weight, bias, 1e-6)))

@@ -96,7 +96,7 @@ def test_vae_is_parked_in_cpu_memory_only_where_the_cache_serves_the_batches(dat
 
 
 def with_stock_layers(model):
-    """`model` with nn.Conv, the two-step GEGLU and float32 GroupNorm, as LDM and diffusers have them."""
+    """`model` with nn.Conv; the test patches in the two-step GEGLU and LDM's GroupNorm and SiLU."""
     stock = copy.deepcopy(model)
     for module in stock.modules():
         if isinstance(module, LeanConv):
@@ -109,8 +109,10 @@ def stock_gated_gelu(projected):
     return value * F.gelu(gate)
 
 
-def float32_group_norm(self, x):
-    return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
+def stock_group_norm(self, x):
+    """LDM's GroupNorm32 (float32, cast back), then the separate SiLU where ours fuses it."""
+    normed = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
+    return F.silu(normed) if self.silu else normed
 
 
 def vector_gradient(model, batch, dtype):
@@ -130,6 +132,7 @@ def test_lean_layers_give_the_stock_loss_and_gradient(dataset, monkeypatch):
     lean_loss, lean_grad = vector_gradient(lean, batch, torch.float32)
     with monkeypatch.context() as patch:
         patch.setattr(ldm.modules.attention, "gated_gelu", stock_gated_gelu)
+        patch.setattr(GroupNorm32, "forward", stock_group_norm)
         stock_loss, stock_grad = vector_gradient(stock, batch, torch.float32)
     assert torch.equal(lean_loss, stock_loss)
     # Each layer's gradient is bit for bit the stock one; autograd may add up a tensor's gradients in another order.
@@ -141,7 +144,7 @@ def test_lean_layers_give_the_stock_loss_and_gradient(dataset, monkeypatch):
     lean_loss, lean_grad = vector_gradient(lean, batch, torch.bfloat16)
     with monkeypatch.context() as patch:
         patch.setattr(ldm.modules.attention, "gated_gelu", stock_gated_gelu)
-        patch.setattr(GroupNorm32, "forward", float32_group_norm)
+        patch.setattr(GroupNorm32, "forward", stock_group_norm)
         stock_loss, stock_grad = vector_gradient(stock, batch, torch.bfloat16)
     assert abs(lean_loss.item() - stock_loss.item()) < 0.01 * stock_loss.item()
     assert F.cosine_similarity(lean_grad.flatten(), stock_grad.flatten(), dim=0) > 0.99

@@ -2,12 +2,13 @@
 
 Textual inversion backpropagates through a frozen UNet to its text conditioning, so the activations autograd keeps
 between the forward and the backward are most of the training memory. Stock layers keep more than that backward
-needs (SD v1 at batch 1 under bf16 autocast: 813 MiB kept, 311 MiB of it avoidable; `scripts/activation_memory.py`):
+needs (SD v1 at batch 1 under bf16 autocast: 813 MiB kept, 370 MiB of it avoidable; `scripts/activation_memory.py`):
 - a convolution keeps its input for the weight gradient even when the weight is frozen (`LeanConv`: keeps nothing
   but the weight, which is a parameter anyway);
 - GEGLU keeps both the projection and GELU(gate) (`gated_gelu`: keeps the projection, recomputes the GELU);
 - a float32 GroupNorm on half-precision activations keeps a float32 copy of its input (`GroupNorm32` in util.py
-  runs half inputs natively when its weights are half too: float32 statistics, rounded once, as before).
+  runs half inputs natively when its weights are half too: float32 statistics, rounded once, as before);
+- the SiLU after a GroupNorm keeps the norm's output (`group_norm_silu`: recomputes it from what the norm keeps).
 Each layer's gradient comes from the same kernels on the same values as the stock layer's, bit for bit; through a
 whole UNet they agree to float32 rounding, as autograd may add up a tensor's gradients in another order.
 """
@@ -91,3 +92,34 @@ def gated_gelu(projected: torch.Tensor) -> torch.Tensor:
         return _GatedGelu.apply(projected)
     value, gate = projected.chunk(2, dim=-1)
     return value * F.gelu(gate)
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    """SiLU(GroupNorm(x)) keeping only what the norm's backward needs; the norm's output is recomputed by the same
+    kernel for the SiLU's backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        x = x.contiguous()
+        shape = (x.shape[0], x.shape[1], x[0, 0].numel(), groups)
+        normed, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, *shape[:3], groups, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.shape, ctx.eps = shape, eps
+        return F.silu(normed)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        batch, channels, pixels, groups = ctx.shape
+        normed = torch.ops.aten.native_group_norm(x, weight, bias, batch, channels, pixels, groups, ctx.eps)[0]
+        grad_normed = torch.ops.aten.silu_backward(grad_output.contiguous(), normed)
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+            grad_normed, x, mean, rstd, weight, batch, channels, pixels, groups, list(ctx.needs_input_grad[:3]))
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def group_norm_silu(x, groups, weight, bias, eps):
+    """SiLU(group_norm(x)), in x's dtype (weight and bias must share it)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _GroupNormSiLU.apply(x, weight, bias, groups, eps)
+    return F.silu(F.group_norm(x, groups, weight, bias, eps))

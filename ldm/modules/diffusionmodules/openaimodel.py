@@ -14,6 +14,7 @@ from ldm.modules.diffusionmodules.util import (
     conv_nd,
     linear,
     normalization,
+    normalization_and_silu,
     timestep_embedding,
     zero_module,
 )
@@ -102,7 +103,7 @@ class ResBlock(TimestepBlock):
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
+            *normalization_and_silu(channels), conv_nd(dims, channels, self.out_channels, 3, padding=1)
         )
         self.updown = up or down
         if up:
@@ -117,8 +118,9 @@ class ResBlock(TimestepBlock):
             nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
         )
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
-            nn.SiLU(),
+            # With scale-shift the embedding comes between the norm and the SiLU (see _forward).
+            *((normalization(self.out_channels), nn.SiLU()) if use_scale_shift_norm
+              else normalization_and_silu(self.out_channels)),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
         )
@@ -333,7 +335,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1))
+            *normalization_and_silu(ch), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1))
         )
 
     def forward(self, x, timesteps, context=None, y=None):

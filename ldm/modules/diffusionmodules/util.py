@@ -7,9 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ldm.modules.lean_ops import LeanConv1d, LeanConv2d, LeanConv3d
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from ldm.modules.lean_ops import LeanConv1d, LeanConv2d, LeanConv3d, group_norm_silu
 
 
 def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
@@ -85,24 +83,38 @@ def avg_pool_nd(dims, *args, **kwargs):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with float32 statistics, returned in the input's dtype.
+    """GroupNorm with float32 statistics, returned in the input's dtype, optionally followed by SiLU (`silu`).
 
-    Half-precision inputs with half-precision weights run the native kernel, which accumulates in float32 and
-    rounds once, as the float32 path does, without keeping a float32 copy of the input for backward (autocast
-    would otherwise upcast it). Other mixes compute in float32 and cast back, as LDM does."""
+    Inputs in the weights' dtype run the native kernel, which accumulates in float32 and rounds once, as the
+    float32 path does, without keeping a float32 copy of half-precision inputs for backward (autocast would
+    otherwise upcast them); with `silu` the pair keeps only what the norm's backward needs. Other mixes (half
+    activations, float32 weights) compute in float32 and cast back, as LDM does."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, silu=False):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        self.silu = silu
 
     def forward(self, x):
-        if x.dtype in HALF_DTYPES and all(p is None or p.dtype == x.dtype for p in (self.weight, self.bias)):
+        if all(p is None or p.dtype == x.dtype for p in (self.weight, self.bias)):
             with torch.autocast(x.device.type, enabled=False):
+                if self.silu:
+                    return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
                 return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+        normed = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+        return F.silu(normed) if self.silu else normed
 
 
 def normalization(channels):
     """The UNet's standard normalisation: 32 groups, float32 statistics."""
     return GroupNorm32(32, channels)
+
+
+def normalization_and_silu(channels):
+    """GroupNorm then SiLU as one lean op, and an identity in the place LDM's separate nn.SiLU held, so that the
+    Sequential around them keeps LDM's indices (and checkpoint keys)."""
+    return GroupNorm32(32, channels, silu=True), nn.Identity()
 
 
 def checkpoint(func, inputs, params, flag):
