@@ -6,6 +6,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+# The training configs that the benchmark and the diagnostics build random-weight models from, by short name,
+# relative to the repository root.
+NAMED_CONFIGS = {
+    "sd": "configs/stable-diffusion/v1-finetune.yaml",
+    "ldm": "configs/latent-diffusion/txt2img-1p4B-finetune.yaml",
+    "tiny-sd": "configs/tiny/sd-tiny-finetune.yaml",
+    "tiny-ldm": "configs/tiny/ldm-tiny-finetune.yaml",
+}
+
 
 def get_obj_from_str(dotted_path: str):
     """Import `package.module.Name` and return `Name`."""

@@ -19,15 +19,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ldm.util import instantiate_from_config
+from ldm.util import NAMED_CONFIGS, instantiate_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {
-    "sd": "configs/stable-diffusion/v1-finetune.yaml",
-    "ldm": "configs/latent-diffusion/txt2img-1p4B-finetune.yaml",
-    "tiny-sd": "configs/tiny/sd-tiny-finetune.yaml",
-    "tiny-ldm": "configs/tiny/ldm-tiny-finetune.yaml",
-}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -43,7 +37,7 @@ class LastOp(TorchDispatchMode):
 
 def unet_of(model_name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
     """The config's UNet with random frozen weights in `dtype` (as training stores them), and its model params."""
-    config = OmegaConf.load(os.path.join(REPO, CONFIGS[model_name]))
+    config = OmegaConf.load(os.path.join(REPO, NAMED_CONFIGS[model_name]))
     params = config.model.params
     torch.manual_seed(0)
     with torch.device(device):
@@ -100,7 +94,7 @@ def report(kept: collections.Counter, title: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=CONFIGS, default="sd", help="which config's UNet (default: %(default)s)")
+    parser.add_argument("--model", choices=NAMED_CONFIGS, default="sd", help="which config's UNet (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=1, help="default: %(default)s")
     parser.add_argument("--precision", choices=DTYPES, default="bf16",
                         help="frozen weights and autocast dtype (default: %(default)s)")

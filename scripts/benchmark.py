@@ -67,15 +67,9 @@ from transformers import CLIPTextModel
 from ldm.generate import first_stage_factor, generate
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import clip_tokenizer
-from ldm.util import instantiate_from_config
+from ldm.util import NAMED_CONFIGS, instantiate_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {
-    "sd": "configs/stable-diffusion/v1-finetune.yaml",
-    "ldm": "configs/latent-diffusion/txt2img-1p4B-finetune.yaml",
-    "tiny-sd": "configs/tiny/sd-tiny-finetune.yaml",
-    "tiny-ldm": "configs/tiny/ldm-tiny-finetune.yaml",
-}
 # GFLOP per image of the least work a textual-inversion step needs: UNet forward plus the backward to its inputs,
 # text encoder forward and backward, no VAE (latents cached). FlopCounterMode counts, SD v1 at 512 px and LDM
 # text2img-large at 256 px (/work/shared/reference/performance-and-offline-assets.md, A3 and A5).
@@ -102,7 +96,7 @@ def build_ours(model_name: str, device: torch.device, precision: str, use_checkp
                compile_unet: bool = False, seed: int = 0):
     """Our model from its config with random weights (zero-initialised layers too, so every gradient is non-zero),
     the config's speed levers set as a user would set them in the YAML."""
-    config = OmegaConf.load(os.path.join(REPO, CONFIGS[model_name]))
+    config = OmegaConf.load(os.path.join(REPO, NAMED_CONFIGS[model_name]))
     config.model.params.unet_config.params.use_checkpoint = use_checkpoint
     config.model.params.compile_unet = compile_unet
     torch.manual_seed(seed)
@@ -195,7 +189,7 @@ def _our_bert_text_encoder(model):
 def convert_to_diffusers(model, model_name: str, precision: str) -> DiffusersParts:
     """Our weights in diffusers' UNet and VAE (and transformers' CLIP text encoder for SD), on the CPU, placed and
     frozen as the example script places and freezes them."""
-    original = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, CONFIGS[model_name])), resolve=True)
+    original = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, NAMED_CONFIGS[model_name])), resolve=True)
     params = original["model"]["params"]
     state = {key: value.detach().float().cpu() for key, value in model.state_dict().items()
              if not key.startswith("embedding_manager.")}
@@ -588,7 +582,7 @@ def format_report(report: dict) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=CONFIGS, help="which config (default: sd on a GPU, tiny-sd on the CPU)")
+    parser.add_argument("--model", choices=NAMED_CONFIGS, help="which config (default: sd on a GPU, tiny-sd on the CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to run on (default: %(default)s)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", help="batch sizes (default: 1 8 16; CPU: 1 4)")
