@@ -13,6 +13,7 @@ from ldm.checkpoint import build_random_model
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.modules.lean_ops import LeanConv
 from tests.conftest import TINY_SD
+from tests.test_lean_ops import stock_gated_gelu
 
 
 def batch_of(images, indices, flipped):
@@ -102,11 +103,6 @@ def with_stock_layers(model):
         if isinstance(module, LeanConv):
             module.__class__ = module.__class__.__mro__[2]  # LeanConv2d -> LeanConv -> nn.Conv2d
     return stock
-
-
-def stock_gated_gelu(projected):
-    value, gate = projected.chunk(2, dim=-1)
-    return value * F.gelu(gate)
 
 
 def stock_group_norm(self, x):
