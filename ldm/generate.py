@@ -46,9 +46,11 @@ SAMPLE_NAME = re.compile(r"(\d{5,})\.png")
 
 
 # --- model and learned words ---------------------------------------------------------------------------------
-def load_model(config_path, ckpt_path, device, embedding_paths=(), use_ema=None) -> LatentDiffusion:
+def load_model(config_path, ckpt_path, device, embedding_paths=(), use_ema=None,
+               weights_dtype: torch.dtype = torch.float32) -> LatentDiffusion:
     """Build the config's LatentDiffusion restored from `ckpt_path`, with the learned words of `embedding_paths`,
-    on `device` in eval mode. `use_ema` overrides the config's choice of the checkpoint's EMA UNet weights."""
+    on `device` in eval mode, its frozen weights in `weights_dtype` (see `sampling_weights_dtype`). `use_ema`
+    overrides the config's choice of the checkpoint's EMA UNet weights."""
     config = _read_config(config_path)
     for path in embedding_paths:
         if not os.path.isfile(path):
@@ -64,7 +66,18 @@ def load_model(config_path, ckpt_path, device, embedding_paths=(), use_ema=None)
     if not isinstance(model, LatentDiffusion):
         raise ValueError(f"config '{config_path}' builds a {type(model).__name__}, not a LatentDiffusion model")
     load_learned_words(model, embedding_paths)
+    model.store_frozen_weights(weights_dtype)
     return model.to(device).eval()
+
+
+def sampling_weights_dtype(device, precision: str) -> torch.dtype:
+    """The dtype to keep frozen weights in for `generate(precision=...)` on `device`: autocast's half dtype on an
+    accelerator, where autocast would otherwise cast every weight at every call into it (half the memory, the same
+    products), float32 on the CPU (where "autocast" runs in float32) or with "full"."""
+    device = torch.device(device)
+    if precision == "autocast" and device.type != "cpu":
+        return torch.get_autocast_dtype(device.type)
+    return torch.float32
 
 
 def _read_config(config_path):
@@ -410,7 +423,9 @@ def run_command_line(parser, argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         prompts, grid_name = _read_prompts(args)
-        model = load_model(args.config, args.ckpt, _parse_device(args.device), embedding_paths=args.embedding_path)
+        device = _parse_device(args.device)
+        model = load_model(args.config, args.ckpt, device, embedding_paths=args.embedding_path,
+                           weights_dtype=sampling_weights_dtype(device, args.precision))
         images = generate(
             model, prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.ddim_steps, scale=args.scale,
             eta=args.ddim_eta, seed=args.seed, height=args.H, width=args.W, sampler="plms" if args.plms else "ddim",

@@ -3,7 +3,9 @@
 Textual inversion's training memory beyond the weights is mostly these kept activations, so this is the map to
 read before changing a layer. The UNet of a config runs once with random weights under the training precision,
 with a gradient only towards its text conditioning (frozen weights), and autograd's saved-tensor hooks count
-each kept storage once (weights excluded). Runs on any device; on the CPU, SD v1 at batch 1 takes seconds.
+each kept storage once (weights excluded). Runs on any device; on the CPU, SD v1 at batch 1 takes seconds, and
+the ops that CUDA autocast runs in float32 but the CPU's does not (layer_norm, group_norm, interpolate) run in
+float32 whenever autocast is on for them, so that the map shows what a training run on a GPU keeps.
 
 Examples:
   python scripts/activation_memory.py                          # SD v1, batch 1, 512 px, bf16, CPU
@@ -16,13 +18,28 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from ldm.util import NAMED_CONFIGS, instantiate_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Functions the UNet calls that CUDA autocast runs in float32 and CPU autocast leaves in the input's dtype.
+CUDA_AUTOCAST_FLOAT32 = {F.layer_norm, F.group_norm, F.interpolate}
+
+
+class CudaAutocastOnCPU(TorchFunctionMode):
+    """Runs CUDA autocast's float32 functions in float32 while CPU autocast is on, as they would run on a GPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in CUDA_AUTOCAST_FLOAT32 and torch.is_autocast_enabled("cpu"):
+            to_float32 = lambda value: value.float() if torch.is_tensor(value) and value.is_floating_point() else value  # noqa: E731
+            args, kwargs = tree_map(to_float32, args), tree_map(to_float32, kwargs or {})
+        return func(*args, **(kwargs or {}))
 
 
 class LastOp(TorchDispatchMode):
@@ -76,7 +93,8 @@ def kept_by_layer(unet: torch.nn.Module, params, batch_size: int, dtype: torch.d
     context = torch.randn(batch_size, 77, params.unet_config.params.context_dim, device=device, requires_grad=True)
     timesteps = torch.full((batch_size,), 500, device=device)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast, last_op:
+    as_on_cuda = CudaAutocastOnCPU() if device.type == "cpu" else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast, as_on_cuda, last_op:
         output = unet(x, timesteps, context=context)
     del output
     return kept

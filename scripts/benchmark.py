@@ -20,13 +20,14 @@ synchronize). Peak memory is torch.cuda.max_memory_allocated over the timed step
 weights wait on the CPU; other devices do not report it (n/a). Held for backward is measured on every device: the
 memory one forward leaves allocated for its backward. FLOP-floor fraction (CUDA, full-size models): the
 FLOPs per image the step cannot avoid times images/s, over --peak_tflops; 1.0 would be the GPU doing only that
-work at its peak. Sampling runs in what `generate` uses: fp16 autocast on a GPU, float32 on the CPU or with
---precision fp32; the diffusers pipeline gets the same dtype.
+work at its peak. Sampling runs as the txt2img scripts run it: frozen weights stored in fp16 and fp16 autocast on
+a GPU, float32 on the CPU or with --precision fp32; the diffusers pipeline gets the same dtype.
 
 Examples:
   python scripts/benchmark.py                                   # CPU: tiny SD, batches 1 and 4
   python scripts/benchmark.py --sampling --json bench.json      # GPU: SD v1, batches 1, 8, 16, and sampling
   python scripts/benchmark.py --model ldm --compile --gradient_checkpointing
+  python scripts/benchmark.py --model sd --batch_sizes 1 --compile reduce-overhead   # GPU: CUDA graphs
 """
 import argparse
 import contextlib
@@ -64,7 +65,8 @@ from diffusers.utils import logging as diffusers_logging
 from omegaconf import OmegaConf
 from transformers import CLIPTextModel
 
-from ldm.generate import first_stage_factor, generate
+from ldm.generate import first_stage_factor, generate, sampling_weights_dtype
+from ldm.models.diffusion.ddpm import COMPILE_MODES
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import clip_tokenizer
 from ldm.util import NAMED_CONFIGS, instantiate_from_config
@@ -84,16 +86,15 @@ GUIDANCE_SCALE = 7.5
 
 
 # --- ours ----------------------------------------------------------------------------------------------------
-def prepare_frozen_weights(model, precision: str, frozen_weights_dtype: str = "auto"):
-    """Store the frozen weights in `precision`'s half dtype, or in `frozen_weights_dtype` when not "auto" (and
-    compile the UNet if the config asks) through the model's own preparation, as a Lightning run does."""
-    model.frozen_weights_dtype = frozen_weights_dtype
+def prepare_frozen_weights(model, precision: str):
+    """Store the frozen weights in `precision`'s half dtype (and compile the UNet if the config asks) through the
+    model's own preparation, as a Lightning run does."""
     model.prepare_for_training(TRAINER_PRECISION[precision])
 
 
 @torch.no_grad()
 def build_ours(model_name: str, device: torch.device, precision: str, use_checkpoint: bool = False,
-               compile_unet: bool = False, seed: int = 0):
+               compile_unet: bool | str = False, seed: int = 0):
     """Our model from its config with random weights (zero-initialised layers too, so every gradient is non-zero),
     the config's speed levers set as a user would set them in the YAML."""
     config = OmegaConf.load(os.path.join(REPO, NAMED_CONFIGS[model_name]))
@@ -427,11 +428,9 @@ def add_ratios(rows: list[dict]):
         row["ratio"] = row["images_per_s"] / baseline if row["implementation"] == "ours" and baseline else None
 
 
-def sampling_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """What `generate(precision="autocast")` computes in: the device's autocast dtype, float32 on the CPU."""
-    if precision == "fp32" or device.type == "cpu":
-        return torch.float32
-    return torch.get_autocast_dtype(device.type)
+def sampling_precision(precision: str) -> str:
+    """`generate`'s precision for a benchmark precision: fp32 runs "full", a half precision "autocast"."""
+    return "full" if precision == "fp32" else "autocast"
 
 
 def diffusers_pipeline(parts: DiffusersParts, dtype: torch.dtype):
@@ -450,13 +449,13 @@ def sampling_rows(model, parts: DiffusersParts | None, args) -> list[dict]:
     """DDIM, eta 0, guidance 7.5, one prompt, 1 and 8 images per call: ours through `generate`, diffusers through
     its pipeline; one short untimed call of each first."""
     device, size = args.device, image_size(model)
-    dtype = sampling_dtype(device, args.precision)
-    prepare_frozen_weights(model, args.precision, frozen_weights_dtype=str(dtype).removeprefix("torch."))
+    dtype = sampling_weights_dtype(device, sampling_precision(args.precision))
+    model.store_frozen_weights(dtype)  # as the txt2img scripts load it
     prompt = SAMPLING_PROMPT.format(placeholder_of(model))
     model.eval()
     runners = {"ours": lambda n, steps: generate(
         model, prompt, n_samples=n, n_iter=1, steps=steps, scale=GUIDANCE_SCALE, eta=0.0, seed=0, height=size,
-        width=size, precision="full" if args.precision == "fp32" else "autocast", progress=False)}
+        width=size, precision=sampling_precision(args.precision), progress=False)}
     if parts is not None:
         pipe = diffusers_pipeline(parts, dtype)
         generator = torch.Generator(device=device).manual_seed(0)
@@ -489,9 +488,10 @@ def run_benchmark(args) -> dict:
     if args.gradient_checkpointing:
         variants.append(("checkpointing", {"use_checkpoint": True}))
     if args.compile:
-        variants.append(("compiled", {"compile_unet": True}))
-        notes.append("compiled: ours with compile_unet; its ratio is against diffusers' eager step (the example "
-                     "script does not compile).")
+        variants.append(("compiled" if args.compile == "default" else f"compiled {args.compile}",
+                         {"compile_unet": args.compile}))
+        notes.append(f"compiled: ours with compile_unet: {args.compile}; its ratio is against diffusers' eager step "
+                     "(the example script does not compile).")
     rows = []
     for variant, levers in variants:
         ours = build_ours(args.model, device, args.precision, **levers) if levers else model
@@ -524,7 +524,8 @@ def run_benchmark(args) -> dict:
             parts = None
         report["sampling"] = sampling_rows(model, parts, args)
         report["sampling_steps"] = args.sampling_steps
-        report["sampling_dtype"] = str(sampling_dtype(device, args.precision)).removeprefix("torch.")
+        dtype = sampling_weights_dtype(device, sampling_precision(args.precision))
+        report["sampling_dtype"] = str(dtype).removeprefix("torch.")
     return report
 
 
@@ -589,7 +590,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, help="timed steps per measurement (default: 20; CPU: 10)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default: 5; CPU: 2)")
     parser.add_argument("--precision", choices=TRAINER_PRECISION, help="default: bf16 on a GPU, fp32 on the CPU")
-    parser.add_argument("--compile", action="store_true", help="also time ours with the UNet compiled")
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                        help="also time ours with the UNet compiled, in torch.compile's MODE (default: default; "
+                             "reduce-overhead adds CUDA graphs)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="also time both with gradient checkpointing (ours: the UNet's use_checkpoint)")
     parser.add_argument("--sampling", action="store_true", help="also time DDIM sampling with guidance")

@@ -25,7 +25,8 @@ import torch
 from ldm.data.personalized import PersonalizedBase
 from ldm.embeddings import load_embeddings
 from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, remove_placeholders
-from ldm.generate import PRECISIONS, default_device, first_stage_factor, generate, load_model, save_outputs
+from ldm.generate import (PRECISIONS, default_device, first_stage_factor, generate, load_model, sampling_weights_dtype,
+                          save_outputs)
 
 SCORE_FILE = "clip_scores.json"
 
@@ -83,7 +84,8 @@ def generate_samples(args, device) -> tuple[torch.Tensor, list[str], dict]:
     for flag in ("n_samples", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    model = load_model(args.config, args.ckpt, device, embedding_paths=args.embedding_path)
+    model = load_model(args.config, args.ckpt, device, embedding_paths=args.embedding_path,
+                       weights_dtype=sampling_weights_dtype(device, args.precision))
     side = model.image_size * first_stage_factor(model)
     images = generate(model, [args.prompt] * args.n_samples, n_samples=args.batch_size, n_iter=1,
                       steps=args.ddim_steps, scale=args.scale, eta=args.eta, seed=args.seed, height=side, width=side,

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.embeddings import Embeddings, save_embeddings
-from ldm.generate import generate, load_model, save_outputs
+from ldm.generate import generate, load_model, sampling_weights_dtype, save_outputs
 from ldm.models.diffusion.ddim import DDIMSampler
 from scripts import img2img, stable_txt2img, txt2img
 from tests.conftest import REPO, TINY_LDM, TINY_SD, draw_images
@@ -165,6 +165,22 @@ def test_save_outputs_numbers_continue_and_grids_never_overwrite(tmp_path):
     assert [os.path.basename(p) for p in second] == ["00042.png", "00043.png", "a-photo-of-_-0001.png"]
     assert grid_path.read_bytes() == grid_bytes
     assert save_outputs(images, tmp_path, "x", n_rows=2, skip_grid=True, skip_save=True) == []
+
+
+def test_sampling_keeps_frozen_weights_in_autocasts_half_dtype_on_an_accelerator_only():
+    assert sampling_weights_dtype("cuda", "autocast") == torch.float16
+    assert sampling_weights_dtype(torch.device("cuda:1"), "full") == torch.float32
+    assert sampling_weights_dtype("cpu", "autocast") == torch.float32  # "autocast" stays float32 on the CPU
+
+
+def test_load_model_stores_the_frozen_weights_in_the_given_dtype_and_the_learned_vectors_in_float32(tiny_sd_ckpt,
+                                                                                                     tmp_path):
+    star_path, star = write_embedding(tmp_path / "star.pt", "*", 1, seed=0)
+    model = load_model(TINY_SD, tiny_sd_ckpt, "cpu", embedding_paths=[star_path], weights_dtype=torch.bfloat16)
+    for name, parameter in model.named_parameters():
+        expected = torch.float32 if name.startswith("embedding_manager.") else torch.bfloat16
+        assert parameter.dtype == expected, name
+    assert torch.equal(model.embedding_manager.vectors("*").detach(), star)
 
 
 def test_two_embedding_files_are_merged_and_both_words_are_active(tiny_sd_ckpt, tmp_path, capsys):

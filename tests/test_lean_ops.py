@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from ldm.modules.diffusionmodules.util import GroupNorm32
-from ldm.modules.lean_ops import LeanConv1d, LeanConv2d, gated_gelu, group_norm_silu
+from ldm.modules.diffusionmodules.util import GroupNorm32, upsample_nearest
+from ldm.modules.lean_ops import LayerNorm, LeanConv1d, LeanConv2d, gated_gelu, group_norm_silu, native_layer_norms
 
 
 def kept_for_backward(run) -> list[torch.Tensor]:
@@ -151,3 +152,79 @@ def test_group_norm_silu_without_gradients_is_plain():
     weight, bias = torch.ones(8), torch.zeros(8)
     with torch.no_grad():
         assert torch.equal(group_norm_silu(x, 2, weight, bias, 1e-6), F.silu(F.group_norm(x, 2, weight, bias, 1e-6)))
+
+
+class AutocastAtOps(TorchDispatchMode):
+    """Records, for each aten op run, whether autocast was on for the CPU when it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.autocast_on = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.autocast_on.setdefault(func.__name__.split(".")[0], torch.is_autocast_enabled("cpu"))
+        return func(*args, **(kwargs or {}))
+
+
+def test_cuda_autocast_runs_layer_norm_and_nearest_upsampling_in_float32():
+    """Why `LayerNorm` and `upsample_nearest` step out of autocast: CUDA's policy has float32 kernels for both
+    (the CPU's has none, which is why a CPU run of the stock layers shows no float32 copies)."""
+    for op in ("aten::layer_norm", "aten::group_norm", "aten::upsample_nearest2d"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCUDA")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_in_its_weights_dtype_runs_natively_with_the_float32_paths_values(dtype):
+    torch.manual_seed(0)
+    norm = LayerNorm(32)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1), norm.bias.normal_(0, 0.1)
+    norm.to(dtype).requires_grad_(False)
+    x = (torch.randn(2, 10, 32) * 3 + 1).to(dtype).requires_grad_(True)
+    recorder = AutocastAtOps()
+    with torch.autocast("cpu", dtype=dtype), recorder:
+        kept, output = kept_for_backward(lambda: norm(x))
+    assert recorder.autocast_on["native_layer_norm"] is False
+    assert output.dtype == dtype
+    assert all(t.dtype != torch.float32 or t.numel() < x.numel() for t in kept)  # fp32 mean and rstd only
+    # What CUDA autocast computes: float32 input and weights, the output rounded when the next linear casts it.
+    reference = F.layer_norm(x.float(), (32,), norm.weight.float(), norm.bias.float(), norm.eps)
+    assert torch.equal(output, reference.to(dtype))
+    grad_output = torch.randn_like(output)
+    (grad,) = torch.autograd.grad(output, x, grad_output)
+    (reference_grad,) = torch.autograd.grad(reference, x, grad_output.float())
+    torch.testing.assert_close(grad, reference_grad.to(dtype), rtol=0, atol=torch.finfo(dtype).eps * 8)
+
+
+def test_layer_norm_with_other_dtypes_is_nn_layer_norm():
+    torch.manual_seed(0)
+    norm = LayerNorm(16)
+    stock = nn.LayerNorm(16)
+    stock.load_state_dict(norm.state_dict())
+    x = torch.randn(3, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(norm(x), stock(x))  # float32 weights, bf16 input: autocast decides, as for the stock one
+    assert torch.equal(norm(x.float()), stock(x.float()))
+    assert list(norm.state_dict()) == ["weight", "bias"]
+
+
+def test_native_layer_norms_converts_in_place_and_keeps_the_state():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Sequential(nn.LayerNorm(4)))
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    parameters = list(model.parameters())
+    assert native_layer_norms(model) is model
+    assert type(model[1]) is LayerNorm and type(model[2][0]) is LayerNorm and type(model[0]) is nn.Linear
+    assert list(model.parameters()) == parameters
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in state.items())
+
+
+@pytest.mark.parametrize("size, scale_factor", [(None, 2), ((8, 10), None)])
+def test_nearest_upsampling_keeps_the_dtype_and_copies_exactly(size, scale_factor):
+    x = torch.randn(2, 3, 4, 5).bfloat16()
+    recorder = AutocastAtOps()
+    with torch.autocast("cpu", dtype=torch.bfloat16), recorder:
+        upsampled = upsample_nearest(x, size=size, scale_factor=scale_factor)
+    assert not any(recorder.autocast_on.values())
+    assert upsampled.dtype == torch.bfloat16
+    assert torch.equal(upsampled, F.interpolate(x.float(), size=size, scale_factor=scale_factor).bfloat16())

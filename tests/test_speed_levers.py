@@ -7,11 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 import ldm.modules.attention
 from ldm.checkpoint import build_random_model
 from ldm.modules.diffusionmodules.util import GroupNorm32
-from ldm.modules.lean_ops import LeanConv
+from ldm.modules.lean_ops import LayerNorm, LeanConv
+from ldm.util import instantiate_from_config
 from tests.conftest import TINY_SD
 from tests.test_lean_ops import stock_gated_gelu
 
@@ -97,7 +99,8 @@ def test_vae_is_parked_in_cpu_memory_only_where_the_cache_serves_the_batches(dat
 
 
 def with_stock_layers(model):
-    """`model` with nn.Conv; the test patches in the two-step GEGLU and LDM's GroupNorm and SiLU."""
+    """`model` with nn.Conv; the test patches in the two-step GEGLU, LDM's GroupNorm and SiLU, and float32
+    LayerNorms."""
     stock = copy.deepcopy(model)
     for module in stock.modules():
         if isinstance(module, LeanConv):
@@ -109,6 +112,17 @@ def stock_group_norm(self, x):
     """LDM's GroupNorm32 (float32, cast back), then the separate SiLU where ours fuses it."""
     normed = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
     return F.silu(normed) if self.silu else normed
+
+
+def float32_layer_norm(self, x):
+    """nn.LayerNorm as CUDA autocast runs it: float32 input and weights, a float32 output."""
+    return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
+def stock_layers_patched(patch):
+    patch.setattr(ldm.modules.attention, "gated_gelu", stock_gated_gelu)
+    patch.setattr(GroupNorm32, "forward", stock_group_norm)
+    patch.setattr(LayerNorm, "forward", float32_layer_norm)
 
 
 def vector_gradient(model, batch, dtype):
@@ -127,8 +141,7 @@ def test_lean_layers_give_the_stock_loss_and_gradient(dataset, monkeypatch):
     batch = batch_of(dataset, [0, 1], [False, True])
     lean_loss, lean_grad = vector_gradient(lean, batch, torch.float32)
     with monkeypatch.context() as patch:
-        patch.setattr(ldm.modules.attention, "gated_gelu", stock_gated_gelu)
-        patch.setattr(GroupNorm32, "forward", stock_group_norm)
+        stock_layers_patched(patch)
         stock_loss, stock_grad = vector_gradient(stock, batch, torch.float32)
     assert torch.equal(lean_loss, stock_loss)
     # Each layer's gradient is bit for bit the stock one; autograd may add up a tensor's gradients in another order.
@@ -139,8 +152,7 @@ def test_lean_layers_give_the_stock_loss_and_gradient(dataset, monkeypatch):
             module.to(torch.bfloat16)
     lean_loss, lean_grad = vector_gradient(lean, batch, torch.bfloat16)
     with monkeypatch.context() as patch:
-        patch.setattr(ldm.modules.attention, "gated_gelu", stock_gated_gelu)
-        patch.setattr(GroupNorm32, "forward", stock_group_norm)
+        stock_layers_patched(patch)  # in bf16, LayerNorm as CUDA autocast runs it
         stock_loss, stock_grad = vector_gradient(stock, batch, torch.bfloat16)
     assert abs(lean_loss.item() - stock_loss.item()) < 0.01 * stock_loss.item()
     assert F.cosine_similarity(lean_grad.flatten(), stock_grad.flatten(), dim=0) > 0.99
@@ -168,6 +180,20 @@ def test_preparation_casts_frozen_weights_to_the_trainer_precision():
     assert next(model.model.parameters()).dtype == torch.bfloat16
     assert next(model.first_stage_model.parameters()).dtype == torch.bfloat16
     assert model.embedding_manager.vectors("*").dtype == torch.float32
+
+
+def test_compile_unet_takes_true_or_a_torch_compile_mode(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, mode=None: modes.append(mode))
+    model = build_random_model(TINY_SD)
+    for setting in (False, True, "reduce-overhead"):
+        model.compile_unet = setting
+        model.prepare_for_training("32-true")
+    assert modes == [None, "reduce-overhead"]
+    config = OmegaConf.load(TINY_SD)
+    config.model.params.compile_unet = "fast"
+    with pytest.raises(ValueError, match="compile_unet 'fast' is not true, false or a torch.compile mode"):
+        instantiate_from_config(config.model)
 
 
 @pytest.mark.slow

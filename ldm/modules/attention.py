@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
-from ldm.modules.lean_ops import LeanConv2d, gated_gelu
+from ldm.modules.lean_ops import LayerNorm, LeanConv2d, gated_gelu
 from ldm.util import default
 
 
@@ -72,9 +72,9 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = CrossAttention(
             query_dim=dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout
         )
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.checkpoint = checkpoint
 
     def forward(self, x, context=None):

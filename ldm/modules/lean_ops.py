@@ -1,22 +1,33 @@
-"""UNet layers that keep less for the backward pass and compute the same values.
+"""Layers of the UNet and the text encoders that keep less for the backward pass and compute the same values.
 
 Textual inversion backpropagates through a frozen UNet to its text conditioning, so the activations autograd keeps
 between the forward and the backward are most of the training memory. Stock layers keep more than that backward
-needs (SD v1 at batch 1 under bf16 autocast: 813 MiB kept, 370 MiB of it avoidable; `scripts/activation_memory.py`):
+needs (SD v1 at batch 1 under bf16 autocast on a GPU: about 875 MiB kept, 432 MiB of it avoidable;
+`scripts/activation_memory.py`):
 - a convolution keeps its input for the weight gradient even when the weight is frozen (`LeanConv`: keeps nothing
   but the weight, which is a parameter anyway);
 - GEGLU keeps both the projection and GELU(gate) (`gated_gelu`: keeps the projection, recomputes the GELU);
 - a float32 GroupNorm on half-precision activations keeps a float32 copy of its input (`GroupNorm32` in util.py
   runs half inputs natively when its weights are half too: float32 statistics, rounded once, as before);
-- the SiLU after a GroupNorm keeps the norm's output (`group_norm_silu`: recomputes it from what the norm keeps).
+- the SiLU after a GroupNorm keeps the norm's output (`group_norm_silu`: recomputes it from what the norm keeps);
+- CUDA autocast runs layer_norm in float32 whatever its weights, so it keeps a float32 copy of a half input and
+  hands a float32 output to linears that cast it back (`LayerNorm`: runs in its weights' dtype when the input
+  shares it). The CPU's autocast does not upcast, so a CPU measurement of the stock layer does not show this.
 Each layer's gradient comes from the same kernels on the same values as the stock layer's, bit for bit; through a
-whole UNet they agree to float32 rounding, as autograd may add up a tensor's gradients in another order.
+whole UNet they agree to float32 rounding, as autograd may add up a tensor's gradients in another order. The
+native LayerNorm's output is the float32 path's rounded once, as before; its input gradient sums the gradients of
+the linears it feeds in the half dtype rather than in float32 (as a model stored and run in bf16 does).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 _CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def shares_dtype(x: torch.Tensor, *parameters) -> bool:
+    """Whether every given parameter (None for an absent one) has x's dtype, so a norm can run natively in it."""
+    return all(p is None or p.dtype == x.dtype for p in parameters)
 
 
 class _ConvFrozenWeight(torch.autograd.Function):
@@ -123,3 +134,26 @@ def group_norm_silu(x, groups, weight, bias, eps):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _GroupNormSiLU.apply(x, weight, bias, groups, eps)
     return F.silu(F.group_norm(x, groups, weight, bias, eps))
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that runs in its weights' dtype, autocast or not, when the input has that dtype too.
+
+    The native half-precision kernel accumulates in float32 and rounds its output once, the values the float32
+    path (CUDA autocast's choice) yields once the next linear casts them back; it keeps the half input for
+    backward instead of a float32 copy. Other mixes run as nn.LayerNorm does."""
+
+    def forward(self, x):
+        if not shares_dtype(x, self.weight, self.bias):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x)
+
+
+def native_layer_norms(module: nn.Module) -> nn.Module:
+    """Make every nn.LayerNorm inside `module` (a third-party model, e.g. transformers' CLIP) a `LayerNorm`, in
+    place: the subclass adds no state, so parameters, names and checkpoints stay as they are."""
+    for submodule in module.modules():
+        if type(submodule) is nn.LayerNorm:
+            submodule.__class__ = LayerNorm
+    return module

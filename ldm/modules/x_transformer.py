@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.lean_ops import LayerNorm
+
 DIM_HEAD = 64
 
 
@@ -69,8 +71,8 @@ class Encoder(nn.Module):
         self.dim = dim
         self.layers = nn.ModuleList()
         for _ in range(depth):
-            self.layers.append(nn.ModuleList([nn.LayerNorm(dim), Attention(dim, heads=heads)]))
-            self.layers.append(nn.ModuleList([nn.LayerNorm(dim), FeedForward(dim)]))
+            self.layers.append(nn.ModuleList([LayerNorm(dim), Attention(dim, heads=heads)]))
+            self.layers.append(nn.ModuleList([LayerNorm(dim), FeedForward(dim)]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for norm, branch in self.layers:
@@ -94,7 +96,7 @@ class TransformerWrapper(nn.Module):
         self.pos_emb = AbsolutePositionalEmbedding(dim, max_seq_len)
         self.emb_dropout = nn.Dropout(emb_dropout)
         self.attn_layers = attn_layers
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
         # The language-model head is never used for conditioning; it exists so checkpoints load key for key.
         self.to_logits = nn.Linear(dim, num_tokens)
 

@@ -26,6 +26,8 @@ from ldm.util import (
 )
 
 FROZEN_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `compile_unet`: false, true (torch.compile's default mode) or a mode; "reduce-overhead" adds CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -192,6 +194,9 @@ class LatentDiffusion(DDPM):
     ):
         if frozen_weights_dtype not in FROZEN_DTYPES:
             raise ValueError(f"frozen_weights_dtype '{frozen_weights_dtype}' is not one of {', '.join(FROZEN_DTYPES)}")
+        if not isinstance(compile_unet, bool) and compile_unet not in COMPILE_MODES:
+            raise ValueError(f"compile_unet '{compile_unet}' is not true, false or a torch.compile mode "
+                             f"({', '.join(COMPILE_MODES)})")
         if conditioning_key is None:
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__":
@@ -348,10 +353,14 @@ class LatentDiffusion(DDPM):
         and no per-step weight casts; the learned vectors stay float32. Compile the UNet if asked."""
         dtype = FROZEN_DTYPES[self.frozen_weights_dtype] or {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         if dtype is not None and not self.unfreeze_model:
-            for module in (self.model, self.first_stage_model, self.cond_stage_model):
-                module.to(dtype)
+            self.store_frozen_weights(dtype)
         if self.compile_unet:  # in place: weights and state-dict names stay those of the plain module
-            self.model.diffusion_model.compile()
+            self.model.diffusion_model.compile(mode=None if self.compile_unet is True else self.compile_unet)
+
+    def store_frozen_weights(self, dtype: torch.dtype):
+        """Keep the UNet, the autoencoder and the text encoder in `dtype`; the learned vectors stay as they are."""
+        for module in (self.model, self.first_stage_model, self.cond_stage_model):
+            module.to(dtype)
 
     def on_train_end(self):
         self.first_stage_model.to(self.device)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules.util import GroupNorm32
+from ldm.modules.diffusionmodules.util import GroupNorm32, upsample_nearest
 
 nonlinearity = F.silu
 
@@ -28,7 +28,7 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x):
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = upsample_nearest(x, scale_factor=2.0)
         return self.conv(x) if self.with_conv else x
 
 

@@ -16,6 +16,7 @@ from ldm.modules.diffusionmodules.util import (
     normalization,
     normalization_and_silu,
     timestep_embedding,
+    upsample_nearest,
     zero_module,
 )
 
@@ -52,9 +53,9 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         if self.dims == 3:
-            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+            x = upsample_nearest(x, size=(x.shape[2], x.shape[3] * 2, x.shape[4] * 2))
         else:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = upsample_nearest(x, scale_factor=2)
         if self.use_conv:
             x = self.conv(x)
         return x

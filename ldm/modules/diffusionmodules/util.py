@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ldm.modules.lean_ops import LeanConv1d, LeanConv2d, LeanConv3d, group_norm_silu
+from ldm.modules.lean_ops import LeanConv1d, LeanConv2d, LeanConv3d, group_norm_silu, shares_dtype
 
 
 def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
@@ -95,7 +95,7 @@ class GroupNorm32(nn.GroupNorm):
         self.silu = silu
 
     def forward(self, x):
-        if all(p is None or p.dtype == x.dtype for p in (self.weight, self.bias)):
+        if shares_dtype(x, self.weight, self.bias):
             with torch.autocast(x.device.type, enabled=False):
                 if self.silu:
                     return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
@@ -104,6 +104,13 @@ class GroupNorm32(nn.GroupNorm):
         bias = self.bias.float() if self.bias is not None else None
         normed = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
         return F.silu(normed) if self.silu else normed
+
+
+def upsample_nearest(x, size=None, scale_factor=None):
+    """Nearest-neighbour upsampling in x's own dtype: a copy, so exact in any precision. (CUDA autocast runs it in
+    float32, which writes twice the bytes and makes the next layer cast them back.)"""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.interpolate(x, size=size, scale_factor=scale_factor, mode="nearest")
 
 
 def normalization(channels):

@@ -14,6 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.masking_utils import create_causal_mask
 
 from ldm.modules.encoders.tokenizers import bert_tokenizer, clean_clip_text, clip_tokenizer
+from ldm.modules.lean_ops import native_layer_norms
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
 _CAUSAL_MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
@@ -132,7 +133,8 @@ class FrozenCLIPEmbedder(TextConditioner):
         super().__init__()
         self.max_length = max_length
         self.tokenizer = clip_tokenizer(tokenizer_path)
-        self.transformer = nn.ModuleDict({"text_model": CLIPTextModel(clip_text_config(version, text_config))})
+        text_model = native_layer_norms(CLIPTextModel(clip_text_config(version, text_config)))
+        self.transformer = nn.ModuleDict({"text_model": text_model})
         if device is not None:
             self.to(device)
 
