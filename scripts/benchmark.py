@@ -27,7 +27,7 @@ Examples:
   python scripts/benchmark.py                                   # CPU: tiny SD, batches 1 and 4
   python scripts/benchmark.py --sampling --json bench.json      # GPU: SD v1, batches 1, 8, 16, and sampling
   python scripts/benchmark.py --model ldm --compile --gradient_checkpointing
-  python scripts/benchmark.py --model sd --batch_sizes 1 --compile reduce-overhead   # GPU: CUDA graphs
+  python scripts/benchmark.py --model sd --batch_sizes 1 8 --cuda_graphs             # GPU: CUDA graphs
 """
 import argparse
 import contextlib
@@ -94,12 +94,13 @@ def prepare_frozen_weights(model, precision: str):
 
 @torch.no_grad()
 def build_ours(model_name: str, device: torch.device, precision: str, use_checkpoint: bool = False,
-               compile_unet: bool | str = False, seed: int = 0):
+               compile_unet: bool | str = False, cuda_graphs: bool = False, seed: int = 0):
     """Our model from its config with random weights (zero-initialised layers too, so every gradient is non-zero),
     the config's speed levers set as a user would set them in the YAML."""
     config = OmegaConf.load(os.path.join(REPO, NAMED_CONFIGS[model_name]))
     config.model.params.unet_config.params.use_checkpoint = use_checkpoint
     config.model.params.compile_unet = compile_unet
+    config.model.params.cuda_graphs = cuda_graphs
     torch.manual_seed(seed)
     with torch.device(device):
         model = instantiate_from_config(config.model)
@@ -446,8 +447,9 @@ def diffusers_pipeline(parts: DiffusersParts, dtype: torch.dtype):
 
 
 def sampling_rows(model, parts: DiffusersParts | None, args) -> list[dict]:
-    """DDIM, eta 0, guidance 7.5, one prompt, 1 and 8 images per call: ours through `generate`, diffusers through
-    its pipeline; one short untimed call of each first."""
+    """DDIM, eta 0, guidance 7.5, one prompt, 1 and 8 images per call: ours through `generate` (also with the UNet
+    replayed as CUDA graphs with --cuda_graphs), diffusers through its pipeline; one short untimed call of each
+    first."""
     device, size = args.device, image_size(model)
     dtype = sampling_weights_dtype(device, sampling_precision(args.precision))
     model.store_frozen_weights(dtype)  # as the txt2img scripts load it
@@ -462,16 +464,20 @@ def sampling_rows(model, parts: DiffusersParts | None, args) -> list[dict]:
         runners["diffusers"] = lambda n, steps: pipe(
             prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, eta=0.0,
             num_images_per_prompt=n, generator=generator, output_type="np")
+    labels = ["ours", *(["ours (cuda graphs)"] if args.cuda_graphs else []), *runners.keys() - {"ours"}]
     rows = []
     for n in SAMPLING_BATCHES:
         seconds = {}
-        for label, run in runners.items():
+        for label in labels:
+            run = runners["ours" if label.startswith("ours") else label]
+            model.model.use_cuda_graphs(label == "ours (cuda graphs)")  # the untimed call records the graphs
             run(n, min(2, args.sampling_steps))
             seconds[label], _ = measure(device, partial(run, n, args.sampling_steps))
+        model.model.use_cuda_graphs(False)
         for label, value in seconds.items():
-            ratio = seconds["diffusers"] / value if label == "ours" and "diffusers" in seconds else None
+            ours = label.startswith("ours") and "diffusers" in seconds
             rows.append({"implementation": label, "images_per_prompt": n, "s_per_call": value,
-                         "images_per_s": n / value, "ratio": ratio})
+                         "images_per_s": n / value, "ratio": seconds["diffusers"] / value if ours else None})
     return rows
 
 
@@ -492,6 +498,10 @@ def run_benchmark(args) -> dict:
                          {"compile_unet": args.compile}))
         notes.append(f"compiled: ours with compile_unet: {args.compile}; its ratio is against diffusers' eager step "
                      "(the example script does not compile).")
+    if args.cuda_graphs:
+        variants.append(("cuda graphs", {"cuda_graphs": True}))
+        notes.append("cuda graphs: ours with cuda_graphs: true (the UNet's passes replayed as CUDA graphs); its held "
+                     "memory is the recorded graphs' pool; its ratio is against diffusers' eager step.")
     rows = []
     for variant, levers in variants:
         ours = build_ours(args.model, device, args.precision, **levers) if levers else model
@@ -593,6 +603,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                         help="also time ours with the UNet compiled, in torch.compile's MODE (default: default; "
                              "reduce-overhead adds CUDA graphs)")
+    parser.add_argument("--cuda_graphs", action="store_true",
+                        help="also time ours with cuda_graphs (the UNet's passes replayed as CUDA graphs; CUDA only)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="also time both with gradient checkpointing (ours: the UNet's use_checkpoint)")
     parser.add_argument("--sampling", action="store_true", help="also time DDIM sampling with guidance")
@@ -607,6 +619,8 @@ def parse_args(argv=None):
     except RuntimeError:
         parser.error(f"--device '{args.device}' is not a device: use e.g. cpu, cuda or cuda:1")
     on_cpu = args.device.type == "cpu"
+    if args.cuda_graphs and args.device.type != "cuda":
+        parser.error("--cuda_graphs needs a CUDA device: CUDA graphs exist only there")
     defaults = {"model": "tiny-sd" if on_cpu else "sd", "batch_sizes": [1, 4] if on_cpu else [1, 8, 16],
                 "steps": 10 if on_cpu else 20, "warmup": 2 if on_cpu else 5,
                 "precision": "fp32" if on_cpu else "bf16", "sampling_steps": 10 if on_cpu else 50}

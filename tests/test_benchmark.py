@@ -84,3 +84,10 @@ def test_both_training_steps_compute_the_same_loss_gradient_and_update(benchmark
     assert torch.allclose(vector[0], table[row], rtol=1e-5, atol=1e-7)
     others = torch.arange(table.shape[0]) != row
     assert torch.equal(table[others], table_before[others])
+
+
+def test_cuda_graphs_are_refused_on_the_cpu_with_the_reason(benchmark, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(["--device", "cpu", "--cuda_graphs"])
+    assert exit_info.value.code == 2
+    assert "--cuda_graphs needs a CUDA device" in capsys.readouterr().err

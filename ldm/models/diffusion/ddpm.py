@@ -15,6 +15,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from ldm.modules.cuda_graphs import GraphedUNet
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -47,12 +48,23 @@ class DiffusionWrapper(torch.nn.Module):
             raise ValueError(f"conditioning_key '{conditioning_key}' is not supported: use crossattn (text), concat, hybrid or null")
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
+        self.graphed_unet = None  # a GraphedUNet once `use_cuda_graphs()` is called
+
+    def use_cuda_graphs(self, enabled: bool = True, **options):
+        """Replay the UNet's passes as CUDA graphs where they apply (ldm/modules/cuda_graphs.py), or stop."""
+        self.graphed_unet = GraphedUNet(self.diffusion_model, **options) if enabled else None
+
+    def _apply(self, fn, *args, **kwargs):
+        if self.graphed_unet is not None:  # recorded kernels read the weights where they were
+            self.graphed_unet.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x, t, c_concat=None, c_crossattn=None):
         if self.conditioning_key in ("concat", "hybrid"):
             x = torch.cat([x, *c_concat], dim=1)
         context = torch.cat(c_crossattn, dim=1) if self.conditioning_key in ("crossattn", "hybrid") else None
-        return self.diffusion_model(x, t, context=context)
+        unet = self.diffusion_model if self.graphed_unet is None else self.graphed_unet
+        return unet(x, t, context=context)
 
 
 class DDPM(pl.LightningModule):
@@ -188,6 +200,7 @@ class LatentDiffusion(DDPM):
         park_first_stage=True,
         frozen_weights_dtype="auto",
         compile_unet=False,
+        cuda_graphs=False,
         ucg_training=None,
         *args,
         **kwargs,
@@ -197,6 +210,9 @@ class LatentDiffusion(DDPM):
         if not isinstance(compile_unet, bool) and compile_unet not in COMPILE_MODES:
             raise ValueError(f"compile_unet '{compile_unet}' is not true, false or a torch.compile mode "
                              f"({', '.join(COMPILE_MODES)})")
+        if cuda_graphs and compile_unet:
+            raise ValueError("cuda_graphs and compile_unet are alternatives: for CUDA graphs of the compiled UNet "
+                             "set compile_unet: reduce-overhead and cuda_graphs: false")
         if conditioning_key is None:
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__":
@@ -215,6 +231,11 @@ class LatentDiffusion(DDPM):
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
             self.scale_factor = scale_factor
+        if cuda_graphs:
+            self.model.use_cuda_graphs()
+            if self.model.graphed_unet.checkpointing:
+                warnings.warn("cuda_graphs does not apply with gradient checkpointing (use_checkpoint): the UNet "
+                              "runs eagerly")
         self.first_stage_model = _freeze(instantiate_from_config(first_stage_config))
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
         self.restored_from_checkpoint = self._pending_ckpt is not None

@@ -1,0 +1,141 @@
+"""`cuda_graphs` hands the UNet to a recorder exactly where recorded graphs are exact, once per input shape.
+
+Recording needs CUDA, so these tests put a stand-in for `torch.cuda.make_graphed_callables` on the CPU: it notes
+what it was given and returns the function itself, except that without gradients it hands out one output buffer
+that every call overwrites, as a replayed graph does. So the values must be the eager ones."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import build_random_model
+from ldm.generate import generate
+from ldm.modules.cuda_graphs import GraphedUNet
+from ldm.util import instantiate_from_config
+from tests.conftest import TINY_SD
+from tests.test_speed_levers import batch_of, losses
+
+
+class Recorder:
+    """Stands in for make_graphed_callables; `fail` makes it raise as a failed capture does."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.recorded = []
+
+    def __call__(self, function, samples, **options):
+        if self.fail:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        self.recorded.append({"samples": samples, "options": options,
+                              "autocast": torch.is_autocast_enabled("cpu"),
+                              "cache": torch.is_autocast_cache_enabled()})
+        static_output = function(*samples).detach()
+
+        def replay(*inputs):
+            if torch.is_grad_enabled():
+                return function(*inputs)
+            static_output.copy_(function(*inputs))
+            return static_output.detach()
+
+        return replay
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from ldm.data.personalized import PersonalizedBase
+    from tests.conftest import draw_images
+
+    return PersonalizedBase(draw_images(tmp_path_factory.mktemp("imgs")), size=32, set="val", flip_p=0.0)
+
+
+def graphed_model(recorder):
+    model = build_random_model(TINY_SD)
+    model.model.use_cuda_graphs(make_graphed=recorder, device_type="cpu")
+    return model
+
+
+def vector_gradient(model, batch):
+    loss = losses(model, [batch])[0]
+    return loss, torch.autograd.grad(loss, model.embedding_manager.vectors("*"))[0]
+
+
+def test_training_steps_record_once_per_input_shape_with_the_eager_values(dataset):
+    recorder = Recorder()
+    model, eager = graphed_model(recorder), build_random_model(TINY_SD)
+    two, three = batch_of(dataset, [0, 1], [False, True]), batch_of(dataset, [0, 1, 2], [False] * 3)
+    for batch in (two, two, three, two):
+        loss, grad = vector_gradient(model, batch)
+        eager_loss, eager_grad = vector_gradient(eager, batch)
+        assert torch.equal(loss, eager_loss) and torch.equal(grad, eager_grad)
+    assert [r["samples"][0].shape[0] for r in recorder.recorded] == [2, 3]
+    x, timesteps, context = recorder.recorded[0]["samples"]
+    assert not x.requires_grad and timesteps.dtype == torch.long
+    assert context.requires_grad and context.is_leaf  # a copy: the warm-up passes never reach the real step
+    assert recorder.recorded[0]["options"] in ({}, {"capture_error_mode": "thread_local"})
+
+
+def test_recording_under_autocast_turns_off_only_its_weight_cache(dataset):
+    recorder = Recorder()
+    model = graphed_model(recorder)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses(model, [batch_of(dataset, [0], [False])])
+    assert recorder.recorded[0]["autocast"] is True and recorder.recorded[0]["cache"] is False
+    assert torch.is_autocast_cache_enabled()
+
+
+def test_a_trainable_unet_and_checkpointing_train_eagerly(dataset):
+    recorder = Recorder()
+    model = graphed_model(recorder)
+    model.model.diffusion_model.requires_grad_(True)
+    losses(model, [batch_of(dataset, [0], [False])])
+    model.model.diffusion_model.requires_grad_(False)
+    for module in model.model.diffusion_model.modules():
+        if hasattr(module, "use_checkpoint"):
+            module.use_checkpoint = True
+    model.model.use_cuda_graphs(make_graphed=recorder, device_type="cpu")
+    losses(model, [batch_of(dataset, [0], [False])])
+    assert recorder.recorded == []
+
+
+def test_moving_the_unet_drops_its_graphs(dataset):
+    recorder = Recorder()
+    model = graphed_model(recorder)
+    batch = batch_of(dataset, [0], [False])
+    losses(model, [batch])
+    model.to("cpu")
+    losses(model, [batch])
+    assert len(recorder.recorded) == 2
+
+
+def test_a_failed_recording_is_reported_once_and_the_unet_runs_eagerly(dataset, capsys):
+    model, eager = graphed_model(Recorder(fail=True)), build_random_model(TINY_SD)
+    batch = batch_of(dataset, [0, 1], [False, False])
+    for _ in range(2):
+        assert torch.equal(vector_gradient(model, batch)[1], vector_gradient(eager, batch)[1])
+    output = capsys.readouterr().out
+    assert output.count("cuda_graphs: recording the UNet failed") == 1
+    assert "runs eagerly from here on" in output
+    assert model.model.graphed_unet.failed
+
+
+def test_the_config_switch_builds_the_graphed_unet_and_refuses_compile_too():
+    config = OmegaConf.load(TINY_SD)
+    config.model.params.cuda_graphs = True
+    model = instantiate_from_config(config.model)
+    assert isinstance(model.model.graphed_unet, GraphedUNet)
+    assert model.model.graphed_unet.make_graphed is torch.cuda.make_graphed_callables
+    config.model.params.compile_unet = True
+    with pytest.raises(ValueError, match="cuda_graphs and compile_unet are alternatives"):
+        instantiate_from_config(config.model)
+
+
+@pytest.mark.parametrize("sampler, scale", [("ddim", 7.5), ("plms", 1.0)])
+def test_sampling_records_the_guided_forward_once_and_gives_the_eager_images(sampler, scale):
+    recorder = Recorder()
+    model, eager = graphed_model(recorder).eval(), build_random_model(TINY_SD).eval()
+    settings = dict(n_samples=2, n_iter=2, steps=4, scale=scale, eta=0.0, seed=0, height=32, width=32,
+                    sampler=sampler, precision="full", progress=False)
+    images = generate(model, "a photo of *", **settings)
+    assert all(torch.equal(a, b) for a, b in zip(images, generate(eager, "a photo of *", **settings)))
+    (recorded,) = recorder.recorded  # every step of both batches replays one recording
+    x, _, context = recorded["samples"]
+    assert x.shape[0] == (4 if scale != 1.0 else 2) and not context.requires_grad
