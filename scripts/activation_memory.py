@@ -18,28 +18,14 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 
+from ldm.measure import CudaAutocastOnCPU
 from ldm.util import NAMED_CONFIGS, instantiate_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Functions the UNet calls that CUDA autocast runs in float32 and CPU autocast leaves in the input's dtype.
-CUDA_AUTOCAST_FLOAT32 = {F.layer_norm, F.group_norm, F.interpolate}
-
-
-class CudaAutocastOnCPU(TorchFunctionMode):
-    """Runs CUDA autocast's float32 functions in float32 while CPU autocast is on, as they would run on a GPU."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in CUDA_AUTOCAST_FLOAT32 and torch.is_autocast_enabled("cpu"):
-            to_float32 = lambda value: value.float() if torch.is_tensor(value) and value.is_floating_point() else value  # noqa: E731
-            args, kwargs = tree_map(to_float32, args), tree_map(to_float32, kwargs or {})
-        return func(*args, **(kwargs or {}))
 
 
 class LastOp(TorchDispatchMode):

@@ -17,8 +17,10 @@ keeps its size instead of gaining the one row the example adds.
 
 Timing: `--warmup` untimed steps, then `--steps` steps between two CUDA events (elsewhere time.perf_counter and a
 synchronize). Peak memory is torch.cuda.max_memory_allocated over the timed steps while the other implementation's
-weights wait on the CPU; other devices do not report it (n/a). Held for backward is measured on every device: the
-memory one forward leaves allocated for its backward. FLOP-floor fraction (CUDA, full-size models): the
+weights wait on the CPU; other devices do not report it (n/a). Held for backward and step peak are measured on
+every device (on the CPU with CUDA's autocast policy emulated, ldm/measure.py): the memory one forward leaves
+allocated for its backward, and the most allocated during one step above what was allocated before it; a GPU's
+peak is about the weights it holds plus the step peak. FLOP-floor fraction (CUDA, full-size models): the
 FLOPs per image the step cannot avoid times images/s, over --peak_tflops; 1.0 would be the GPU doing only that
 work at its peak. Sampling runs as the txt2img scripts run it: frozen weights stored in fp16 and fp16 autocast on
 a GPU, float32 on the CPU or with --precision fp32; the diffusers pipeline gets the same dtype.
@@ -66,6 +68,7 @@ from omegaconf import OmegaConf
 from transformers import CLIPTextModel
 
 from ldm.generate import first_stage_factor, generate, sampling_weights_dtype
+from ldm.measure import CudaAutocastOnCPU
 from ldm.models.diffusion.ddpm import COMPILE_MODES
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import clip_tokenizer
@@ -94,13 +97,15 @@ def prepare_frozen_weights(model, precision: str):
 
 @torch.no_grad()
 def build_ours(model_name: str, device: torch.device, precision: str, use_checkpoint: bool = False,
-               compile_unet: bool | str = False, cuda_graphs: bool = False, seed: int = 0):
+               compile_unet: bool | str = False, cuda_graphs: bool = False, offload_unet: bool = False,
+               seed: int = 0):
     """Our model from its config with random weights (zero-initialised layers too, so every gradient is non-zero),
     the config's speed levers set as a user would set them in the YAML."""
     config = OmegaConf.load(os.path.join(REPO, NAMED_CONFIGS[model_name]))
     config.model.params.unet_config.params.use_checkpoint = use_checkpoint
     config.model.params.compile_unet = compile_unet
     config.model.params.cuda_graphs = cuda_graphs
+    config.model.params.offload_unet = offload_unet
     torch.manual_seed(seed)
     with torch.device(device):
         model = instantiate_from_config(config.model)
@@ -144,12 +149,16 @@ class OursStep:
         with autocast(self.model.device, self.precision):
             return self.model.shared_step(batch, generator)[0]
 
-    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        loss = self.loss(batch, generator)
+    def update(self, loss: torch.Tensor):
+        """Backward and the optimizer step."""
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        loss = self.loss(batch, generator)
+        self.update(loss)
         return loss.detach()
 
 
@@ -265,15 +274,18 @@ class DiffusersStep:
         model_pred = parts.unet(noisy_latents, timesteps, encoder_hidden_states.to(parts.weight_dtype)).sample
         return F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
 
-    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        parts = self.parts
-        loss = self.loss(batch, generator)
+    def update(self, loss: torch.Tensor):
+        """Backward, the optimizer step, and every row but the placeholder's restored."""
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()
         with torch.no_grad():
-            parts.token_embedding.weight[self.rows_to_restore] = self.original_table[self.rows_to_restore]
+            self.parts.token_embedding.weight[self.rows_to_restore] = self.original_table[self.rows_to_restore]
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        loss = self.loss(batch, generator)
+        self.update(loss)
         return loss.detach()
 
 
@@ -361,23 +373,38 @@ def native_stderr_silenced():
         os.close(saved)
 
 
-def held_for_backward(step, batch: dict, device: torch.device) -> float:
-    """MiB that one training forward leaves allocated until its backward: the activations autograd keeps (with
-    gradient checkpointing, the checkpoints' inputs). Counted by the CUDA allocator, or on the CPU by the
-    profiler's allocation records, so that the memory levers can be compared on any machine."""
+def memory_of_step(step, batch: dict, device: torch.device) -> tuple[float, float]:
+    """(held for backward, step peak) in MiB above what was allocated before one training step: what the forward
+    leaves allocated until its backward (the activations autograd keeps; with gradient checkpointing, the
+    checkpoints' inputs), and the most allocated at any moment of forward, backward and optimizer step. Counted
+    by the CUDA allocator, or on the CPU from the profiler's allocation records with CUDA's autocast policy
+    emulated (ldm/measure.py), so that the memory levers can be compared on any machine."""
     generator = torch.Generator(device=device).manual_seed(0)
     synchronize(device)
     if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         loss = step.loss(batch, generator)
         held = torch.cuda.memory_allocated(device) - before
-    else:
-        with native_stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                              profile_memory=True) as profile:
-            loss = step.loss(batch, generator)
-        held = sum(event.self_cpu_memory_usage for event in profile.events())
-    del loss
-    return held / 2**20
+        step.update(loss)
+        del loss
+        return held / 2**20, (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    allocated = peak = 0
+    with native_stderr_silenced(), CudaAutocastOnCPU():
+        for phase in ("forward", "update"):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                        profile_memory=True) as profile:
+                if phase == "forward":
+                    loss = step.loss(batch, generator)
+                else:
+                    step.update(loss)
+                    del loss
+            for _, change in sorted((event.time_range.end, event.self_cpu_memory_usage) for event in profile.events()):
+                allocated += change
+                peak = max(peak, allocated)
+            if phase == "forward":
+                held = allocated
+    return held / 2**20, peak / 2**20
 
 
 def time_training(step, batches: list[dict], device: torch.device, warmup: int, steps: int, seed: int = 0) -> dict:
@@ -411,21 +438,23 @@ def train_rows(step, label: str, variant: str, images: dict, args) -> list[dict]
     rows = []
     for batch_size in args.batch_sizes:
         batches = batches_of(images, batch_size)
-        held = held_for_backward(step, batches[0], args.device)
+        held, step_peak = memory_of_step(step, batches[0], args.device)
         timing = time_training(step, batches, args.device, args.warmup, args.steps)
         fraction = floor_fraction(args.model, args.device, timing["images_per_s"], args.peak_tflops)
         rows.append({"implementation": label, "batch_size": batch_size, "variant": variant, **timing,
-                     "held_for_backward_mib": held, "floor_fraction": fraction})
+                     "held_for_backward_mib": held, "step_peak_mib": step_peak, "floor_fraction": fraction})
         print(f"  {label} {variant} batch {batch_size}: {timing['images_per_s']:.3g} images/s", file=sys.stderr)
     return rows
 
 
 def add_ratios(rows: list[dict]):
-    """ours / diffusers images/s at the same batch size, against diffusers' same variant or else its eager run."""
+    """ours / diffusers images/s at the same batch size, against diffusers' checkpointing run for a variant with
+    checkpointing, else its eager run."""
     theirs = {(row["batch_size"], row["variant"]): row["images_per_s"] for row in rows
               if row["implementation"] != "ours"}
     for row in rows:
-        baseline = theirs.get((row["batch_size"], row["variant"]), theirs.get((row["batch_size"], "eager")))
+        variant = "checkpointing" if "checkpointing" in row["variant"] else "eager"
+        baseline = theirs.get((row["batch_size"], variant), theirs.get((row["batch_size"], "eager")))
         row["ratio"] = row["images_per_s"] / baseline if row["implementation"] == "ours" and baseline else None
 
 
@@ -498,6 +527,11 @@ def run_benchmark(args) -> dict:
                          {"compile_unet": args.compile}))
         notes.append(f"compiled: ours with compile_unet: {args.compile}; its ratio is against diffusers' eager step "
                      "(the example script does not compile).")
+    if args.offload_unet:
+        variants.append(("offloaded", {"offload_unet": True}))
+        if args.gradient_checkpointing:
+            variants.append(("offloaded, checkpointing", {"offload_unet": True, "use_checkpoint": True}))
+        notes.append("offloaded: ours with offload_unet (UNet weights in CPU memory, streamed block by block).")
     if args.cuda_graphs:
         variants.append(("cuda graphs", {"cuda_graphs": True}))
         notes.append("cuda graphs: ours with cuda_graphs: true (the UNet's passes replayed as CUDA graphs); its held "
@@ -568,15 +602,17 @@ def format_report(report: dict) -> str:
     lines = [f"# Textual-inversion benchmark: {report['model']}, {report['precision']}", setting, ""]
     lines.append(_table(
         ["implementation", "batch", "variant", "images/s", "ms/step", "peak GiB", "held for backward MiB",
-         "FLOP-floor fraction", "ours/diffusers"],
+         "step peak MiB", "FLOP-floor fraction", "ours/diffusers"],
         [[row["implementation"], row["batch_size"], row["variant"], row["images_per_s"], row["ms_per_step"],
-          row["peak_memory_gib"], row["held_for_backward_mib"], row["floor_fraction"], row["ratio"]]
+          row["peak_memory_gib"], row["held_for_backward_mib"], row["step_peak_mib"], row["floor_fraction"],
+          row["ratio"]]
          for row in report["training"]]))
     lines.append("")
     floors = ", ".join(f"{name} {gflop:g}" for name, gflop in FLOOR_GFLOP_PER_IMAGE.items())
     lines.append(f"Peak memory: torch.cuda.max_memory_allocated over the timed steps (n/a off CUDA). Held for "
-                 f"backward: what one forward leaves allocated for its backward (activations; CUDA allocator, or "
-                 f"the CPU profiler's allocations). FLOP-floor "
+                 f"backward: what one forward leaves allocated for its backward (activations); step peak: the most "
+                 f"allocated during one step above what was allocated before it (CUDA allocator, or the CPU "
+                 f"profiler's allocations with CUDA's autocast policy emulated). FLOP-floor "
                  f"fraction: GFLOP/image of UNet forward + input-gradient backward + text encoder ({floors}) "
                  f"x images/s / {report['peak_tflops']:g} TFLOP/s (CUDA, full-size models only).")
     if "sampling" in report:
@@ -603,6 +639,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                         help="also time ours with the UNet compiled, in torch.compile's MODE (default: default; "
                              "reduce-overhead adds CUDA graphs)")
+    parser.add_argument("--offload_unet", action="store_true",
+                        help="also time ours with offload_unet (the UNet's weights in CPU memory, streamed per block)")
     parser.add_argument("--cuda_graphs", action="store_true",
                         help="also time ours with cuda_graphs (the UNet's passes replayed as CUDA graphs; CUDA only)")
     parser.add_argument("--gradient_checkpointing", action="store_true",

@@ -42,6 +42,7 @@ def test_main_prints_and_writes_both_implementations_at_tiny_size(benchmark, tmp
         assert positive(row["images_per_s"]) and positive(row["ms_per_step"])
         assert row["images_per_s"] == pytest.approx(1e3 * row["batch_size"] / row["ms_per_step"])
         assert row["peak_memory_gib"] is None and row["floor_fraction"] is None  # CUDA-only measurements
+        assert positive(row["held_for_backward_mib"]) and row["step_peak_mib"] >= row["held_for_backward_mib"]
     theirs = {row["batch_size"]: row["images_per_s"] for row in training if row["implementation"] != "ours"}
     for row in (row for row in training if row["implementation"] == "ours"):
         assert row["ratio"] == pytest.approx(row["images_per_s"] / theirs[row["batch_size"]])

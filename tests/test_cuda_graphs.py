@@ -12,7 +12,7 @@ from ldm.generate import generate
 from ldm.modules.cuda_graphs import GraphedUNet
 from ldm.util import instantiate_from_config
 from tests.conftest import TINY_SD
-from tests.test_speed_levers import batch_of, losses
+from tests.test_speed_levers import batch_of, dataset, losses, vector_gradient  # noqa: F401 (the fixture)
 
 
 class Recorder:
@@ -39,23 +39,10 @@ class Recorder:
         return replay
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from ldm.data.personalized import PersonalizedBase
-    from tests.conftest import draw_images
-
-    return PersonalizedBase(draw_images(tmp_path_factory.mktemp("imgs")), size=32, set="val", flip_p=0.0)
-
-
 def graphed_model(recorder):
     model = build_random_model(TINY_SD)
     model.model.use_cuda_graphs(make_graphed=recorder, device_type="cpu")
     return model
-
-
-def vector_gradient(model, batch):
-    loss = losses(model, [batch])[0]
-    return loss, torch.autograd.grad(loss, model.embedding_manager.vectors("*"))[0]
 
 
 def test_training_steps_record_once_per_input_shape_with_the_eager_values(dataset):
@@ -63,8 +50,8 @@ def test_training_steps_record_once_per_input_shape_with_the_eager_values(datase
     model, eager = graphed_model(recorder), build_random_model(TINY_SD)
     two, three = batch_of(dataset, [0, 1], [False, True]), batch_of(dataset, [0, 1, 2], [False] * 3)
     for batch in (two, two, three, two):
-        loss, grad = vector_gradient(model, batch)
-        eager_loss, eager_grad = vector_gradient(eager, batch)
+        loss, grad = vector_gradient(model, batch, torch.float32)
+        eager_loss, eager_grad = vector_gradient(eager, batch, torch.float32)
         assert torch.equal(loss, eager_loss) and torch.equal(grad, eager_grad)
     assert [r["samples"][0].shape[0] for r in recorder.recorded] == [2, 3]
     x, timesteps, context = recorder.recorded[0]["samples"]
@@ -110,7 +97,8 @@ def test_a_failed_recording_is_reported_once_and_the_unet_runs_eagerly(dataset, 
     model, eager = graphed_model(Recorder(fail=True)), build_random_model(TINY_SD)
     batch = batch_of(dataset, [0, 1], [False, False])
     for _ in range(2):
-        assert torch.equal(vector_gradient(model, batch)[1], vector_gradient(eager, batch)[1])
+        graphed_grad, eager_grad = (vector_gradient(m, batch, torch.float32)[1] for m in (model, eager))
+        assert torch.equal(graphed_grad, eager_grad)
     output = capsys.readouterr().out
     assert output.count("cuda_graphs: recording the UNet failed") == 1
     assert "runs eagerly from here on" in output

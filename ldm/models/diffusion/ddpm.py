@@ -19,6 +19,7 @@ from ldm.modules.cuda_graphs import GraphedUNet
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.modules.weight_offload import WeightOffload, unet_blocks
 from ldm.util import (
     count_params,
     instantiate_from_config,
@@ -49,20 +50,41 @@ class DiffusionWrapper(torch.nn.Module):
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
         self.graphed_unet = None  # a GraphedUNet once `use_cuda_graphs()` is called
+        self.weight_offload = None  # a WeightOffload once `offload_weights()` is called
+        # Where the model was last moved: the device an offloaded UNet computes on.
+        self.register_buffer("device_marker", torch.empty(0), persistent=False)
 
     def use_cuda_graphs(self, enabled: bool = True, **options):
         """Replay the UNet's passes as CUDA graphs where they apply (ldm/modules/cuda_graphs.py), or stop."""
+        if enabled and self.weight_offload is not None:
+            raise ValueError("cuda_graphs cannot replay an offloaded UNet (its weights move every step): "
+                             "set offload_unet: false")
         self.graphed_unet = GraphedUNet(self.diffusion_model, **options) if enabled else None
+
+    def offload_weights(self):
+        """Keep the UNet's weights in CPU memory, each block's visiting the device while it computes
+        (ldm/modules/weight_offload.py)."""
+        if self.graphed_unet is not None:
+            raise ValueError("cuda_graphs cannot replay an offloaded UNet (its weights move every step): "
+                             "set cuda_graphs: false")
+        self.weight_offload = WeightOffload(unet_blocks(self.diffusion_model))
+        self.weight_offload.park(self.device_marker.device)
 
     def _apply(self, fn, *args, **kwargs):
         if self.graphed_unet is not None:  # recorded kernels read the weights where they were
             self.graphed_unet.clear()
-        return super()._apply(fn, *args, **kwargs)
+        module = super()._apply(fn, *args, **kwargs)
+        if self.weight_offload is not None:  # moved or cast: back to CPU memory, computing where the model is
+            self.weight_offload.park(self.device_marker.device)
+        return module
 
     def forward(self, x, t, c_concat=None, c_crossattn=None):
         if self.conditioning_key in ("concat", "hybrid"):
             x = torch.cat([x, *c_concat], dim=1)
         context = torch.cat(c_crossattn, dim=1) if self.conditioning_key in ("crossattn", "hybrid") else None
+        if self.weight_offload is not None:
+            with self.weight_offload.saving():
+                return self.diffusion_model(x, t, context=context)
         unet = self.diffusion_model if self.graphed_unet is None else self.graphed_unet
         return unet(x, t, context=context)
 
@@ -201,6 +223,7 @@ class LatentDiffusion(DDPM):
         frozen_weights_dtype="auto",
         compile_unet=False,
         cuda_graphs=False,
+        offload_unet=False,
         ucg_training=None,
         *args,
         **kwargs,
@@ -210,6 +233,9 @@ class LatentDiffusion(DDPM):
         if not isinstance(compile_unet, bool) and compile_unet not in COMPILE_MODES:
             raise ValueError(f"compile_unet '{compile_unet}' is not true, false or a torch.compile mode "
                              f"({', '.join(COMPILE_MODES)})")
+        if offload_unet and compile_unet:
+            raise ValueError("offload_unet and compile_unet cannot be combined (the compiled UNet would read weights "
+                             "that move every step): set compile_unet: false")
         if cuda_graphs and compile_unet:
             raise ValueError("cuda_graphs and compile_unet are alternatives: for CUDA graphs of the compiled UNet "
                              "set compile_unet: reduce-overhead and cuda_graphs: false")
@@ -231,6 +257,8 @@ class LatentDiffusion(DDPM):
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
             self.scale_factor = scale_factor
+        if offload_unet:
+            self.model.offload_weights()
         if cuda_graphs:
             self.model.use_cuda_graphs()
             if self.model.graphed_unet.checkpointing:
@@ -367,6 +395,9 @@ class LatentDiffusion(DDPM):
         return self.p_losses(z, cond, t, noise)
 
     def setup(self, stage):
+        if self.model.weight_offload is not None and self.trainer.world_size > 1:
+            raise ValueError("offload_unet works on one device: train on one GPU (--gpus 0,) or set offload_unet: "
+                             "false")
         self.prepare_for_training(str(self.trainer.precision))
 
     def prepare_for_training(self, precision: str):

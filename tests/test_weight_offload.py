@@ -1,0 +1,88 @@
+"""`offload_unet` keeps the UNet's weights in CPU memory, uploads each block's for its forward, keeps none of the
+uploaded copies for backward, and computes exactly what the resident UNet computes. Here the device is the CPU
+too: every upload is still a separate copy, so what outlives a block is visible."""
+import gc
+import weakref
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import build_random_model
+from ldm.generate import generate
+from ldm.modules.weight_offload import WeightOffload
+from ldm.util import instantiate_from_config
+from tests.conftest import TINY_SD
+from tests.test_speed_levers import batch_of, dataset, vector_gradient  # noqa: F401 (the fixture)
+
+
+def offloaded_model():
+    model = build_random_model(TINY_SD)
+    model.model.offload_weights()
+    return model
+
+
+def test_training_gives_the_resident_unets_loss_and_gradient(dataset):
+    model, resident = offloaded_model(), build_random_model(TINY_SD)
+    batch = batch_of(dataset, [0, 1], [False, True])
+    loss, grad = vector_gradient(model, batch, torch.float32)
+    resident_loss, resident_grad = vector_gradient(resident, batch, torch.float32)
+    assert torch.equal(loss, resident_loss) and torch.equal(grad, resident_grad)
+
+
+def test_no_uploaded_weight_outlives_its_block_not_even_for_backward(dataset, monkeypatch):
+    uploads = []
+    upload = WeightOffload._upload
+
+    def recorded_upload(self, block, args):
+        upload(self, block, args)
+        uploads.extend(weakref.ref(parameter.data) for parameter in block.parameters())
+
+    monkeypatch.setattr(WeightOffload, "_upload", recorded_upload)
+    model = offloaded_model()
+    parameters = list(model.model.diffusion_model.parameters())
+    loss = model.shared_step(batch_of(dataset, [0], [False]), torch.Generator().manual_seed(0))[0]
+    gc.collect()
+    assert len(uploads) == len(parameters)
+    assert all(reference() is None for reference in uploads)  # the graph for backward is alive, the copies are not
+    assert model.model.weight_offload.host_of_storage == {}
+    assert all(p.data_ptr() == model.model.weight_offload.host[p].data_ptr() for p in parameters)
+    (grad,) = torch.autograd.grad(loss, model.embedding_manager.vectors("*"))  # kept weights come back for it
+    assert grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_uploads_again_for_the_recomputation(dataset):
+    model, resident = offloaded_model(), build_random_model(TINY_SD)
+    for unet in (model.model.diffusion_model, resident.model.diffusion_model):
+        for module in unet.modules():
+            if hasattr(module, "use_checkpoint"):
+                module.use_checkpoint = True
+            if hasattr(module, "checkpoint") and isinstance(module.checkpoint, bool):
+                module.checkpoint = True
+    batch = batch_of(dataset, [0], [True])
+    offloaded_grad, resident_grad = (vector_gradient(m, batch, torch.float32)[1] for m in (model, resident))
+    assert torch.equal(offloaded_grad, resident_grad)
+
+
+def test_sampling_and_a_cast_keep_the_weights_in_cpu_memory_and_the_values():
+    model, resident = offloaded_model().eval(), build_random_model(TINY_SD).eval()
+    for dtype in (torch.float64, torch.float32):
+        model.model.to(dtype)
+        assert all(p.dtype == dtype and p.data_ptr() == model.model.weight_offload.host[p].data_ptr()
+                   for p in model.model.diffusion_model.parameters())
+    settings = dict(n_samples=2, n_iter=1, steps=3, scale=7.5, eta=0.0, seed=0, height=32, width=32,
+                    precision="full", progress=False)
+    images, reference = generate(model, "a photo of *", **settings), generate(resident, "a photo of *", **settings)
+    assert all(torch.equal(a, b) for a, b in zip(images, reference))
+
+
+@pytest.mark.parametrize("other, message", [("cuda_graphs", "cuda_graphs cannot replay an offloaded UNet"),
+                                            ("compile_unet", "offload_unet and compile_unet cannot be combined")])
+def test_the_config_switch_refuses_levers_that_need_resident_weights(other, message):
+    config = OmegaConf.load(TINY_SD)
+    config.model.params.offload_unet = True
+    model = instantiate_from_config(config.model)
+    assert isinstance(model.model.weight_offload, WeightOffload)
+    config.model.params[other] = True
+    with pytest.raises(ValueError, match=message):
+        instantiate_from_config(config.model)
