@@ -101,6 +101,19 @@ def test_gated_gelu_without_gradients_is_plain():
         assert torch.equal(gated_gelu(projected), stock_gated_gelu(projected))
 
 
+def test_gated_gelu_backward_allocates_nothing_but_its_gradient():
+    """SD v1's training step peaks in GEGLU's backward, so it computes in place in the gradient's two halves."""
+    projected = torch.randn(2, 64, 512, requires_grad=True)
+    output = gated_gelu(projected)
+    grad_output = torch.randn_like(output)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        (grad,) = torch.autograd.grad(output, projected, grad_output)
+    allocated = sum(event.self_cpu_memory_usage for event in profile.events() if event.self_cpu_memory_usage > 0)
+    assert projected.nbytes <= allocated < 1.1 * projected.nbytes
+    (stock_grad,) = torch.autograd.grad(stock_gated_gelu(projected), projected, grad_output)
+    assert torch.equal(grad, stock_grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_group_norm_on_half_inputs_and_weights_runs_natively_without_a_float32_copy(dtype):
     torch.manual_seed(0)
