@@ -38,10 +38,12 @@ class LastOp(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def unet_of(model_name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
+def unet_of(model_name: str, device: torch.device, dtype: torch.dtype,
+            recompute_feedforward: bool = False) -> tuple[torch.nn.Module, dict]:
     """The config's UNet with random frozen weights in `dtype` (as training stores them), and its model params."""
     config = OmegaConf.load(os.path.join(REPO, NAMED_CONFIGS[model_name]))
     params = config.model.params
+    params.unet_config.params.recompute_feedforward = recompute_feedforward
     torch.manual_seed(0)
     with torch.device(device):
         unet = instantiate_from_config(params.unet_config)
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=DTYPES, default="bf16",
                         help="frozen weights and autocast dtype (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="default: %(default)s")
+    parser.add_argument("--recompute_feedforward", action="store_true",
+                        help="the UNet's recompute_feedforward: GEGLU keeps its input, not its projection")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
@@ -111,7 +115,7 @@ def main(argv=None) -> int:
     except RuntimeError:
         parser.error(f"--device '{args.device}' is not a device: use e.g. cpu or cuda")
     dtype = DTYPES[args.precision]
-    unet, params = unet_of(args.model, device, dtype)
+    unet, params = unet_of(args.model, device, dtype, args.recompute_feedforward)
     kept = kept_by_layer(unet, params, args.batch_size, dtype)
     print(report(kept, f"Kept for backward: {args.model} UNet, batch {args.batch_size}, {args.precision}, {device}"))
     return 0

@@ -98,11 +98,12 @@ def prepare_frozen_weights(model, precision: str):
 @torch.no_grad()
 def build_ours(model_name: str, device: torch.device, precision: str, use_checkpoint: bool = False,
                compile_unet: bool | str = False, cuda_graphs: bool = False, offload_unet: bool = False,
-               seed: int = 0):
+               recompute_feedforward: bool = False, seed: int = 0):
     """Our model from its config with random weights (zero-initialised layers too, so every gradient is non-zero),
     the config's speed levers set as a user would set them in the YAML."""
     config = OmegaConf.load(os.path.join(REPO, NAMED_CONFIGS[model_name]))
     config.model.params.unet_config.params.use_checkpoint = use_checkpoint
+    config.model.params.unet_config.params.recompute_feedforward = recompute_feedforward
     config.model.params.compile_unet = compile_unet
     config.model.params.cuda_graphs = cuda_graphs
     config.model.params.offload_unet = offload_unet
@@ -527,6 +528,8 @@ def run_benchmark(args) -> dict:
                          {"compile_unet": args.compile}))
         notes.append(f"compiled: ours with compile_unet: {args.compile}; its ratio is against diffusers' eager step "
                      "(the example script does not compile).")
+    if args.recompute_feedforward:
+        variants.append(("recomputed feed-forward", {"recompute_feedforward": True}))
     if args.offload_unet:
         variants.append(("offloaded", {"offload_unet": True}))
         if args.gradient_checkpointing:
@@ -639,6 +642,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                         help="also time ours with the UNet compiled, in torch.compile's MODE (default: default; "
                              "reduce-overhead adds CUDA graphs)")
+    parser.add_argument("--recompute_feedforward", action="store_true",
+                        help="also time ours with the UNet's recompute_feedforward (GEGLU keeps its input only)")
     parser.add_argument("--offload_unet", action="store_true",
                         help="also time ours with offload_unet (the UNet's weights in CPU memory, streamed per block)")
     parser.add_argument("--cuda_graphs", action="store_true",

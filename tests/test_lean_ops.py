@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.modules.diffusionmodules.util import GroupNorm32, upsample_nearest
-from ldm.modules.lean_ops import LayerNorm, LeanConv1d, LeanConv2d, gated_gelu, group_norm_silu, native_layer_norms
+from ldm.modules.lean_ops import (LayerNorm, LeanConv1d, LeanConv2d, gated_gelu, group_norm_silu, native_layer_norms,
+                                  projected_gated_gelu)
 
 
 def kept_for_backward(run) -> list[torch.Tensor]:
@@ -99,6 +100,31 @@ def test_gated_gelu_without_gradients_is_plain():
     projected = torch.randn(3, 8)
     with torch.no_grad():
         assert torch.equal(gated_gelu(projected), stock_gated_gelu(projected))
+
+
+@pytest.mark.parametrize("weights_dtype, autocast", [(torch.float32, False), (torch.bfloat16, True),
+                                                    (torch.float32, True)])
+def test_projected_gated_gelu_keeps_the_input_and_matches_linear_then_gated_gelu(weights_dtype, autocast):
+    torch.manual_seed(0)
+    projection = nn.Linear(16, 64).to(weights_dtype).requires_grad_(False)
+    x = torch.randn(2, 10, 16, dtype=weights_dtype, requires_grad=True)
+    grad_output = torch.randn(2, 10, 32)
+    results = []
+    for function in (lambda: gated_gelu(projection(x)), lambda: projected_gated_gelu(x, projection)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            kept, output = kept_for_backward(function)
+        results.append((kept, output, torch.autograd.grad(output, x, grad_output.to(output.dtype))[0]))
+    (stock_kept, stock_out, stock_grad), (lean_kept, lean_out, lean_grad) = results
+    assert torch.equal(lean_out, stock_out) and torch.equal(lean_grad, stock_grad)
+    activations = lambda kept: [t.shape for t in kept if t.ndim == 3]  # noqa: E731
+    assert activations(stock_kept) == [(2, 10, 64)] and activations(lean_kept) == [(2, 10, 16)]
+
+
+def test_projected_gated_gelu_with_a_trainable_projection_is_the_plain_pair():
+    projection = nn.Linear(8, 32)
+    x = torch.randn(3, 8, requires_grad=True)
+    projected_gated_gelu(x, projection).sum().backward()
+    assert projection.weight.grad is not None and x.grad is not None
 
 
 def test_gated_gelu_backward_allocates_nothing_but_its_gradient():

@@ -158,6 +158,24 @@ def test_lean_layers_give_the_stock_loss_and_gradient(dataset, monkeypatch):
     assert F.cosine_similarity(lean_grad.flatten(), stock_grad.flatten(), dim=0) > 0.99
 
 
+def test_recomputing_the_feedforward_projection_gives_the_same_loss_and_gradient(dataset):
+    kept_projection = build_random_model(TINY_SD)
+    recomputed = copy.deepcopy(kept_projection)
+    geglus = [m for m in recomputed.model.diffusion_model.modules() if isinstance(m, ldm.modules.attention.GEGLU)]
+    assert geglus
+    for geglu in geglus:
+        geglu.recompute_projection = True
+    batch = batch_of(dataset, [0, 1], [False, True])
+    for dtype in (torch.float32, torch.bfloat16):
+        if dtype == torch.bfloat16:
+            for model in (kept_projection, recomputed):
+                model.store_frozen_weights(torch.bfloat16)
+        loss, grad = vector_gradient(kept_projection, batch, dtype)
+        recomputed_loss, recomputed_grad = vector_gradient(recomputed, batch, dtype)
+        assert torch.equal(loss, recomputed_loss)
+        torch.testing.assert_close(recomputed_grad, grad, rtol=1e-5, atol=1e-8)
+
+
 def test_half_precision_frozen_weights_stay_close_to_float32(dataset):
     reference = build_random_model(TINY_SD)
     half = copy.deepcopy(reference)

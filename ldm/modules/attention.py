@@ -9,18 +9,22 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
-from ldm.modules.lean_ops import LayerNorm, LeanConv2d, gated_gelu
+from ldm.modules.lean_ops import LayerNorm, LeanConv2d, gated_gelu, projected_gated_gelu
 from ldm.util import default
 
 
 class GEGLU(nn.Module):
-    """Gated GELU projection: half of the output gates the other half (keeping only the projection for backward)."""
+    """Gated GELU projection: half of the output gates the other half. Keeps only the projection for backward, or
+    with `recompute_projection` (the UNet's `recompute_feedforward`) only its input, computing it again there."""
 
     def __init__(self, dim_in, dim_out):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.recompute_projection = False
 
     def forward(self, x):
+        if self.recompute_projection:
+            return projected_gated_gelu(x, self.proj)
         return gated_gelu(self.proj(x))
 
 

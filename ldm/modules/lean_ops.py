@@ -6,7 +6,9 @@ needs (SD v1 at batch 1 under bf16 autocast on a GPU: about 875 MiB kept, 432 Mi
 `scripts/activation_memory.py`):
 - a convolution keeps its input for the weight gradient even when the weight is frozen (`LeanConv`: keeps nothing
   but the weight, which is a parameter anyway);
-- GEGLU keeps both the projection and GELU(gate) (`gated_gelu`: keeps the projection, recomputes the GELU);
+- GEGLU keeps both the projection and GELU(gate) (`gated_gelu`: keeps the projection, recomputes the GELU; with
+  the UNet's `recompute_feedforward`, `projected_gated_gelu` keeps the projection's input, an eighth of its size
+  in SD v1, and recomputes the projection too, for one more matmul);
 - a float32 GroupNorm on half-precision activations keeps a float32 copy of its input (`GroupNorm32` in util.py
   runs half inputs natively when its weights are half too: float32 statistics, rounded once, as before);
 - the SiLU after a GroupNorm keeps the norm's output (`group_norm_silu`: recomputes it from what the norm keeps);
@@ -78,6 +80,18 @@ class LeanConv3d(LeanConv, nn.Conv3d):
     pass
 
 
+def _gated_gelu_backward(grad_output, projected):
+    """The stock graph's own two steps, mul's backward then gelu's, computed in place in the two halves of the
+    gradient: SD v1's training step peaks here, so no temporaries and no halves to concatenate."""
+    value, gate = projected.chunk(2, dim=-1)
+    grad = torch.empty_like(projected)
+    grad_value, grad_gate = grad.chunk(2, dim=-1)
+    torch.ops.aten.gelu.out(gate, out=grad_value).mul_(grad_output)
+    torch.mul(grad_output, value, out=grad_gate)
+    torch.ops.aten.gelu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+    return grad
+
+
 class _GatedGelu(torch.autograd.Function):
     """value * GELU(gate) for the two halves of the last dimension, keeping only the input for backward."""
 
@@ -90,15 +104,41 @@ class _GatedGelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (projected,) = ctx.saved_tensors
+        return _gated_gelu_backward(grad_output, projected)
+
+
+class _ProjectedGatedGelu(torch.autograd.Function):
+    """GEGLU with its frozen projection, keeping the projection's input (an eighth of its output in SD v1) and
+    computing the projection again in backward, under the forward's autocast state."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        projected = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.input_dtype = x.dtype
         value, gate = projected.chunk(2, dim=-1)
-        # The stock graph's own two steps, mul's backward then gelu's, computed in place in the two halves of the
-        # gradient: SD v1's training step peaks here, so no temporaries and no halves to concatenate.
-        grad = torch.empty_like(projected)
-        grad_value, grad_gate = grad.chunk(2, dim=-1)
-        torch.ops.aten.gelu.out(gate, out=grad_value).mul_(grad_output)
-        torch.mul(grad_output, value, out=grad_gate)
-        torch.ops.aten.gelu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        return grad
+        return value * F.gelu(gate)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, bias = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            projected = F.linear(x, weight, bias)
+        grad_projected = _gated_gelu_backward(grad_output, projected)
+        # The linear's own input gradient: the gradient times the weight, in the dtype the forward computed in.
+        grad_x = grad_projected.matmul(weight.to(grad_projected.dtype))
+        return grad_x.to(ctx.input_dtype), None, None
+
+
+def projected_gated_gelu(x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
+    """gated_gelu(projection(x)); with a frozen projection, recomputed in backward instead of kept."""
+    frozen = not projection.weight.requires_grad and not projection.bias.requires_grad
+    if frozen and torch.is_grad_enabled() and x.requires_grad:
+        return _ProjectedGatedGelu.apply(x, projection.weight, projection.bias)
+    return gated_gelu(projection(x))
 
 
 def gated_gelu(projected: torch.Tensor) -> torch.Tensor:

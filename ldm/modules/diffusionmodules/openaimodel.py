@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.attention import SpatialTransformer
+from ldm.modules.attention import GEGLU, SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
@@ -247,6 +247,7 @@ class UNetModel(nn.Module):
         context_dim=None,
         n_embed=None,
         legacy=True,
+        recompute_feedforward=False,
     ):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
@@ -338,6 +339,9 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             *normalization_and_silu(ch), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1))
         )
+        for module in self.modules():  # a memory lever of our own: GEGLU keeps its input, not its projection
+            if isinstance(module, GEGLU):
+                module.recompute_projection = recompute_feedforward
 
     def forward(self, x, timesteps, context=None, y=None):
         """Predict the noise (or x0) for latents `x` (B, C, H, W) at `timesteps` (B,) given `context` (B, L, D)
