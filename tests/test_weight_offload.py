@@ -22,8 +22,13 @@ def offloaded_model():
     return model
 
 
-def test_training_gives_the_resident_unets_loss_and_gradient(dataset):
+@pytest.mark.parametrize("recompute_feedforward", [False, True])
+def test_training_gives_the_resident_unets_loss_and_gradient(dataset, recompute_feedforward):
     model, resident = offloaded_model(), build_random_model(TINY_SD)
+    for unet in (model.model.diffusion_model, resident.model.diffusion_model):
+        for module in unet.modules():
+            if hasattr(module, "recompute_projection"):  # the weights this keeps for backward wait on the host too
+                module.recompute_projection = recompute_feedforward
     batch = batch_of(dataset, [0, 1], [False, True])
     loss, grad = vector_gradient(model, batch, torch.float32)
     resident_loss, resident_grad = vector_gradient(resident, batch, torch.float32)
