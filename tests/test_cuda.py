@@ -1,0 +1,98 @@
+"""What only a GPU can check: the CUDA paths of the speed and memory levers compute what the eager, resident,
+stock paths compute. Skipped where there is no CUDA; on a GPU machine: `python -m pytest tests/test_cuda.py`."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.checkpoint import build_random_model
+from ldm.generate import generate
+from ldm.modules.lean_ops import LayerNorm, LeanConv2d
+from tests.conftest import TINY_SD
+from tests.test_lean_ops import kept_for_backward
+from tests.test_speed_levers import batch_of, dataset  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_model_on_cuda():
+    model = build_random_model(TINY_SD).cuda()
+    model.prepare_for_training("bf16-mixed")
+    return model
+
+
+def cuda_batch(dataset, indices):  # noqa: F811
+    batch = batch_of(dataset, indices, [False] * len(indices))
+    return {key: value.cuda() if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def step(model, batch, seed):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model.shared_step(batch, torch.Generator(device="cuda").manual_seed(seed))[0]
+    return loss, torch.autograd.grad(loss, model.embedding_manager.vectors("*"))[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lean_conv_backward_on_cudnn_matches_the_stock_conv(dtype, channels_last):
+    torch.manual_seed(0)
+    stock = nn.Conv2d(32, 64, 3, padding=1).cuda().to(dtype).requires_grad_(False)
+    lean = LeanConv2d(32, 64, 3, padding=1).cuda().to(dtype).requires_grad_(False)
+    lean.load_state_dict(stock.state_dict())
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 32, 24, 24, device="cuda", dtype=dtype).to(memory_format=memory_format).requires_grad_(True)
+    grads = [torch.autograd.grad(conv(x).float().square().sum(), x)[0] for conv in (stock, lean)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-3)
+
+
+def test_layer_norm_under_cuda_autocast_stays_in_bf16_where_nn_layer_norm_goes_float32():
+    norm = LayerNorm(64).cuda().bfloat16().requires_grad_(False)
+    x = torch.randn(2, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert F.layer_norm(x, (64,), norm.weight, norm.bias).dtype == torch.float32  # the policy this avoids
+        kept, output = kept_for_backward(lambda: norm(x))
+    assert output.dtype == torch.bfloat16
+    assert all(t.dtype != torch.float32 or t.numel() < x.numel() for t in kept)
+
+
+def test_cuda_graphs_train_as_the_eager_unet(dataset):  # noqa: F811
+    eager = tiny_model_on_cuda()
+    graphed = copy.deepcopy(eager)
+    graphed.model.use_cuda_graphs()
+    for seed in range(3):
+        batch = cuda_batch(dataset, [seed % 4, (seed + 1) % 4])
+        (loss, grad), (eager_loss, eager_grad) = step(graphed, batch, seed), step(eager, batch, seed)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-2, atol=1e-5)
+    assert not graphed.model.graphed_unet.failed and len(graphed.model.graphed_unet.graphed) == 1
+
+
+def test_cuda_graphs_sample_as_the_eager_unet():
+    eager = build_random_model(TINY_SD).cuda().eval()
+    eager.store_frozen_weights(torch.float16)
+    graphed = copy.deepcopy(eager)
+    graphed.model.use_cuda_graphs()
+    settings = dict(n_samples=2, n_iter=2, steps=5, scale=7.5, eta=0.0, seed=0, height=32, width=32,
+                    precision="autocast", progress=False)
+    images = generate(graphed, "a photo of *", **settings)
+    for image, eager_image in zip(images, generate(eager, "a photo of *", **settings)):
+        torch.testing.assert_close(image, eager_image, rtol=0, atol=2e-2)
+    assert not graphed.model.graphed_unet.failed and len(graphed.model.graphed_unet.graphed) == 1
+
+
+def test_offloaded_unet_trains_as_the_resident_one_and_leaves_its_weights_off_the_gpu(dataset):  # noqa: F811
+    resident = tiny_model_on_cuda()
+    before = torch.cuda.memory_allocated()
+    offloaded = copy.deepcopy(resident)
+    offloaded.model.offload_weights()
+    unet_bytes = sum(p.numel() * p.element_size() for p in offloaded.model.diffusion_model.parameters())
+    added = torch.cuda.memory_allocated() - before  # the copy's text encoder and VAE only
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in offloaded.model.diffusion_model.parameters())
+    other_bytes = sum(p.numel() * p.element_size() for p in offloaded.parameters()) - unet_bytes
+    assert added <= other_bytes + 2**20
+    batch = cuda_batch(dataset, [0, 1])
+    (loss, grad), (resident_loss, resident_grad) = step(offloaded, batch, 0), step(resident, batch, 0)
+    torch.testing.assert_close(loss, resident_loss, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(grad, resident_grad, rtol=1e-2, atol=1e-5)
