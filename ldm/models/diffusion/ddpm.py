@@ -30,6 +30,7 @@ from ldm.util import (
 FROZEN_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # `compile_unet`: false, true (torch.compile's default mode) or a mode; "reduce-overhead" adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPHS_WITH_OFFLOAD = "cuda_graphs cannot replay an offloaded UNet (its weights move every step): set {}: false"
 
 
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -57,16 +58,14 @@ class DiffusionWrapper(torch.nn.Module):
     def use_cuda_graphs(self, enabled: bool = True, **options):
         """Replay the UNet's passes as CUDA graphs where they apply (ldm/modules/cuda_graphs.py), or stop."""
         if enabled and self.weight_offload is not None:
-            raise ValueError("cuda_graphs cannot replay an offloaded UNet (its weights move every step): "
-                             "set offload_unet: false")
+            raise ValueError(GRAPHS_WITH_OFFLOAD.format("offload_unet"))
         self.graphed_unet = GraphedUNet(self.diffusion_model, **options) if enabled else None
 
     def offload_weights(self):
         """Keep the UNet's weights in CPU memory, each block's visiting the device while it computes
         (ldm/modules/weight_offload.py)."""
         if self.graphed_unet is not None:
-            raise ValueError("cuda_graphs cannot replay an offloaded UNet (its weights move every step): "
-                             "set cuda_graphs: false")
+            raise ValueError(GRAPHS_WITH_OFFLOAD.format("cuda_graphs"))
         self.weight_offload = WeightOffload(unet_blocks(self.diffusion_model))
         self.weight_offload.park(self.device_marker.device)
 
