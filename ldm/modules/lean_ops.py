@@ -135,7 +135,7 @@ class _ProjectedGatedGelu(torch.autograd.Function):
 
 def projected_gated_gelu(x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
     """gated_gelu(projection(x)); with a frozen projection, recomputed in backward instead of kept."""
-    frozen = not projection.weight.requires_grad and not projection.bias.requires_grad
+    frozen = not any(p is not None and p.requires_grad for p in (projection.weight, projection.bias))
     if frozen and torch.is_grad_enabled() and x.requires_grad:
         return _ProjectedGatedGelu.apply(x, projection.weight, projection.bias)
     return gated_gelu(projection(x))
