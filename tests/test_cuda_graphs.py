@@ -111,6 +111,7 @@ def test_the_config_switch_builds_the_graphed_unet_and_refuses_compile_too():
     model = instantiate_from_config(config.model)
     assert isinstance(model.model.graphed_unet, GraphedUNet)
     assert model.model.graphed_unet.make_graphed is torch.cuda.make_graphed_callables
+    assert not model.model.graphed_unet.sampling  # image logging in a training run stays eager
     config.model.params.compile_unet = True
     with pytest.raises(ValueError, match="cuda_graphs and compile_unet are alternatives"):
         instantiate_from_config(config.model)
@@ -127,3 +128,13 @@ def test_sampling_records_the_guided_forward_once_and_gives_the_eager_images(sam
     (recorded,) = recorder.recorded  # every step of both batches replays one recording
     x, _, context = recorded["samples"]
     assert x.shape[0] == (4 if scale != 1.0 else 2) and not context.requires_grad
+
+
+def test_a_training_run_graphs_its_steps_but_not_its_logged_samples(dataset):
+    recorder = Recorder()
+    model = build_random_model(TINY_SD)
+    model.model.use_cuda_graphs(sampling=False, make_graphed=recorder, device_type="cpu")
+    losses(model, [batch_of(dataset, [0], [False])])
+    generate(model.eval(), "a photo of *", n_samples=1, n_iter=1, steps=2, scale=7.5, eta=0.0, seed=0, height=32,
+             width=32, precision="full", progress=False)
+    assert len(recorder.recorded) == 1 and recorder.recorded[0]["samples"][2].requires_grad

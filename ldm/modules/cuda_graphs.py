@@ -31,11 +31,14 @@ def uses_checkpointing(unet: torch.nn.Module) -> bool:
 class GraphedUNet:
     """Calls `unet(x, timesteps, context=context)`, through recorded CUDA graphs where they apply.
 
-    `make_graphed` and `device_type` are there for tests on machines without CUDA."""
+    `sampling=False` leaves passes without gradients eager: a training run's image logging would otherwise keep a
+    recording's memory pool for the whole run. `make_graphed` and `device_type` are there for tests on machines
+    without CUDA."""
 
-    def __init__(self, unet: torch.nn.Module, make_graphed=torch.cuda.make_graphed_callables,
+    def __init__(self, unet: torch.nn.Module, sampling: bool = True, make_graphed=torch.cuda.make_graphed_callables,
                  device_type: str = "cuda"):
         self.unet = unet
+        self.sampling = sampling
         self.make_graphed = make_graphed
         self.device_type = device_type
         self.checkpointing = uses_checkpointing(unet)
@@ -47,7 +50,7 @@ class GraphedUNet:
         if self.failed or x.device.type != self.device_type or context is None:
             return False
         if not torch.is_grad_enabled():
-            return True
+            return self.sampling
         return (context.requires_grad and not x.requires_grad and not self.checkpointing
                 and not any(w.requires_grad for w in self.weights))
 

@@ -259,7 +259,7 @@ class LatentDiffusion(DDPM):
         if offload_unet:
             self.model.offload_weights()
         if cuda_graphs:
-            self.model.use_cuda_graphs()
+            self.model.use_cuda_graphs(sampling=False)  # training passes; the generation scripts graph sampling
             if self.model.graphed_unet.checkpointing:
                 warnings.warn("cuda_graphs does not apply with gradient checkpointing (use_checkpoint): the UNet "
                               "runs eagerly")
