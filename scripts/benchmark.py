@@ -89,12 +89,6 @@ GUIDANCE_SCALE = 7.5
 
 
 # --- ours ----------------------------------------------------------------------------------------------------
-def prepare_frozen_weights(model, precision: str):
-    """Store the frozen weights in `precision`'s half dtype (and compile the UNet if the config asks) through the
-    model's own preparation, as a Lightning run does."""
-    model.prepare_for_training(TRAINER_PRECISION[precision])
-
-
 @torch.no_grad()
 def build_ours(model_name: str, device: torch.device, precision: str, use_checkpoint: bool = False,
                compile_unet: bool | str = False, cuda_graphs: bool = False, offload_unet: bool = False,
@@ -114,7 +108,7 @@ def build_ours(model_name: str, device: torch.device, precision: str, use_checkp
     for name, parameter in model.named_parameters():
         if not name.startswith("embedding_manager.") and not parameter.any():
             parameter.normal_(0, 0.02)
-    prepare_frozen_weights(model, precision)
+    model.prepare_for_training(TRAINER_PRECISION[precision])  # as a Lightning run does: half-precision weights
     model.learning_rate = config.model.base_learning_rate
     return model.train()
 
