@@ -47,11 +47,12 @@ SAMPLE_NAME = re.compile(r"(\d{5,})\.png")
 
 # --- model and learned words ---------------------------------------------------------------------------------
 def load_model(config_path, ckpt_path, device, embedding_paths=(), use_ema=None,
-               weights_dtype: torch.dtype = torch.float32, cuda_graphs: bool = False) -> LatentDiffusion:
+               weights_dtype: torch.dtype = torch.float32, cuda_graphs: bool = False,
+               channels_last: bool = False) -> LatentDiffusion:
     """Build the config's LatentDiffusion restored from `ckpt_path`, with the learned words of `embedding_paths`,
     on `device` in eval mode, its frozen weights in `weights_dtype` (see `sampling_weights_dtype`), its UNet
-    replayed as CUDA graphs with `cuda_graphs` (ldm/modules/cuda_graphs.py). `use_ema` overrides the config's
-    choice of the checkpoint's EMA UNet weights."""
+    replayed as CUDA graphs with `cuda_graphs` (ldm/modules/cuda_graphs.py) and run channels-last (NHWC) with
+    `channels_last`. `use_ema` overrides the config's choice of the checkpoint's EMA UNet weights."""
     config = _read_config(config_path)
     for path in embedding_paths:
         if not os.path.isfile(path):
@@ -68,6 +69,8 @@ def load_model(config_path, ckpt_path, device, embedding_paths=(), use_ema=None,
         raise ValueError(f"config '{config_path}' builds a {type(model).__name__}, not a LatentDiffusion model")
     load_learned_words(model, embedding_paths)
     model.store_frozen_weights(weights_dtype)
+    if channels_last:
+        model.model.use_channels_last()
     if cuda_graphs:
         model.model.use_cuda_graphs()
     return model.to(device).eval()
@@ -393,6 +396,8 @@ def add_generation_arguments(parser, *, img2img: bool = False) -> None:
     add("--device", type=str, default=default_device(), help="device to run on (default: %(default)s)")
     add("--cuda_graphs", action="store_true",
         help="replay the UNet as CUDA graphs, recorded once per batch shape (CUDA only; elsewhere it runs as usual)")
+    add("--channels_last", action="store_true",
+        help="run the UNet's convolutions channels-last (NHWC); the same images up to rounding")
     if img2img:
         add("--init_img", type=str, required=True, help="path to the input image")
         add("--strength", type=float, default=0.75,
@@ -430,7 +435,8 @@ def run_command_line(parser, argv=None) -> int:
         prompts, grid_name = _read_prompts(args)
         device = _parse_device(args.device)
         model = load_model(args.config, args.ckpt, device, embedding_paths=args.embedding_path,
-                           weights_dtype=sampling_weights_dtype(device, args.precision), cuda_graphs=args.cuda_graphs)
+                           weights_dtype=sampling_weights_dtype(device, args.precision), cuda_graphs=args.cuda_graphs,
+                           channels_last=args.channels_last)
         images = generate(
             model, prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.ddim_steps, scale=args.scale,
             eta=args.ddim_eta, seed=args.seed, height=args.H, width=args.W, sampler="plms" if args.plms else "ddim",

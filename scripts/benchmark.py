@@ -23,13 +23,16 @@ allocated for its backward, and the most allocated during one step above what wa
 peak is about the weights it holds plus the step peak. FLOP-floor fraction (CUDA, full-size models): the
 FLOPs per image the step cannot avoid times images/s, over --peak_tflops; 1.0 would be the GPU doing only that
 work at its peak. Sampling runs as the txt2img scripts run it: frozen weights stored in fp16 and fp16 autocast on
-a GPU, float32 on the CPU or with --precision fp32; the diffusers pipeline gets the same dtype.
+a GPU, float32 on the CPU or with --precision fp32; the diffusers pipeline gets the same dtype. `--profile` adds a
+table of where one step's time goes, by kind of op (convolution, matmul, attention, normalization, ...), and on
+CUDA how busy the GPU is: the kernels' time over the step's wall time.
 
 Examples:
   python scripts/benchmark.py                                   # CPU: tiny SD, batches 1 and 4
   python scripts/benchmark.py --sampling --json bench.json      # GPU: SD v1, batches 1, 8, 16, and sampling
   python scripts/benchmark.py --model ldm --compile --gradient_checkpointing
   python scripts/benchmark.py --model sd --batch_sizes 1 8 --cuda_graphs             # GPU: CUDA graphs
+  python scripts/benchmark.py --model sd --batch_sizes 16 --channels_last --profile  # where the time goes
 """
 import argparse
 import contextlib
@@ -92,7 +95,7 @@ GUIDANCE_SCALE = 7.5
 @torch.no_grad()
 def build_ours(model_name: str, device: torch.device, precision: str, use_checkpoint: bool = False,
                compile_unet: bool | str = False, cuda_graphs: bool = False, offload_unet: bool = False,
-               recompute_feedforward: bool = False, seed: int = 0):
+               recompute_feedforward: bool = False, channels_last: bool = False, seed: int = 0):
     """Our model from its config with random weights (zero-initialised layers too, so every gradient is non-zero),
     the config's speed levers set as a user would set them in the YAML."""
     config = OmegaConf.load(os.path.join(REPO, NAMED_CONFIGS[model_name]))
@@ -101,6 +104,7 @@ def build_ours(model_name: str, device: torch.device, precision: str, use_checkp
     config.model.params.compile_unet = compile_unet
     config.model.params.cuda_graphs = cuda_graphs
     config.model.params.offload_unet = offload_unet
+    config.model.params.channels_last = channels_last
     torch.manual_seed(seed)
     with torch.device(device):
         model = instantiate_from_config(config.model)
@@ -402,6 +406,52 @@ def memory_of_step(step, batch: dict, device: torch.device) -> tuple[float, floa
     return held / 2**20, peak / 2**20
 
 
+# What an aten op's name says it computes; the first match wins, the rest are "other ops".
+OP_KINDS = {
+    "attention": lambda op: "attention" in op,
+    "convolution": lambda op: "conv" in op,
+    "matmul": lambda op: op in {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_addmm_activation"},
+    "normalization": lambda op: "norm" in op,
+    "copy and cast": lambda op: op in {"copy_", "_to_copy", "clone", "contiguous", "cat", "stack"},
+    "optimizer": lambda op: op.startswith(("_foreach", "_fused_adam")),
+}
+TIME_KINDS = (*OP_KINDS, "other ops", "outside aten ops")
+
+
+def kind_of(event_name: str) -> str:
+    if not event_name.startswith("aten::"):
+        return "outside aten ops"
+    op = event_name.removeprefix("aten::")
+    return next((kind for kind, matches in OP_KINDS.items() if matches(op)), "other ops")
+
+
+def time_by_kind(step, batch: dict, device: torch.device) -> dict[str, float]:
+    """Milliseconds of one profiled step by kind of op: on CUDA the kernels' time, each kernel counted for the aten
+    op that launched it ("outside aten ops": kernels no op launched, e.g. a CUDA graph's replay); on the CPU the
+    ops' own time ("outside aten ops": autograd's engine, Python-level functions)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    with native_stderr_silenced(), torch.profiler.profile(activities=activities) as profile:
+        step(batch, generator)
+        synchronize(device)
+    milliseconds = dict.fromkeys(TIME_KINDS, 0.0)
+    kernels = 0.0
+    for event in profile.events():
+        if event.is_async:
+            continue
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            kernels += event.self_device_time_total / 1e3
+            continue
+        own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        milliseconds[kind_of(event.name)] += own / 1e3
+    if device.type == "cuda":
+        milliseconds["outside aten ops"] = max(0.0, kernels - sum(milliseconds.values()))
+    return milliseconds
+
+
 def time_training(step, batches: list[dict], device: torch.device, warmup: int, steps: int, seed: int = 0) -> dict:
     generator = torch.Generator(device=device).manual_seed(seed)
     for index in range(warmup):
@@ -438,6 +488,8 @@ def train_rows(step, label: str, variant: str, images: dict, args) -> list[dict]
         fraction = floor_fraction(args.model, args.device, timing["images_per_s"], args.peak_tflops)
         rows.append({"implementation": label, "batch_size": batch_size, "variant": variant, **timing,
                      "held_for_backward_mib": held, "step_peak_mib": step_peak, "floor_fraction": fraction})
+        if args.profile:
+            rows[-1]["ms_by_kind"] = time_by_kind(step, batches[0], args.device)
         print(f"  {label} {variant} batch {batch_size}: {timing['images_per_s']:.3g} images/s", file=sys.stderr)
     return rows
 
@@ -472,8 +524,8 @@ def diffusers_pipeline(parts: DiffusersParts, dtype: torch.dtype):
 
 def sampling_rows(model, parts: DiffusersParts | None, args) -> list[dict]:
     """DDIM, eta 0, guidance 7.5, one prompt, 1 and 8 images per call: ours through `generate` (also with the UNet
-    replayed as CUDA graphs with --cuda_graphs), diffusers through its pipeline; one short untimed call of each
-    first."""
+    replayed as CUDA graphs with --cuda_graphs, channels-last with --channels_last), diffusers through its
+    pipeline; one short untimed call of each first."""
     device, size = args.device, image_size(model)
     dtype = sampling_weights_dtype(device, sampling_precision(args.precision))
     model.store_frozen_weights(dtype)  # as the txt2img scripts load it
@@ -488,15 +540,23 @@ def sampling_rows(model, parts: DiffusersParts | None, args) -> list[dict]:
         runners["diffusers"] = lambda n, steps: pipe(
             prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, eta=0.0,
             num_images_per_prompt=n, generator=generator, output_type="np")
-    labels = ["ours", *(["ours (cuda graphs)"] if args.cuda_graphs else []), *runners.keys() - {"ours"}]
+    ours_variants = {"ours": {}}  # label -> the UNet's levers
+    if args.channels_last:
+        ours_variants["ours (channels last)"] = {"channels_last": True}
+    if args.cuda_graphs:
+        ours_variants["ours (cuda graphs)"] = {"cuda_graphs": True}
+    labels = [*ours_variants, *runners.keys() - {"ours"}]
     rows = []
     for n in SAMPLING_BATCHES:
         seconds = {}
         for label in labels:
-            run = runners["ours" if label.startswith("ours") else label]
-            model.model.use_cuda_graphs(label == "ours (cuda graphs)")  # the untimed call records the graphs
+            run = runners["ours" if label in ours_variants else label]
+            levers = ours_variants.get(label, {})
+            model.model.use_channels_last(levers.get("channels_last", False))
+            model.model.use_cuda_graphs(levers.get("cuda_graphs", False))  # the untimed call records the graphs
             run(n, min(2, args.sampling_steps))
             seconds[label], _ = measure(device, partial(run, n, args.sampling_steps))
+        model.model.use_channels_last(False)
         model.model.use_cuda_graphs(False)
         for label, value in seconds.items():
             ours = label.startswith("ours") and "diffusers" in seconds
@@ -529,6 +589,8 @@ def run_benchmark(args) -> dict:
         if args.gradient_checkpointing:
             variants.append(("offloaded, checkpointing", {"offload_unet": True, "use_checkpoint": True}))
         notes.append("offloaded: ours with offload_unet (UNet weights in CPU memory, streamed block by block).")
+    if args.channels_last:
+        variants.append(("channels last", {"channels_last": True}))
     if args.cuda_graphs:
         variants.append(("cuda graphs", {"cuda_graphs": True}))
         notes.append("cuda graphs: ours with cuda_graphs: true (the UNet's passes replayed as CUDA graphs); its held "
@@ -555,7 +617,7 @@ def run_benchmark(args) -> dict:
         set_diffusers_gradient_checkpointing(parts, False)
     model.to(device)
     add_ratios(rows)
-    report = {"device": device_name(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
+    report = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__, "diffusers": diffusers.__version__,
               "date": datetime.date.today().isoformat(),
               "model": args.model, "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
               "peak_tflops": args.peak_tflops, "training": rows, "notes": notes}
@@ -612,6 +674,20 @@ def format_report(report: dict) -> str:
                  f"profiler's allocations with CUDA's autocast policy emulated). FLOP-floor "
                  f"fraction: GFLOP/image of UNet forward + input-gradient backward + text encoder ({floors}) "
                  f"x images/s / {report['peak_tflops']:g} TFLOP/s (CUDA, full-size models only).")
+    profiled = [row for row in report["training"] if "ms_by_kind" in row]
+    if profiled:
+        on_cuda = report["device_type"] == "cuda"
+        lines += ["", "## Where a step's time goes: " + ("kernel time by the op that launched it" if on_cuda
+                                                           else "each op's own CPU time"), ""]
+        lines.append(_table(
+            ["implementation", "batch", "variant", "profiled ms", "GPU busy", *TIME_KINDS],
+            [[row["implementation"], row["batch_size"], row["variant"], sum(row["ms_by_kind"].values()),
+              f"{sum(row['ms_by_kind'].values()) / row['ms_per_step']:.0%}" if on_cuda else None,
+              *(f"{row['ms_by_kind'][kind] / max(sum(row['ms_by_kind'].values()), 1e-9):.0%}" for kind in TIME_KINDS)]
+             for row in profiled]))
+        lines.append("")
+        lines.append("GPU busy: kernel time of the profiled step over the timed step's wall time (a launch-bound "
+                     "step is far below 100%). Percentages: shares of the profiled time.")
     if "sampling" in report:
         heading = (f"## Sampling: DDIM {report['sampling_steps']} steps, guidance {GUIDANCE_SCALE}, "
                    f"{report['sampling_dtype']}")
@@ -640,6 +716,8 @@ def parse_args(argv=None):
                         help="also time ours with the UNet's recompute_feedforward (GEGLU keeps its input only)")
     parser.add_argument("--offload_unet", action="store_true",
                         help="also time ours with offload_unet (the UNet's weights in CPU memory, streamed per block)")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="also time ours with channels_last (the UNet's convolutions in NHWC), training and sampling")
     parser.add_argument("--cuda_graphs", action="store_true",
                         help="also time ours with cuda_graphs (the UNet's passes replayed as CUDA graphs; CUDA only)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
@@ -649,6 +727,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip_diffusers", action="store_true", help="time ours only")
     parser.add_argument("--peak_tflops", type=float, default=790.0,
                         help="the GPU's dense bf16 peak for the FLOP-floor fraction (default: %(default)s, H100)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step per row and print where its time goes, by kind of op")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     try:

@@ -28,31 +28,45 @@ def positive(value) -> bool:
 def test_main_prints_and_writes_both_implementations_at_tiny_size(benchmark, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--model", "tiny-sd", "--steps", "2", "--warmup", "1", "--batch_sizes", "1", "2",
-            "--sampling", "--sampling_steps", "2", "--json", str(out)]
+            "--channels_last", "--profile", "--sampling", "--sampling_steps", "2", "--json", str(out)]
     assert benchmark.main(argv) == 0
     printed = capsys.readouterr().out
     assert "torch " + torch.__version__ in printed
     assert "| ours | 1 | eager |" in printed and "| diffusers (CLIPTextModel) | 2 | eager |" in printed
+    assert "## Where a step's time goes: each op's own CPU time" in printed
 
     report = json.loads(out.read_text())
     training = report["training"]
-    assert sorted((row["implementation"], row["batch_size"]) for row in training) == [
-        ("diffusers (CLIPTextModel)", 1), ("diffusers (CLIPTextModel)", 2), ("ours", 1), ("ours", 2)]
+    assert sorted((row["implementation"], row["variant"], row["batch_size"]) for row in training) == [
+        ("diffusers (CLIPTextModel)", "eager", 1), ("diffusers (CLIPTextModel)", "eager", 2),
+        ("ours", "channels last", 1), ("ours", "channels last", 2), ("ours", "eager", 1), ("ours", "eager", 2)]
     for row in training:
         assert positive(row["images_per_s"]) and positive(row["ms_per_step"])
         assert row["images_per_s"] == pytest.approx(1e3 * row["batch_size"] / row["ms_per_step"])
         assert row["peak_memory_gib"] is None and row["floor_fraction"] is None  # CUDA-only measurements
         assert positive(row["held_for_backward_mib"]) and row["step_peak_mib"] >= row["held_for_backward_mib"]
+        assert set(row["ms_by_kind"]) == set(benchmark.TIME_KINDS)
+        assert row["ms_by_kind"]["convolution"] > 0 and row["ms_by_kind"]["matmul"] > 0
     theirs = {row["batch_size"]: row["images_per_s"] for row in training if row["implementation"] != "ours"}
     for row in (row for row in training if row["implementation"] == "ours"):
         assert row["ratio"] == pytest.approx(row["images_per_s"] / theirs[row["batch_size"]])
 
     sampling = report["sampling"]
     assert sorted((row["implementation"], row["images_per_prompt"]) for row in sampling) == [
-        ("diffusers", 1), ("diffusers", 8), ("ours", 1), ("ours", 8)]
+        ("diffusers", 1), ("diffusers", 8), ("ours", 1), ("ours", 8), ("ours (channels last)", 1),
+        ("ours (channels last)", 8)]
     for row in sampling:
         assert positive(row["s_per_call"]) and positive(row["images_per_s"])
         assert row["images_per_s"] * row["s_per_call"] == pytest.approx(row["images_per_prompt"])
+
+
+def test_profiled_ops_are_sorted_by_what_they_compute(benchmark):
+    kinds = {name: benchmark.kind_of(name) for name in (
+        "aten::_scaled_dot_product_flash_attention_backward", "aten::cudnn_convolution", "aten::convolution_backward",
+        "aten::addmm", "aten::bmm", "aten::native_group_norm_backward", "aten::native_layer_norm", "aten::copy_",
+        "aten::_foreach_mul_", "aten::silu", "autograd::engine::evaluate_function: AddmmBackward0")}
+    assert list(kinds.values()) == ["attention", "convolution", "convolution", "matmul", "matmul", "normalization",
+                                    "normalization", "copy and cast", "optimizer", "other ops", "outside aten ops"]
 
 
 @pytest.mark.parametrize("model_name", ["tiny-sd", "tiny-ldm"])

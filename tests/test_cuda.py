@@ -96,3 +96,19 @@ def test_offloaded_unet_trains_as_the_resident_one_and_leaves_its_weights_off_th
     (loss, grad), (resident_loss, resident_grad) = step(offloaded, batch, 0), step(resident, batch, 0)
     torch.testing.assert_close(loss, resident_loss, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(grad, resident_grad, rtol=1e-2, atol=1e-5)
+
+
+def test_channels_last_trains_as_nchw_also_offloaded_and_graphed(dataset):  # noqa: F811
+    nchw = tiny_model_on_cuda()
+    batch = cuda_batch(dataset, [0, 1])
+    loss, grad = step(nchw, batch, 0)
+    for lever in ("use_cuda_graphs", "offload_weights"):
+        channels_last = copy.deepcopy(nchw)
+        channels_last.model.use_channels_last()
+        getattr(channels_last.model, lever)()
+        kernels = [p for p in channels_last.model.diffusion_model.parameters() if p.ndim == 4]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+        for _ in range(2):  # a graph records on the first step and replays on the second
+            other_loss, other_grad = step(channels_last, batch, 0)
+            torch.testing.assert_close(other_loss, loss, rtol=1e-2, atol=1e-4)
+            assert F.cosine_similarity(other_grad.flatten(), grad.flatten(), dim=0) > 0.99

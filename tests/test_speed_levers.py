@@ -1,5 +1,5 @@
 """Each speed and memory lever leaves training unchanged: cached latents, the VAE parked in CPU memory, the lean
-UNet layers, half-precision frozen weights, torch.compile.
+UNet layers, half-precision frozen weights, the channels-last layout, torch.compile.
 
 The compile test takes about a minute on a CPU (inductor builds C++ kernels), so it is marked slow."""
 import copy
@@ -212,6 +212,34 @@ def test_compile_unet_takes_true_or_a_torch_compile_mode(monkeypatch):
     config.model.params.compile_unet = "fast"
     with pytest.raises(ValueError, match="compile_unet 'fast' is not true, false or a torch.compile mode"):
         instantiate_from_config(config.model)
+
+
+def test_channels_last_unet_gives_the_same_loss_and_gradient(dataset):
+    contiguous = build_random_model(TINY_SD)
+    config = OmegaConf.load(TINY_SD)
+    config.model.params.channels_last = True
+    channels_last = instantiate_from_config(config.model)
+    channels_last.load_state_dict(contiguous.state_dict())
+    unet = channels_last.model.diffusion_model
+    inputs = []
+    unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    batch = batch_of(dataset, [0, 1], [False, True])
+    for dtype in (torch.float32, torch.bfloat16):
+        if dtype == torch.bfloat16:
+            for model in (channels_last, contiguous):
+                model.prepare_for_training("bf16-mixed")  # the cast keeps the layout
+        kernels = [p for p in unet.parameters() if p.ndim == 4]
+        assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+        assert not unet.input_blocks[0][0].weight.is_contiguous()
+        loss, grad = vector_gradient(channels_last, batch, dtype)
+        reference_loss, reference_grad = vector_gradient(contiguous, batch, dtype)
+        assert inputs[-1].is_contiguous(memory_format=torch.channels_last) and not inputs[-1].is_contiguous()
+        # The same products summed in another order: they agree to the activations' rounding.
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        assert abs(loss.item() - reference_loss.item()) < tolerance * reference_loss.item()
+        assert F.cosine_similarity(grad.flatten(), reference_grad.flatten(), dim=0) > 1 - tolerance
+    channels_last.model.use_channels_last(False)
+    assert all(p.is_contiguous() for p in unet.parameters())
 
 
 @pytest.mark.slow

@@ -52,6 +52,7 @@ class DiffusionWrapper(torch.nn.Module):
         self.conditioning_key = conditioning_key
         self.graphed_unet = None  # a GraphedUNet once `use_cuda_graphs()` is called
         self.weight_offload = None  # a WeightOffload once `offload_weights()` is called
+        self.memory_format = torch.contiguous_format  # of the UNet's convolution weights and input (`use_channels_last`)
         # Where the model was last moved: the device an offloaded UNet computes on.
         self.register_buffer("device_marker", torch.empty(0), persistent=False)
 
@@ -60,6 +61,12 @@ class DiffusionWrapper(torch.nn.Module):
         if enabled and self.weight_offload is not None:
             raise ValueError(GRAPHS_WITH_OFFLOAD.format("offload_unet"))
         self.graphed_unet = GraphedUNet(self.diffusion_model, **options) if enabled else None
+
+    def use_channels_last(self, enabled: bool = True):
+        """Store the UNet's convolution weights and feed it latents channels-last (NHWC), the layout tensor-core
+        convolutions compute in, instead of letting cuDNN transpose around each one; or go back to NCHW."""
+        self.memory_format = torch.channels_last if enabled else torch.contiguous_format
+        self.to(memory_format=self.memory_format)  # through `_apply`: graphs cleared, offloaded copies re-parked
 
     def offload_weights(self):
         """Keep the UNet's weights in CPU memory, each block's visiting the device while it computes
@@ -81,6 +88,7 @@ class DiffusionWrapper(torch.nn.Module):
         if self.conditioning_key in ("concat", "hybrid"):
             x = torch.cat([x, *c_concat], dim=1)
         context = torch.cat(c_crossattn, dim=1) if self.conditioning_key in ("crossattn", "hybrid") else None
+        x = x.contiguous(memory_format=self.memory_format)
         if self.weight_offload is not None:
             with self.weight_offload.saving():
                 return self.diffusion_model(x, t, context=context)
@@ -223,6 +231,7 @@ class LatentDiffusion(DDPM):
         compile_unet=False,
         cuda_graphs=False,
         offload_unet=False,
+        channels_last=False,
         ucg_training=None,
         *args,
         **kwargs,
@@ -256,6 +265,8 @@ class LatentDiffusion(DDPM):
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
             self.scale_factor = scale_factor
+        if channels_last:
+            self.model.use_channels_last()
         if offload_unet:
             self.model.offload_weights()
         if cuda_graphs:
