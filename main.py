@@ -18,7 +18,7 @@ import sys
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -39,6 +39,10 @@ TRAINER_FLAGS = {  # Lightning Trainer flags we accept on the command line, as t
     "val_check_interval": float,
     "log_every_n_steps": int,
 }
+
+# The progress bar reads the logged loss from the GPU, which waits for the GPU's queued work: every 10 steps, not
+# at every step, so that the CPU can queue the next step while the GPU runs this one.
+PROGRESS_BAR_REFRESH_STEPS = 10
 
 
 class UsageError(Exception):
@@ -253,6 +257,8 @@ def main(argv=None):
     ]
     for callback_config in lightning_config.get("callbacks", {}).values():
         callbacks.append(instantiate_from_config(callback_config))
+    if not any(isinstance(callback, ProgressBar) for callback in callbacks):
+        callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS))
     logger = TensorBoardLogger(save_dir=logdir, name="tensorboard", version=0, default_hp_metric=False)
     trainer = pl.Trainer(
         **settings, callbacks=callbacks, logger=logger, default_root_dir=logdir, use_distributed_sampler=False,

@@ -112,3 +112,28 @@ def test_channels_last_trains_as_nchw_also_offloaded_and_graphed(dataset):  # no
             other_loss, other_grad = step(channels_last, batch, 0)
             torch.testing.assert_close(other_loss, loss, rtol=1e-2, atol=1e-4)
             assert F.cosine_similarity(other_grad.flatten(), grad.flatten(), dim=0) > 0.99
+
+
+def test_a_cached_training_step_never_waits_for_the_gpu(dataset):  # noqa: F811
+    """Latent cache keys, token ids and placeholder widths are read without a device-to-host copy, so the CPU can
+    queue the next step while the GPU runs this one."""
+    model = tiny_model_on_cuda()
+    model.learning_rate = 1e-3
+    optimizer = model.configure_optimizers()
+    batch = model.transfer_batch_to_device(batch_of(dataset, [0, 1], [False, True]), torch.device("cuda"), 0)
+
+    def training_step(seed):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.shared_step(batch, torch.Generator(device="cuda").manual_seed(seed))[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.embedding_manager.apply_norm_cap()
+
+    training_step(0)  # encodes the images and tokenizes the captions
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        training_step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

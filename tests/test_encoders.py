@@ -281,3 +281,17 @@ def test_gradient_reaches_embeddings_of_frozen_conditioner(name, request):
     conditioner.encode_embeddings(embeds).square().sum().backward()
     assert embeds.grad is not None and embeds.grad.abs().sum(dim=-1).gt(0).all()
     assert all(p.grad is None for p in conditioner.parameters())
+
+
+def test_token_ids_are_remembered_per_caption_until_the_encoder_moves(clip, monkeypatch):
+    calls = []
+    tokenize = clip.tokenize
+    monkeypatch.setattr(clip, "tokenize", lambda texts: calls.append(list(texts)) or tokenize(texts))
+    captions = ["a dusty photo of *", "a dusty rendition of *", "a dusty photo of *"]
+    assert torch.equal(clip.token_ids(captions), tokenize(captions))
+    assert calls == [["a dusty photo of *", "a dusty rendition of *"]]  # each new caption once
+    assert torch.equal(clip.token_ids(["a dusty rendition of *", "a dusty photo of *"]), tokenize(captions[1:]))
+    assert len(calls) == 1  # nothing new: no tokenizer, no copy to the device
+    clip.cpu()  # a move forgets them
+    clip.token_ids("a dusty photo of *")
+    assert calls[1:] == [["a dusty photo of *"]]

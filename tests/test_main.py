@@ -77,6 +77,7 @@ def test_ldm_multi_placeholder_multi_vector_and_captions(tmp_path, images, tiny_
         "model.params.personalization_config.params.num_vectors_per_token=2", config=TINY_LDM, steps=10,
     )
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert trainer.progress_bar_callback.refresh_rate == main_module.PROGRESS_BAR_REFRESH_STEPS
     dataset = trainer.datamodule.datasets["train"]
     captions = {dataset[i]["caption"] for i in range(20)}
     assert all("@" in c and "*" not in c for c in captions), captions

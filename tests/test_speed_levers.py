@@ -69,6 +69,16 @@ class MovesRecorded:
         self.waits_on = device
 
 
+def test_lightning_leaves_the_cache_keys_and_pixels_on_the_host(dataset):
+    model = build_random_model(TINY_SD)
+    batch = {**batch_of(dataset, [0, 1], [False, True]), "weight": torch.ones(2)}
+    moved = model.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert [moved[key].device.type for key in ("image_index", "flipped", "image", "weight")] == ["cpu"] * 3 + ["meta"]
+    assert moved["caption"] == batch["caption"]
+    uncached = {"image": batch["image"], "caption": batch["caption"]}  # no cache keys: the pixels go to the device
+    assert model.transfer_batch_to_device(uncached, torch.device("meta"), 0)["image"].device.type == "meta"
+
+
 def test_a_waiting_vae_visits_the_model_device_once_per_batch_of_new_images(dataset, monkeypatch):
     model = build_random_model(TINY_SD)
     recorded = MovesRecorded(model, monkeypatch, waits_on="meta")  # the model is on the CPU, the VAE elsewhere

@@ -15,6 +15,7 @@ Deliberate departures from the original code (rinongal/textual_inversion):
   token ids from this tokenizer; the dimension is checked against this encoder.
 - Per-image tokens are added to a copy of the placeholder list; the caller's config list is left alone.
 """
+import functools
 import warnings
 
 import torch
@@ -43,6 +44,13 @@ def parameter_key(placeholder: str) -> str:
         and placeholder not in _PARAMETER_DICT_ATTRIBUTES
     )
     return placeholder if usable else ESCAPED_KEY_PREFIX + placeholder.encode("utf-8").hex()
+
+
+@functools.lru_cache(maxsize=64)
+def _device_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """`values` on `device`, made once: building it at every step would copy from the host, which waits for the
+    GPU to finish its queued work. Read only."""
+    return torch.tensor(values, device=device)
 
 
 def model_family(tokenizer, token_dim: int) -> str | None:
@@ -212,7 +220,7 @@ class EmbeddingManager(nn.Module):
             active_vectors.append(vectors[:active])
             widths_per_placeholder.append(active)
 
-        widths_per_placeholder = torch.tensor(widths_per_placeholder, device=device)
+        widths_per_placeholder = _device_tensor(tuple(widths_per_placeholder), device)
         is_placeholder = placeholder_index >= 0
         widths = torch.where(is_placeholder, widths_per_placeholder[placeholder_index.clamp_min(0)], 1)
         slot_ends = widths.cumsum(dim=1)

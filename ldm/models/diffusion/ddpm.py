@@ -33,6 +33,13 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 GRAPHS_WITH_OFFLOAD = "cuda_graphs cannot replay an offloaded UNet (its weights move every step): set {}: false"
 
 
+def channels_first(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) images, as datasets give them ((B, H, W) for one channel), as contiguous float (B, C, H, W)."""
+    if images.ndim == 3:
+        images = images[..., None]
+    return images.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:
     module.eval()
     module.train = lambda mode=True: module  # stays in eval mode when Lightning calls .train()
@@ -355,10 +362,7 @@ class LatentDiffusion(DDPM):
 
     # --- training ---------------------------------------------------------------------------------
     def get_input(self, batch, key):
-        x = batch[key]
-        if x.ndim == 3:
-            x = x[..., None]
-        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+        return channels_first(batch[key])
 
     def training_generator(self):
         return step_generator(self.seed, self.global_step, self.device, self.global_rank)
@@ -383,18 +387,30 @@ class LatentDiffusion(DDPM):
 
         The VAE is frozen and the images are few, so the posterior of an image never changes: caching its mean
         and log-variance and sampling fresh noise each step draws exactly the latents per-step encoding would draw."""
-        x = self.get_input(batch, self.first_stage_key).to(self.device)
         if not self.latents_cacheable(batch):
-            return self.encode_first_stage(x)
+            return self.encode_first_stage(self.get_input(batch, self.first_stage_key).to(self.device))
         keys = list(zip(batch["image_index"].tolist(), batch["flipped"].tolist()))
         missing = [i for i, key in enumerate(keys) if key not in self._latent_cache]
         if missing:
+            pixels = batch[self.first_stage_key]
             with self.first_stage_on_device():
                 for i in missing:
                     # One image at a time, so a cached latent never depends on which batch first met the image
                     # (a resumed run then reproduces an uninterrupted one bit for bit).
-                    self._latent_cache[keys[i]] = self.encode_first_stage(x[i : i + 1]).parameters[0]
+                    x = channels_first(pixels[i : i + 1]).to(self.device)
+                    self._latent_cache[keys[i]] = self.encode_first_stage(x).parameters[0]
         return DiagonalGaussianDistribution(torch.stack([self._latent_cache[key] for key in keys]))
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """Lightning's move of a batch to the GPU, leaving on the host what the latent cache reads there: the
+        cache keys (reading them from the GPU would wait for its queued work at every step) and the pixels, which
+        only images met for the first time need."""
+        if not (isinstance(batch, dict) and self.latents_cacheable(batch)):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        host_keys = {"image_index", "flipped", self.first_stage_key}
+        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in host_keys}, device,
+                                                 dataloader_idx)
+        return {**moved, **{k: v for k, v in batch.items() if k in host_keys}}
 
     def shared_step(self, batch, generator):
         posterior = self.posterior_of_batch(batch)

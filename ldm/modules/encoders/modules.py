@@ -18,6 +18,8 @@ from ldm.modules.lean_ops import native_layer_norms
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
 _CAUSAL_MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
+# How many captions' token ids a conditioner keeps on its device (`TextConditioner.token_ids`).
+TOKEN_MEMO_SIZE = 4096
 
 
 def _causal_mask(config, hidden: torch.Tensor):
@@ -27,6 +29,7 @@ def _causal_mask(config, hidden: torch.Tensor):
     if "cache_position" in _CAUSAL_MASK_PARAMETERS:
         arguments["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
     return create_causal_mask(config, hidden, attention_mask=None, **arguments)
+
 
 SD_V1_CLIP_VERSION = "openai/clip-vit-large-patch14"
 # The text half of openai/clip-vit-large-patch14's config.json (its legacy bos/pad/eos ids only affect pooling).
@@ -59,6 +62,10 @@ class TextConditioner(nn.Module, abc.ABC):
 
     max_length: int
 
+    def __init__(self):
+        super().__init__()
+        self._token_memo = {}  # caption -> its token ids on the device
+
     @property
     @abc.abstractmethod
     def token_embedding(self) -> nn.Embedding:
@@ -87,8 +94,26 @@ class TextConditioner(nn.Module, abc.ABC):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(ids)
 
+    def token_ids(self, texts) -> torch.Tensor:
+        """`tokenize(texts)`, each caption's ids remembered on the device. Training draws its captions from a few
+        dozen templates, so after the first steps none is tokenized or copied to the GPU again: such a copy waits
+        for the GPU to finish its queued work, a stall in every step."""
+        captions = [texts] if isinstance(texts, str) else texts
+        if not (isinstance(captions, (list, tuple)) and all(isinstance(caption, str) for caption in captions)):
+            return self.tokenize(texts)  # ids already
+        new = [caption for caption in dict.fromkeys(captions) if caption not in self._token_memo]
+        if new:
+            if len(self._token_memo) + len(new) > TOKEN_MEMO_SIZE:
+                self._token_memo.clear()
+            self._token_memo.update(zip(new, self.tokenize(new)))
+        return torch.stack([self._token_memo[caption] for caption in captions])
+
+    def _apply(self, fn, *args, **kwargs):
+        self._token_memo.clear()  # moved: the remembered ids are on the old device
+        return super()._apply(fn, *args, **kwargs)
+
     def encode(self, texts, embedding_manager=None) -> torch.Tensor:
-        ids = self.tokenize(texts)
+        ids = self.token_ids(texts)
         embeds = self.embed_tokens(ids)
         if embedding_manager is not None:
             embeds = embedding_manager(ids, embeds)
