@@ -2,7 +2,7 @@
 sampling's forward (`--cuda_graphs`).
 
 At small batches a textual-inversion step, and a sampling step, is bound by kernel launches, not arithmetic: SD
-v1 at batch 1 runs about 1,400 operations in the UNet's forward and backward for some 2 ms of H100 arithmetic,
+v1 at batch 1 runs about 1,500 operations in the UNet's forward and backward for some 2 ms of H100 arithmetic,
 and each launch costs the CPU more than the GPU needs to run it. `torch.cuda.make_graphed_callables` records
 the passes once per input shape and replays each with one launch. The recorded kernels are the eager ones on the
 same weights, so the values are those of the eager step.
