@@ -252,6 +252,19 @@ def test_channels_last_unet_gives_the_same_loss_and_gradient(dataset):
     assert all(p.is_contiguous() for p in unet.parameters())
 
 
+@pytest.mark.parametrize("levers", [{}, {"recompute_feedforward": True}])
+def test_the_unet_compiles_to_one_graph_with_its_lean_backward(levers):
+    """A graph break (e.g. an op torch.compile cannot trace in a lean layer's backward) would split the compiled
+    UNet into dozens of graphs, and the speed of compile_unet with it."""
+    config = OmegaConf.load(TINY_SD).model.params.unet_config
+    config.params.update(levers)
+    unet = instantiate_from_config(config)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+    context = torch.randn(2, 77, 32, requires_grad=True)
+    explanation = torch._dynamo.explain(lambda x, t, context: unet(x, t, context=context))(x, t, context)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
 @pytest.mark.slow
 def test_compiled_unet_equals_eager(dataset):
     eager = build_random_model(TINY_SD)

@@ -82,8 +82,12 @@ class LeanConv3d(LeanConv, nn.Conv3d):
 
 def _gated_gelu_backward(grad_output, projected):
     """The stock graph's own two steps, mul's backward then gelu's, computed in place in the two halves of the
-    gradient: SD v1's training step peaks here, so no temporaries and no halves to concatenate."""
+    gradient: SD v1's training step peaks here, so no temporaries and no halves to concatenate. (torch.compile
+    cannot trace writes into halves, and plans its own buffers: it gets the same steps out of place.)"""
     value, gate = projected.chunk(2, dim=-1)
+    if torch.compiler.is_compiling():
+        grad_gate = torch.ops.aten.gelu_backward(grad_output * value, gate)
+        return torch.cat([F.gelu(gate) * grad_output, grad_gate], dim=-1)
     grad = torch.empty_like(projected)
     grad_value, grad_gate = grad.chunk(2, dim=-1)
     torch.ops.aten.gelu.out(gate, out=grad_value).mul_(grad_output)
