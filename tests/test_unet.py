@@ -241,3 +241,16 @@ def test_released_configs_have_the_original_size_and_keys(context_dim, millions)
 def test_unsupported_or_inconsistent_configs_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         UNetModel(**dict(TINY_SD_LIKE, **overrides))
+
+
+@pytest.mark.parametrize("recompute_feedforward", [False, True])
+def test_training_passes_run_on_the_meta_device_where_flops_are_counted(recompute_feedforward):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNetModel(**dict(TINY_SD_LIKE, recompute_feedforward=recompute_feedforward)).requires_grad_(False)
+        x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+        context = torch.randn(2, 77, TINY_SD_LIKE["context_dim"], requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t, context=context).sum().backward()
+    assert context.grad.shape == context.shape and counter.get_total_flops() > 0

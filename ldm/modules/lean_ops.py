@@ -20,11 +20,29 @@ whole UNet they agree to float32 rounding, as autograd may add up a tensor's gra
 native LayerNorm's output is the float32 path's rounded once, as before; its input gradient sums the gradients of
 the linears it feeds in the half dtype rather than in float32 (as a model stored and run in bf16 does).
 """
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 _CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def autocast_disabled(device_type: str):
+    """Autocast switched off for `device_type`; nothing to switch off where it has no autocast (e.g. "meta", on
+    which FLOPs and shapes are counted)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def autocast_state(device_type: str):
+    """What `torch.autocast` needs to recreate the current autocast state of `device_type` (None: it has none)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    return {"device_type": device_type, "dtype": torch.get_autocast_dtype(device_type),
+            "enabled": torch.is_autocast_enabled(device_type)}
 
 
 def shares_dtype(x: torch.Tensor, *parameters) -> bool:
@@ -117,8 +135,7 @@ class _ProjectedGatedGelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        device = x.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        ctx.autocast = autocast_state(x.device.type)
         projected = F.linear(x, weight, bias)
         ctx.save_for_backward(x, weight, bias)
         ctx.input_dtype = x.dtype
@@ -128,8 +145,7 @@ class _ProjectedGatedGelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, bias = ctx.saved_tensors
-        device, dtype, enabled = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        with nullcontext() if ctx.autocast is None else torch.autocast(**ctx.autocast):
             projected = F.linear(x, weight, bias)
         grad_projected = _gated_gelu_backward(grad_output, projected)
         # The linear's own input gradient: the gradient times the weight, in the dtype the forward computed in.
@@ -194,7 +210,7 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x):
         if not shares_dtype(x, self.weight, self.bias):
             return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_disabled(x.device.type):
             return super().forward(x)
 
 

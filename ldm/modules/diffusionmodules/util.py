@@ -7,7 +7,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ldm.modules.lean_ops import LeanConv1d, LeanConv2d, LeanConv3d, group_norm_silu, shares_dtype
+from ldm.modules.lean_ops import (
+    LeanConv1d,
+    LeanConv2d,
+    LeanConv3d,
+    autocast_disabled,
+    group_norm_silu,
+    shares_dtype,
+)
 
 
 def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
@@ -96,7 +103,7 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x):
         if shares_dtype(x, self.weight, self.bias):
-            with torch.autocast(x.device.type, enabled=False):
+            with autocast_disabled(x.device.type):
                 if self.silu:
                     return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
                 return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
@@ -109,7 +116,7 @@ class GroupNorm32(nn.GroupNorm):
 def upsample_nearest(x, size=None, scale_factor=None):
     """Nearest-neighbour upsampling in x's own dtype: a copy, so exact in any precision. (CUDA autocast runs it in
     float32, which writes twice the bytes and makes the next layer cast them back.)"""
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_disabled(x.device.type):
         return F.interpolate(x, size=size, scale_factor=scale_factor, mode="nearest")
 
 
