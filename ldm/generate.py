@@ -31,6 +31,7 @@ from ldm.embeddings import Embeddings, load_embeddings
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.modules.diffusionmodules.openaimodel import Downsample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.embedding_manager import EmbeddingManager
@@ -48,11 +49,12 @@ SAMPLE_NAME = re.compile(r"(\d{5,})\.png")
 # --- model and learned words ---------------------------------------------------------------------------------
 def load_model(config_path, ckpt_path, device, embedding_paths=(), use_ema=None,
                weights_dtype: torch.dtype = torch.float32, cuda_graphs: bool = False,
-               channels_last: bool = False) -> LatentDiffusion:
+               channels_last: bool = False, attention_backend: str | None = None) -> LatentDiffusion:
     """Build the config's LatentDiffusion restored from `ckpt_path`, with the learned words of `embedding_paths`,
     on `device` in eval mode, its frozen weights in `weights_dtype` (see `sampling_weights_dtype`), its UNet
-    replayed as CUDA graphs with `cuda_graphs` (ldm/modules/cuda_graphs.py) and run channels-last (NHWC) with
-    `channels_last`. `use_ema` overrides the config's choice of the checkpoint's EMA UNet weights."""
+    replayed as CUDA graphs with `cuda_graphs` (ldm/modules/cuda_graphs.py), run channels-last (NHWC) with
+    `channels_last`, its attention kernel chosen by `attention_backend` (None: the config's). `use_ema` overrides
+    the config's choice of the checkpoint's EMA UNet weights."""
     config = _read_config(config_path)
     for path in embedding_paths:
         if not os.path.isfile(path):
@@ -71,6 +73,8 @@ def load_model(config_path, ckpt_path, device, embedding_paths=(), use_ema=None,
     model.store_frozen_weights(weights_dtype)
     if channels_last:
         model.model.use_channels_last()
+    if attention_backend is not None:
+        model.model.diffusion_model.use_attention_backend(attention_backend)
     if cuda_graphs:
         model.model.use_cuda_graphs()
     return model.to(device).eval()
@@ -398,6 +402,8 @@ def add_generation_arguments(parser, *, img2img: bool = False) -> None:
         help="replay the UNet as CUDA graphs, recorded once per batch shape (CUDA only; elsewhere it runs as usual)")
     add("--channels_last", action="store_true",
         help="run the UNet's convolutions channels-last (NHWC); the same images up to rounding")
+    add("--attention_backend", choices=ATTENTION_BACKENDS,
+        help="the attention kernel the UNet tries first (default: the config's, else PyTorch's own choice)")
     if img2img:
         add("--init_img", type=str, required=True, help="path to the input image")
         add("--strength", type=float, default=0.75,
@@ -436,7 +442,7 @@ def run_command_line(parser, argv=None) -> int:
         device = _parse_device(args.device)
         model = load_model(args.config, args.ckpt, device, embedding_paths=args.embedding_path,
                            weights_dtype=sampling_weights_dtype(device, args.precision), cuda_graphs=args.cuda_graphs,
-                           channels_last=args.channels_last)
+                           channels_last=args.channels_last, attention_backend=args.attention_backend)
         images = generate(
             model, prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.ddim_steps, scale=args.scale,
             eta=args.ddim_eta, seed=args.seed, height=args.H, width=args.W, sampler="plms" if args.plms else "ddim",

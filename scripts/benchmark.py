@@ -73,6 +73,7 @@ from transformers import CLIPTextModel
 from ldm.generate import first_stage_factor, generate, sampling_weights_dtype
 from ldm.measure import CudaAutocastOnCPU
 from ldm.models.diffusion.ddpm import COMPILE_MODES
+from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import clip_tokenizer
 from ldm.util import NAMED_CONFIGS, instantiate_from_config
@@ -95,12 +96,14 @@ GUIDANCE_SCALE = 7.5
 @torch.no_grad()
 def build_ours(model_name: str, device: torch.device, precision: str, use_checkpoint: bool = False,
                compile_unet: bool | str = False, cuda_graphs: bool = False, offload_unet: bool = False,
-               recompute_feedforward: bool = False, channels_last: bool = False, seed: int = 0):
+               recompute_feedforward: bool = False, channels_last: bool = False, attention_backend: str = "auto",
+               seed: int = 0):
     """Our model from its config with random weights (zero-initialised layers too, so every gradient is non-zero),
     the config's speed levers set as a user would set them in the YAML."""
     config = OmegaConf.load(os.path.join(REPO, NAMED_CONFIGS[model_name]))
     config.model.params.unet_config.params.use_checkpoint = use_checkpoint
     config.model.params.unet_config.params.recompute_feedforward = recompute_feedforward
+    config.model.params.unet_config.params.attention_backend = attention_backend
     config.model.params.compile_unet = compile_unet
     config.model.params.cuda_graphs = cuda_graphs
     config.model.params.offload_unet = offload_unet
@@ -524,8 +527,8 @@ def diffusers_pipeline(parts: DiffusersParts, dtype: torch.dtype):
 
 def sampling_rows(model, parts: DiffusersParts | None, args) -> list[dict]:
     """DDIM, eta 0, guidance 7.5, one prompt, 1 and 8 images per call: ours through `generate` (also with the UNet
-    replayed as CUDA graphs with --cuda_graphs, channels-last with --channels_last), diffusers through its
-    pipeline; one short untimed call of each first."""
+    replayed as CUDA graphs with --cuda_graphs, channels-last with --channels_last, with another attention kernel
+    with --attention_backend), diffusers through its pipeline; one short untimed call of each first."""
     device, size = args.device, image_size(model)
     dtype = sampling_weights_dtype(device, sampling_precision(args.precision))
     model.store_frozen_weights(dtype)  # as the txt2img scripts load it
@@ -543,6 +546,8 @@ def sampling_rows(model, parts: DiffusersParts | None, args) -> list[dict]:
     ours_variants = {"ours": {}}  # label -> the UNet's levers
     if args.channels_last:
         ours_variants["ours (channels last)"] = {"channels_last": True}
+    for backend in args.attention_backend:
+        ours_variants[f"ours ({backend} attention)"] = {"attention_backend": backend}
     if args.cuda_graphs:
         ours_variants["ours (cuda graphs)"] = {"cuda_graphs": True}
     labels = [*ours_variants, *runners.keys() - {"ours"}]
@@ -553,10 +558,12 @@ def sampling_rows(model, parts: DiffusersParts | None, args) -> list[dict]:
             run = runners["ours" if label in ours_variants else label]
             levers = ours_variants.get(label, {})
             model.model.use_channels_last(levers.get("channels_last", False))
+            model.model.diffusion_model.use_attention_backend(levers.get("attention_backend", "auto"))
             model.model.use_cuda_graphs(levers.get("cuda_graphs", False))  # the untimed call records the graphs
             run(n, min(2, args.sampling_steps))
             seconds[label], _ = measure(device, partial(run, n, args.sampling_steps))
         model.model.use_channels_last(False)
+        model.model.diffusion_model.use_attention_backend("auto")
         model.model.use_cuda_graphs(False)
         for label, value in seconds.items():
             ours = label.startswith("ours") and "diffusers" in seconds
@@ -591,6 +598,8 @@ def run_benchmark(args) -> dict:
         notes.append("offloaded: ours with offload_unet (UNet weights in CPU memory, streamed block by block).")
     if args.channels_last:
         variants.append(("channels last", {"channels_last": True}))
+    for backend in args.attention_backend:
+        variants.append((f"{backend} attention", {"attention_backend": backend}))
     if args.cuda_graphs:
         variants.append(("cuda graphs", {"cuda_graphs": True}))
         notes.append("cuda graphs: ours with cuda_graphs: true (the UNet's passes replayed as CUDA graphs); its held "
@@ -718,6 +727,10 @@ def parse_args(argv=None):
                         help="also time ours with offload_unet (the UNet's weights in CPU memory, streamed per block)")
     parser.add_argument("--channels_last", action="store_true",
                         help="also time ours with channels_last (the UNet's convolutions in NHWC), training and sampling")
+    parser.add_argument("--attention_backend", nargs="+", default=[], metavar="BACKEND",
+                        choices=[name for name in ATTENTION_BACKENDS if name != "auto"],
+                        help="also time ours with the UNet's attention_backend set to each BACKEND, training and "
+                             "sampling (flash, efficient, cudnn, math)")
     parser.add_argument("--cuda_graphs", action="store_true",
                         help="also time ours with cuda_graphs (the UNet's passes replayed as CUDA graphs; CUDA only)")
     parser.add_argument("--gradient_checkpointing", action="store_true",

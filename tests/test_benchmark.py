@@ -28,7 +28,8 @@ def positive(value) -> bool:
 def test_main_prints_and_writes_both_implementations_at_tiny_size(benchmark, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--model", "tiny-sd", "--steps", "2", "--warmup", "1", "--batch_sizes", "1", "2",
-            "--channels_last", "--profile", "--sampling", "--sampling_steps", "2", "--json", str(out)]
+            "--channels_last", "--attention_backend", "cudnn", "--profile", "--sampling", "--sampling_steps", "2",
+            "--json", str(out)]
     assert benchmark.main(argv) == 0
     printed = capsys.readouterr().out
     assert "torch " + torch.__version__ in printed
@@ -39,7 +40,8 @@ def test_main_prints_and_writes_both_implementations_at_tiny_size(benchmark, tmp
     training = report["training"]
     assert sorted((row["implementation"], row["variant"], row["batch_size"]) for row in training) == [
         ("diffusers (CLIPTextModel)", "eager", 1), ("diffusers (CLIPTextModel)", "eager", 2),
-        ("ours", "channels last", 1), ("ours", "channels last", 2), ("ours", "eager", 1), ("ours", "eager", 2)]
+        ("ours", "channels last", 1), ("ours", "channels last", 2), ("ours", "cudnn attention", 1),
+        ("ours", "cudnn attention", 2), ("ours", "eager", 1), ("ours", "eager", 2)]
     for row in training:
         assert positive(row["images_per_s"]) and positive(row["ms_per_step"])
         assert row["images_per_s"] == pytest.approx(1e3 * row["batch_size"] / row["ms_per_step"])
@@ -54,7 +56,7 @@ def test_main_prints_and_writes_both_implementations_at_tiny_size(benchmark, tmp
     sampling = report["sampling"]
     assert sorted((row["implementation"], row["images_per_prompt"]) for row in sampling) == [
         ("diffusers", 1), ("diffusers", 8), ("ours", 1), ("ours", 8), ("ours (channels last)", 1),
-        ("ours (channels last)", 8)]
+        ("ours (channels last)", 8), ("ours (cudnn attention)", 1), ("ours (cudnn attention)", 8)]
     for row in sampling:
         assert positive(row["s_per_call"]) and positive(row["images_per_s"])
         assert row["images_per_s"] * row["s_per_call"] == pytest.approx(row["images_per_prompt"])

@@ -137,3 +137,19 @@ def test_a_cached_training_step_never_waits_for_the_gpu(dataset):  # noqa: F811
         training_step(1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "efficient"])
+def test_attention_backend_runs_its_kernel_and_trains_as_the_default(dataset, backend):  # noqa: F811
+    default = tiny_model_on_cuda()
+    chosen = copy.deepcopy(default)
+    chosen.model.diffusion_model.use_attention_backend(backend)
+    batch = cuda_batch(dataset, [0, 1])
+    loss, grad = step(default, batch, 0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        chosen_loss, chosen_grad = step(chosen, batch, 0)
+    kernel = {"cudnn": "aten::_scaled_dot_product_cudnn_attention",
+              "efficient": "aten::_scaled_dot_product_efficient_attention"}[backend]
+    assert kernel in {event.key for event in profile.key_averages()}
+    torch.testing.assert_close(chosen_loss, loss, rtol=1e-2, atol=1e-4)
+    assert F.cosine_similarity(chosen_grad.flatten(), grad.flatten(), dim=0) > 0.99

@@ -252,7 +252,30 @@ def test_channels_last_unet_gives_the_same_loss_and_gradient(dataset):
     assert all(p.is_contiguous() for p in unet.parameters())
 
 
-@pytest.mark.parametrize("levers", [{}, {"recompute_feedforward": True}])
+def test_attention_backend_puts_its_kernel_first_in_every_attention_of_the_unet(dataset, monkeypatch):
+    auto = build_random_model(TINY_SD)
+    config = OmegaConf.load(TINY_SD)
+    config.model.params.unet_config.params.attention_backend = "cudnn"
+    cudnn = instantiate_from_config(config.model)
+    cudnn.load_state_dict(auto.state_dict())
+    batch = batch_of(dataset, [0, 1], [False, True])
+    auto_loss, auto_grad = vector_gradient(auto, batch, torch.float32)
+    orders = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: orders.append(torch._C._get_sdp_priority_order()) or sdpa(*args, **kwargs))
+    loss, grad = vector_gradient(cudnn, batch, torch.float32)
+    # The CPU has neither cuDNN attention nor a priority order: the same kernel, the same values, here.
+    torch.testing.assert_close(loss, auto_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, auto_grad, rtol=1e-6, atol=0)
+    unet_attentions = sum(isinstance(m, ldm.modules.attention.CrossAttention) for m in cudnn.modules())
+    first_choices = [order[0] for order in orders if order != torch._C._get_sdp_priority_order()]
+    assert first_choices == [int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)] * unet_attentions
+    with pytest.raises(ValueError, match="attention_backend 'fast' is not one of auto, flash, efficient, cudnn, math"):
+        cudnn.model.diffusion_model.use_attention_backend("fast")
+
+
+@pytest.mark.parametrize("levers", [{}, {"recompute_feedforward": True, "attention_backend": "math"}])
 def test_the_unet_compiles_to_one_graph_with_its_lean_backward(levers):
     """A graph break (e.g. an op torch.compile cannot trace in a lean layer's backward) would split the compiled
     UNet into dozens of graphs, and the speed of compile_unet with it."""

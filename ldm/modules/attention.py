@@ -7,10 +7,31 @@ Module and parameter names follow CompVis stable-diffusion v1 / latent-diffusion
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
 from ldm.modules.lean_ops import LayerNorm, LeanConv2d, gated_gelu, projected_gated_gelu
 from ldm.util import default
+
+# The UNet's `attention_backend`: PyTorch's own choice of scaled_dot_product_attention kernel ("auto"), or the
+# kernel to try first; the others stay behind it for what it does not serve (a device, a head size, a dtype).
+ATTENTION_BACKENDS = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def attention_kernel_order(backend: str) -> list[SDPBackend] | None:
+    """The SDPA kernels in the order to try them for `backend` (None: PyTorch's own order)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend '{backend}' is not one of {', '.join(ATTENTION_BACKENDS)}")
+    first = ATTENTION_BACKENDS[backend]
+    if first is None:
+        return None
+    return [first, *(kernel for kernel in ATTENTION_BACKENDS.values() if kernel not in (None, first))]
 
 
 class GEGLU(nn.Module):
@@ -55,6 +76,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.kernel_order = None  # `attention_kernel_order` of the UNet's attention_backend
 
     def forward(self, x, context=None):
         context = default(context, x)
@@ -62,7 +84,11 @@ class CrossAttention(nn.Module):
             rearrange(proj(source), "b n (h d) -> b h n d", h=self.heads)
             for proj, source in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
         )
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        if self.kernel_order is None:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:  # here, not around the UNet, so that checkpointing's recomputation picks the same kernel
+            with sdpa_kernel(self.kernel_order, set_priority=True):
+                out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 

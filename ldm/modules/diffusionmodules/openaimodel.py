@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.attention import GEGLU, SpatialTransformer
+from ldm.modules.attention import GEGLU, CrossAttention, SpatialTransformer, attention_kernel_order
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
@@ -248,6 +248,7 @@ class UNetModel(nn.Module):
         n_embed=None,
         legacy=True,
         recompute_feedforward=False,
+        attention_backend="auto",
     ):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
@@ -342,6 +343,14 @@ class UNetModel(nn.Module):
         for module in self.modules():  # a memory lever of our own: GEGLU keeps its input, not its projection
             if isinstance(module, GEGLU):
                 module.recompute_projection = recompute_feedforward
+        self.use_attention_backend(attention_backend)
+
+    def use_attention_backend(self, backend: str):
+        """Which scaled_dot_product_attention kernel the transformer blocks try first (`ATTENTION_BACKENDS`)."""
+        order = attention_kernel_order(backend)
+        for module in self.modules():
+            if isinstance(module, CrossAttention):
+                module.kernel_order = order
 
     def forward(self, x, timesteps, context=None, y=None):
         """Predict the noise (or x0) for latents `x` (B, C, H, W) at `timesteps` (B,) given `context` (B, L, D)
