@@ -310,11 +310,12 @@ def image_size(model) -> int:
 
 def training_images(model, seed: int = 0) -> dict:
     """IMAGE_COUNT random images and their mirror images as one batch, in both layouts: ours (B, H, W, 3) with
-    image_index/flipped, the example's (B, 3, H, W) pixel_values with pre-tokenized input_ids (its data loader
-    tokenizes, outside the step)."""
+    image_index/flipped, left in host memory as our model's `transfer_batch_to_device` leaves them in a run, the
+    example's (B, 3, H, W) pixel_values on the device with pre-tokenized input_ids (its data loader tokenizes,
+    outside the step)."""
     size = image_size(model)
     pixels = torch.rand(IMAGE_COUNT, size, size, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    pixels = torch.cat([pixels, pixels.flip(2)]).to(model.device)
+    pixels = torch.cat([pixels, pixels.flip(2)])
     count = 2 * IMAGE_COUNT
     captions = [CAPTION.format(placeholder_of(model))] * count
     return {
@@ -322,7 +323,7 @@ def training_images(model, seed: int = 0) -> dict:
         "caption": captions,
         "image_index": torch.arange(count) % IMAGE_COUNT,
         "flipped": torch.arange(count) >= IMAGE_COUNT,
-        "pixel_values": pixels.permute(0, 3, 1, 2).contiguous(),
+        "pixel_values": pixels.permute(0, 3, 1, 2).contiguous().to(model.device),
         "input_ids": model.cond_stage_model.tokenize(captions),
     }
 
