@@ -67,7 +67,9 @@ class TrainingCheckpoint(Callback):
 
 class ImageLogger(Callback):
     """Every `batch_frequency` steps, saves grids of what the model's `log_images` returns (inputs,
-    reconstructions, captions, samples) to `images/<split>/` and to TensorBoard."""
+    reconstructions, captions, samples) to `images/<split>/` and to TensorBoard: for the training batch of that
+    step, and for the first validation batch when a validation falls on such a step (as the original did:
+    sampling at every validation would cost a fast run as much time as its training)."""
 
     def __init__(self, batch_frequency, max_images, clamp=True, increase_log_steps=True, disabled=False, log_first_step=False, log_images_kwargs=None):
         super().__init__()
@@ -80,9 +82,7 @@ class ImageLogger(Callback):
         self.log_steps = {2**n for n in range(batch_frequency.bit_length())} if increase_log_steps else set()
         self._last_logged_step = -1
 
-    def _due(self, step: int) -> bool:
-        if step == self._last_logged_step:  # several micro-batches share a step under gradient accumulation
-            return False
+    def _scheduled(self, step: int) -> bool:
         if step == 0:
             return self.log_first_step
         return step % self.batch_frequency == 0 or step in self.log_steps
@@ -98,7 +98,6 @@ class ImageLogger(Callback):
 
     def log_images(self, trainer, pl_module, batch, batch_idx, split):
         step = trainer.global_step
-        self._last_logged_step = step
         was_training = pl_module.training
         pl_module.eval()
         start = time.time()
@@ -114,9 +113,13 @@ class ImageLogger(Callback):
         pl_module.print(f"Logged {split} images at step {step} in {time.time() - start:.1f}s")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self.disabled and self._due(trainer.global_step):
+        step = trainer.global_step
+        # Several micro-batches share a step under gradient accumulation: the first one's images are logged.
+        if not self.disabled and step != self._last_logged_step and self._scheduled(step):
+            self._last_logged_step = step
             self.log_images(trainer, pl_module, batch, batch_idx, "train")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if not self.disabled and trainer.global_step > 0 and batch_idx == 0 and not trainer.sanity_checking:
+        step = trainer.global_step
+        if not self.disabled and step > 0 and batch_idx == 0 and not trainer.sanity_checking and self._scheduled(step):
             self.log_images(trainer, pl_module, batch, batch_idx, "val")

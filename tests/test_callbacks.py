@@ -1,0 +1,31 @@
+"""ImageLogger's schedule: which training and validation batches get their images logged."""
+from types import SimpleNamespace
+
+from ldm.callbacks import ImageLogger
+
+
+def logged_steps(logger, split, steps, batch_indices=(0,)):
+    calls = []
+    logger.log_images = lambda trainer, module, batch, batch_idx, split: calls.append((trainer.global_step, batch_idx))
+    for step in steps:
+        trainer = SimpleNamespace(global_step=step, sanity_checking=False)
+        for batch_idx in batch_indices:
+            hook = logger.on_train_batch_end if split == "train" else logger.on_validation_batch_end
+            hook(trainer, None, None, None, batch_idx)
+    return calls
+
+
+def test_training_batches_are_logged_every_batch_frequency_steps_and_once_per_step():
+    logger = ImageLogger(batch_frequency=500, max_images=8, increase_log_steps=False)
+    assert logged_steps(logger, "train", [0, 250, 500, 500, 750, 1000]) == [(500, 0), (1000, 0)]
+    doubling = ImageLogger(batch_frequency=8, max_images=8)  # 1, 2, 4, 8, then every 8
+    assert [step for step, _ in logged_steps(doubling, "train", range(20))] == [1, 2, 4, 8, 16]
+
+
+def test_validation_logs_its_first_batch_only_when_it_falls_on_a_logging_step():
+    logger = ImageLogger(batch_frequency=500, max_images=8, increase_log_steps=False)
+    # One validation per 250-step epoch, as SD v1's config runs: images at 500 and 1000 only, batch 0 only.
+    assert logged_steps(logger, "val", [0, 250, 500, 750, 1000], batch_indices=(0, 1, 2)) == [(500, 0), (1000, 0)]
+    # A training log at the same step does not stop the validation's (train and val are separate folders).
+    logged_steps(logger, "train", [1500])
+    assert logged_steps(logger, "val", [1500]) == [(1500, 0)]
