@@ -526,10 +526,11 @@ def diffusers_pipeline(parts: DiffusersParts, dtype: torch.dtype):
     return pipe.to(dtype=dtype)
 
 
-def sampling_rows(model, parts: DiffusersParts | None, args) -> list[dict]:
+def sampling_rows(model, parts: DiffusersParts | None, args, rows: list, attempt: Callable):
     """DDIM, eta 0, guidance 7.5, one prompt, 1 and 8 images per call: ours through `generate` (also with the UNet
     replayed as CUDA graphs with --cuda_graphs, channels-last with --channels_last, with another attention kernel
-    with --attention_backend), diffusers through its pipeline; one short untimed call of each first."""
+    with --attention_backend), diffusers through its pipeline; one short untimed call of each first. Each row goes
+    into `rows` as it is measured, each measurement through `attempt` (see run_benchmark)."""
     device, size = args.device, image_size(model)
     dtype = sampling_weights_dtype(device, sampling_precision(args.precision))
     model.store_frozen_weights(dtype)  # as the txt2img scripts load it
@@ -552,33 +553,55 @@ def sampling_rows(model, parts: DiffusersParts | None, args) -> list[dict]:
     if args.cuda_graphs:
         ours_variants["ours (cuda graphs)"] = {"cuda_graphs": True}
     labels = [*ours_variants, *runners.keys() - {"ours"}]
-    rows = []
+
+    def time_call(label: str, n: int, measured: list):
+        levers = ours_variants.get(label, {})  # none while diffusers runs: no recorded graphs held meanwhile
+        model.model.use_channels_last(levers.get("channels_last", False))
+        model.model.diffusion_model.use_attention_backend(levers.get("attention_backend", "auto"))
+        model.model.use_cuda_graphs(levers.get("cuda_graphs", False))  # the untimed call records the graphs
+        run = runners["ours" if label in ours_variants else label]
+        run(n, min(2, args.sampling_steps))
+        seconds, _ = measure(device, partial(run, n, args.sampling_steps))
+        measured.append({"implementation": label, "images_per_prompt": n, "s_per_call": seconds,
+                         "images_per_s": n / seconds, "ratio": None})
+        rows.append(measured[-1])
+
     for n in SAMPLING_BATCHES:
-        seconds = {}
+        measured = []
         for label in labels:
-            run = runners["ours" if label in ours_variants else label]
-            levers = ours_variants.get(label, {})
-            model.model.use_channels_last(levers.get("channels_last", False))
-            model.model.diffusion_model.use_attention_backend(levers.get("attention_backend", "auto"))
-            model.model.use_cuda_graphs(levers.get("cuda_graphs", False))  # the untimed call records the graphs
-            run(n, min(2, args.sampling_steps))
-            seconds[label], _ = measure(device, partial(run, n, args.sampling_steps))
-        model.model.use_channels_last(False)
-        model.model.diffusion_model.use_attention_backend("auto")
-        model.model.use_cuda_graphs(False)
-        for label, value in seconds.items():
-            ours = label.startswith("ours") and "diffusers" in seconds
-            rows.append({"implementation": label, "images_per_prompt": n, "s_per_call": value,
-                         "images_per_s": n / value, "ratio": seconds["diffusers"] / value if ours else None})
-    return rows
+            attempt(f"sampling {label}, {n} per prompt", partial(time_call, label, n, measured))
+        theirs = next((row["s_per_call"] for row in measured if row["implementation"] == "diffusers"), None)
+        for row in measured:
+            if row["implementation"] in ours_variants and theirs is not None:
+                row["ratio"] = theirs / row["s_per_call"]
+    model.model.use_channels_last(False)
+    model.model.diffusion_model.use_attention_backend("auto")
+    model.model.use_cuda_graphs(False)
 
 
-def run_benchmark(args) -> dict:
-    """Build, time and return every row. Each model waits on the CPU while another is timed, so a peak is its own."""
+def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) -> dict:
+    """Build, time and return every row, handing the report to `progress` after each measurement (a run cut short
+    keeps what it measured). Each model waits on the CPU while another is timed, so a peak is its own. A
+    measurement that fails (out of memory, a kernel the device lacks) becomes a note and the run goes on."""
     device = args.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # for both, as our configs' `trainer: benchmark: True` asks
     notes = []
+    rows = []
+    report = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+              "diffusers": diffusers.__version__, "date": datetime.date.today().isoformat(), "model": args.model,
+              "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
+              "peak_tflops": args.peak_tflops, "training": rows, "notes": notes}
+
+    def attempt(label: str, measurement: Callable[[], None]):
+        try:
+            measurement()
+        except (RuntimeError, ValueError) as error:  # torch.OutOfMemoryError and compiler errors included
+            notes.append(f"{label}: failed ({' '.join(str(error).split())[:300]})")
+            print(f"  {label}: failed", file=sys.stderr)
+        release_memory(device)
+        progress(report)
+
     model = build_ours(args.model, device, args.precision)
     images = training_images(model)
     parts = None if args.skip_diffusers else convert_to_diffusers(model, args.model, args.precision)
@@ -605,40 +628,39 @@ def run_benchmark(args) -> dict:
         variants.append(("cuda graphs", {"cuda_graphs": True}))
         notes.append("cuda graphs: ours with cuda_graphs: true (the UNet's passes replayed as CUDA graphs); its held "
                      "memory is the recorded graphs' pool; its ratio is against diffusers' eager step.")
-    rows = []
-    for variant, levers in variants:
+
+    def time_ours(variant: str, levers: dict):
         ours = build_ours(args.model, device, args.precision, **levers) if levers else model
-        step = OursStep(ours, args.precision)
-        step.fill_latent_cache(images)
-        rows += train_rows(step, "ours", variant, images, args)
-        ours.cpu()
-        del step, ours
-        release_memory(device)
+        try:
+            step = OursStep(ours, args.precision)
+            step.fill_latent_cache(images)
+            rows.extend(train_rows(step, "ours", variant, images, args))
+        finally:
+            ours.cpu()
+
+    for variant, levers in variants:
+        attempt(f"ours {variant}", partial(time_ours, variant, levers))
     if parts is not None:
         parts.to(device)
         label = f"diffusers ({parts.text_encoder_label})"
         if parts.text_encoder_label != "CLIPTextModel":
             notes.append("LDM: diffusers has no LDM-BERT; its rows run diffusers' UNet and VAE with our LDM-BERT.")
         for variant in ["eager"] + (["checkpointing"] if args.gradient_checkpointing else []):
-            step = diffusers_step_for(parts, model, args.precision, gradient_checkpointing=variant != "eager")
-            rows += train_rows(step, label, variant, images, args)
-            del step
-            release_memory(device)
+            attempt(f"{label} {variant}", lambda variant=variant: rows.extend(train_rows(
+                diffusers_step_for(parts, model, args.precision, gradient_checkpointing=variant != "eager"),
+                label, variant, images, args)))
         set_diffusers_gradient_checkpointing(parts, False)
     model.to(device)
     add_ratios(rows)
-    report = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__, "diffusers": diffusers.__version__,
-              "date": datetime.date.today().isoformat(),
-              "model": args.model, "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
-              "peak_tflops": args.peak_tflops, "training": rows, "notes": notes}
     if args.sampling:
         if parts is not None and parts.text_encoder_label != "CLIPTextModel":
             notes.append("Sampling: StableDiffusionPipeline needs a CLIP text encoder, so LDM sampling is ours only.")
             parts = None
-        report["sampling"] = sampling_rows(model, parts, args)
         report["sampling_steps"] = args.sampling_steps
         dtype = sampling_weights_dtype(device, sampling_precision(args.precision))
         report["sampling_dtype"] = str(dtype).removeprefix("torch.")
+        report["sampling"] = []
+        sampling_rows(model, parts, args, report["sampling"], attempt)
     return report
 
 
@@ -743,7 +765,8 @@ def parse_args(argv=None):
                         help="the GPU's dense bf16 peak for the FLOP-floor fraction (default: %(default)s, H100)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step per row and print where its time goes, by kind of op")
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--json", help="also write the results to this JSON file (after each measurement: a run cut "
+                                       "short keeps what it measured)")
     args = parser.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -766,14 +789,19 @@ def parse_args(argv=None):
     return args
 
 
+def write_json(report: dict, path: str | None):
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     diffusers_logging.set_verbosity_error()  # it warns about every dtype cast the example script also makes
-    report = run_benchmark(args)
+    report = run_benchmark(args, progress=partial(write_json, path=args.json))  # a run cut short keeps its rows
     print(format_report(report))
+    write_json(report, args.json)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
         print(f"written to {args.json}")
     return 0
 

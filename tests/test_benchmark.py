@@ -62,6 +62,25 @@ def test_main_prints_and_writes_both_implementations_at_tiny_size(benchmark, tmp
         assert row["images_per_s"] * row["s_per_call"] == pytest.approx(row["images_per_prompt"])
 
 
+def test_a_failing_measurement_becomes_a_note_and_every_step_is_saved(benchmark, tmp_path, monkeypatch, capsys):
+    build = benchmark.build_ours
+
+    def build_ours(*args, channels_last=False, **kwargs):
+        if channels_last:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return build(*args, **kwargs)
+
+    saved = []
+    monkeypatch.setattr(benchmark, "build_ours", build_ours)
+    monkeypatch.setattr(benchmark, "write_json", lambda report, path: saved.append(json.loads(json.dumps(report))))
+    argv = ["--device", "cpu", "--model", "tiny-sd", "--steps", "1", "--warmup", "0", "--batch_sizes", "1",
+            "--channels_last", "--skip_diffusers", "--json", str(tmp_path / "bench.json")]
+    assert benchmark.main(argv) == 0
+    assert "ours channels last: failed (CUDA out of memory. Tried to allocate 2.00 GiB)" in capsys.readouterr().out
+    assert [len(report["training"]) for report in saved] == [1, 1, 1]  # after each variant, then at the end
+    assert saved[-1]["training"][0]["variant"] == "eager"
+
+
 def test_profiled_ops_are_sorted_by_what_they_compute(benchmark):
     kinds = {name: benchmark.kind_of(name) for name in (
         "aten::_scaled_dot_product_flash_attention_backward", "aten::cudnn_convolution", "aten::convolution_backward",
