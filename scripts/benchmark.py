@@ -596,8 +596,8 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
     def attempt(label: str, measurement: Callable[[], None]):
         try:
             measurement()
-        except (RuntimeError, ValueError) as error:  # torch.OutOfMemoryError and compiler errors included
-            notes.append(f"{label}: failed ({' '.join(str(error).split())[:300]})")
+        except Exception as error:  # out of memory, a compiler error, a kernel or profiler API the device lacks
+            notes.append(f"{label}: failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})")
             print(f"  {label}: failed", file=sys.stderr)
         release_memory(device)
         progress(report)

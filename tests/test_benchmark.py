@@ -76,7 +76,8 @@ def test_a_failing_measurement_becomes_a_note_and_every_step_is_saved(benchmark,
     argv = ["--device", "cpu", "--model", "tiny-sd", "--steps", "1", "--warmup", "0", "--batch_sizes", "1",
             "--channels_last", "--skip_diffusers", "--json", str(tmp_path / "bench.json")]
     assert benchmark.main(argv) == 0
-    assert "ours channels last: failed (CUDA out of memory. Tried to allocate 2.00 GiB)" in capsys.readouterr().out
+    assert ("ours channels last: failed (OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB)"
+            in capsys.readouterr().out)
     assert [len(report["training"]) for report in saved] == [1, 1, 1]  # after each variant, then at the end
     assert saved[-1]["training"][0]["variant"] == "eager"
 
