@@ -451,8 +451,9 @@ def time_by_kind(step, batch: dict, device: torch.device) -> dict[str, float]:
             continue
         own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         milliseconds[kind_of(event.name)] += own / 1e3
-    if device.type == "cuda":
-        milliseconds["outside aten ops"] = max(0.0, kernels - sum(milliseconds.values()))
+    if device.type == "cuda":  # every kernel that no aten op launched
+        in_aten_ops = sum(value for kind, value in milliseconds.items() if kind != "outside aten ops")
+        milliseconds["outside aten ops"] = max(0.0, kernels - in_aten_ops)
     return milliseconds
 
 
