@@ -430,9 +430,7 @@ def kind_of(event_name: str) -> str:
 
 
 def time_by_kind(step, batch: dict, device: torch.device) -> dict[str, float]:
-    """Milliseconds of one profiled step by kind of op: on CUDA the kernels' time, each kernel counted for the aten
-    op that launched it ("outside aten ops": kernels no op launched, e.g. a CUDA graph's replay); on the CPU the
-    ops' own time ("outside aten ops": autograd's engine, Python-level functions)."""
+    """Milliseconds of one profiled step by kind of op (`milliseconds_by_kind`)."""
     generator = torch.Generator(device=device).manual_seed(0)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -441,17 +439,24 @@ def time_by_kind(step, batch: dict, device: torch.device) -> dict[str, float]:
     with native_stderr_silenced(), torch.profiler.profile(activities=activities) as profile:
         step(batch, generator)
         synchronize(device)
+    return milliseconds_by_kind(profile.events(), on_cuda=device.type == "cuda")
+
+
+def milliseconds_by_kind(events, on_cuda: bool) -> dict[str, float]:
+    """On CUDA the kernels' time, each kernel counted for the aten op that launched it ("outside aten ops": the
+    kernels no aten op launched, e.g. a CUDA graph's replay); on the CPU the ops' own time ("outside aten ops":
+    autograd's engine, Python-level functions)."""
     milliseconds = dict.fromkeys(TIME_KINDS, 0.0)
     kernels = 0.0
-    for event in profile.events():
+    for event in events:
         if event.is_async:
             continue
         if event.device_type != torch.autograd.DeviceType.CPU:
             kernels += event.self_device_time_total / 1e3
             continue
-        own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        own = event.self_device_time_total if on_cuda else event.self_cpu_time_total
         milliseconds[kind_of(event.name)] += own / 1e3
-    if device.type == "cuda":  # every kernel that no aten op launched
+    if on_cuda:
         in_aten_ops = sum(value for kind, value in milliseconds.items() if kind != "outside aten ops")
         milliseconds["outside aten ops"] = max(0.0, kernels - in_aten_ops)
     return milliseconds

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,6 +90,25 @@ def test_profiled_ops_are_sorted_by_what_they_compute(benchmark):
         "aten::_foreach_mul_", "aten::silu", "autograd::engine::evaluate_function: AddmmBackward0")}
     assert list(kinds.values()) == ["attention", "convolution", "convolution", "matmul", "matmul", "normalization",
                                     "normalization", "copy and cast", "optimizer", "other ops", "outside aten ops"]
+
+
+def test_cuda_kernel_time_goes_to_the_op_that_launched_it_and_the_rest_outside(benchmark):
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, device_type, cpu_us=0.0, device_us=0.0):
+        return SimpleNamespace(name=name, device_type=device_type, is_async=False, self_cpu_time_total=cpu_us,
+                               self_device_time_total=device_us)
+
+    events = [event("aten::mm", cpu, 30, 2000), event("aten::cudnn_convolution", cpu, 40, 3000),
+              event("autograd::engine::evaluate_function: MmBackward0", cpu, 10, 0),
+              event("cudaGraphLaunch", cpu, 5, 0),  # a replay: its kernels belong to no aten op
+              event("sm90_gemm", cuda, 0, 2000), event("cudnn_conv_kernel", cuda, 0, 3000),
+              event("graph_kernel", cuda, 0, 4000)]
+    on_cuda = benchmark.milliseconds_by_kind(events, on_cuda=True)
+    assert (on_cuda["matmul"], on_cuda["convolution"], on_cuda["outside aten ops"]) == (2.0, 3.0, 4.0)
+    assert sum(on_cuda.values()) == 9.0  # every kernel once
+    on_cpu = benchmark.milliseconds_by_kind(events[:4], on_cuda=False)
+    assert (on_cpu["matmul"], on_cpu["convolution"], on_cpu["outside aten ops"]) == (0.03, 0.04, 0.015)
 
 
 @pytest.mark.parametrize("model_name", ["tiny-sd", "tiny-ldm"])
