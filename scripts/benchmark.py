@@ -142,8 +142,8 @@ class OursStep:
 
     def fill_latent_cache(self, images: dict):
         """Encode every training image once, as the first epoch of a run does, so timed steps read the cache; the
-        VAE waits in CPU memory in between, as in a run (`park_first_stage`)."""
-        self.model.park_idle_first_stage(images)
+        VAE and the token table wait in CPU memory, as in a run (`park_idle_weights`)."""
+        self.model.park_idle_weights(images)
         with autocast(self.model.device, self.precision):
             self.model.posterior_of_batch(images)
 

@@ -115,12 +115,14 @@ def test_channels_last_trains_as_nchw_also_offloaded_and_graphed(dataset):  # no
 
 
 def test_a_cached_training_step_never_waits_for_the_gpu(dataset):  # noqa: F811
-    """Latent cache keys, token ids and placeholder widths are read without a device-to-host copy, so the CPU can
-    queue the next step while the GPU runs this one."""
+    """Latent cache keys, token ids, the parked token table's rows and placeholder widths are read without a copy
+    between host and device, so the CPU can queue the next step while the GPU runs this one."""
     model = tiny_model_on_cuda()
     model.learning_rate = 1e-3
     optimizer = model.configure_optimizers()
     batch = model.transfer_batch_to_device(batch_of(dataset, [0, 1], [False, True]), torch.device("cuda"), 0)
+    model.park_idle_weights(batch)  # as each training step does: the token table waits in CPU memory
+    assert model.cond_stage_model.token_embedding.weight.device.type == "cpu"
 
     def training_step(seed):
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -130,7 +132,7 @@ def test_a_cached_training_step_never_waits_for_the_gpu(dataset):  # noqa: F811
         optimizer.zero_grad(set_to_none=True)
         model.embedding_manager.apply_norm_cap()
 
-    training_step(0)  # encodes the images and tokenizes the captions
+    training_step(0)  # encodes the images, tokenizes the captions and looks their token rows up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -1,5 +1,6 @@
 """Text conditioners: offline tokenizers against open_clip / bert-base-uncased ids, and the two text transformers
 against independent implementations (transformers' CLIPTextModel loaded through diffusers, a plain-torch LDM-BERT)."""
+import copy
 import hashlib
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import ldm.modules.encoders.modules as encoder_modules
 from ldm.modules.encoders.modules import BERTEmbedder, BERTTokenizer, FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import BERT_VOCAB_FILE
 
@@ -288,10 +290,53 @@ def test_token_ids_are_remembered_per_caption_until_the_encoder_moves(clip, monk
     tokenize = clip.tokenize
     monkeypatch.setattr(clip, "tokenize", lambda texts: calls.append(list(texts)) or tokenize(texts))
     captions = ["a dusty photo of *", "a dusty rendition of *", "a dusty photo of *"]
-    assert torch.equal(clip.token_ids(captions), tokenize(captions))
+    assert torch.equal(clip.tokens(captions)[0], tokenize(captions))
     assert calls == [["a dusty photo of *", "a dusty rendition of *"]]  # each new caption once
-    assert torch.equal(clip.token_ids(["a dusty rendition of *", "a dusty photo of *"]), tokenize(captions[1:]))
+    assert torch.equal(clip.tokens(["a dusty rendition of *", "a dusty photo of *"])[0], tokenize(captions[1:]))
     assert len(calls) == 1  # nothing new: no tokenizer, no copy to the device
     clip.cpu()  # a move forgets them
-    clip.token_ids("a dusty photo of *")
+    clip.tokens("a dusty photo of *")
     assert calls[1:] == [["a dusty photo of *"]]
+
+
+@pytest.mark.parametrize("name", ["clip", "bert"])
+def test_a_parked_token_table_encodes_as_the_resident_one_reading_each_caption_once(name, request):
+    conditioner = copy.deepcopy(request.getfixturevalue(name)).freeze()
+    with torch.no_grad():
+        resident = conditioner.encode(PROMPTS[:4])
+    lookups = []
+    conditioner.token_embedding.register_forward_hook(lambda _, ids, out: lookups.append(ids[0].shape[0]))
+    conditioner.park_token_table()
+    assert conditioner.token_table_parked and conditioner.token_embedding.weight.device.type == "cpu"
+    with torch.no_grad():
+        assert torch.equal(conditioner.encode(PROMPTS[:4]), resident)
+        assert torch.equal(conditioner.encode([PROMPTS[2], PROMPTS[1]]), resident[[2, 1]])
+    assert lookups == [4]  # the four captions' rows, read once
+    conditioner.to(torch.float64)  # a cast keeps the table parked, in the new dtype, and forgets the rows
+    assert conditioner.token_table_parked and conditioner.token_embedding.weight.dtype == torch.float64
+    conditioner.encode(PROMPTS[:1])
+    assert lookups == [4, 1]
+    conditioner.park_token_table(False)
+    assert not conditioner.token_table_parked
+    conditioner.encode(PROMPTS[:1])
+    conditioner.encode(PROMPTS[:1])
+    assert lookups == [4, 1, 1, 1]  # resident: read every time, nothing remembered but the ids
+
+
+def test_a_trainable_token_table_is_not_parked(clip):
+    trainable = copy.deepcopy(clip).requires_grad_(True)
+    with pytest.raises(ValueError, match="park_token_table: false"):
+        trainable.park_token_table()
+
+
+def test_the_caption_memo_forgets_the_least_recently_used_beyond_its_size(clip, monkeypatch):
+    monkeypatch.setattr(encoder_modules, "CAPTION_MEMO_SIZE", 2)
+    conditioner = copy.deepcopy(clip).freeze()
+    conditioner.park_token_table()
+    with torch.no_grad():
+        expected = conditioner.encode_embeddings(conditioner.embed_tokens(conditioner.tokenize(PROMPTS[:3])))
+        assert torch.equal(conditioner.encode(PROMPTS[:3]), expected)  # more captions in one call than it keeps
+        assert list(conditioner._caption_memo) == PROMPTS[1:3]
+        conditioner.encode(PROMPTS[1:2])
+        conditioner.encode(PROMPTS[3:4])
+    assert list(conditioner._caption_memo) == [PROMPTS[1], PROMPTS[3]]

@@ -108,6 +108,33 @@ def test_vae_is_parked_in_cpu_memory_only_where_the_cache_serves_the_batches(dat
     assert recorded.moves == ["cpu"]
 
 
+def test_the_token_table_is_parked_on_a_gpu_and_trains_as_the_resident_one(dataset, monkeypatch):
+    resident = build_random_model(TINY_SD)
+    model = copy.deepcopy(resident)
+    batch = batch_of(dataset, [0, 1], [False, True])
+    model.park_idle_weights(batch)
+    assert not model.cond_stage_model.token_table_parked  # on the CPU there is nowhere better to wait
+    monkeypatch.setattr(type(model), "device", property(lambda _: torch.device("cuda")))
+    model.park_token_table = False
+    model.park_idle_weights(batch)
+    assert not model.cond_stage_model.token_table_parked
+    model.park_token_table = True
+    model.cond_stage_model.token_embedding.requires_grad_(True)  # e.g. pretraining a text encoder
+    model.park_idle_weights(batch)
+    assert not model.cond_stage_model.token_table_parked
+    model.cond_stage_model.token_embedding.requires_grad_(False)
+    model.park_idle_weights(batch)
+    assert model.cond_stage_model.token_table_parked
+    monkeypatch.undo()
+    for step in range(2):  # the second step reads the remembered rows
+        parked_loss = model.shared_step(batch, torch.Generator().manual_seed(step))[0]
+        loss = resident.shared_step(batch, torch.Generator().manual_seed(step))[0]
+        assert torch.equal(parked_loss, loss)
+        (parked_grad,) = torch.autograd.grad(parked_loss, model.embedding_manager.embedding_parameters())
+        (grad,) = torch.autograd.grad(loss, resident.embedding_manager.embedding_parameters())
+        assert torch.equal(parked_grad, grad)
+
+
 def with_stock_layers(model):
     """`model` with nn.Conv; the test patches in the two-step GEGLU, LDM's GroupNorm and SiLU, and float32
     LayerNorms."""

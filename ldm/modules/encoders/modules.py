@@ -7,6 +7,7 @@ The weights always come from the diffusion checkpoint, so nothing here downloads
 import abc
 import inspect
 import os
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -18,8 +19,9 @@ from ldm.modules.lean_ops import native_layer_norms
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
 _CAUSAL_MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
-# How many captions' token ids a conditioner keeps on its device (`TextConditioner.token_ids`).
-TOKEN_MEMO_SIZE = 4096
+# How many captions a conditioner remembers on its device (`TextConditioner.tokens`): at most 29 MiB of SD v1's
+# bf16 token rows where the table is parked; a run's captions are a few dozen templates.
+CAPTION_MEMO_SIZE = 256
 
 
 def _causal_mask(config, hidden: torch.Tensor):
@@ -64,7 +66,10 @@ class TextConditioner(nn.Module, abc.ABC):
 
     def __init__(self):
         super().__init__()
-        self._token_memo = {}  # caption -> its token ids on the device
+        self._caption_memo = OrderedDict()  # caption -> (token ids, token rows if the table is parked), on the device
+        self.token_table_parked = False
+        # Where the conditioner computes, which is not where a parked token table waits.
+        self.register_buffer("device_marker", torch.empty(0), persistent=False)
 
     @property
     @abc.abstractmethod
@@ -89,32 +94,54 @@ class TextConditioner(nn.Module, abc.ABC):
 
     @property
     def device(self) -> torch.device:
-        return self.token_embedding.weight.device
+        return self.device_marker.device
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(ids)
+        """The table's rows for `ids`, on the ids' device wherever the table waits."""
+        table_device = self.token_embedding.weight.device
+        return self.token_embedding(ids.to(table_device)).to(ids.device)
 
-    def token_ids(self, texts) -> torch.Tensor:
-        """`tokenize(texts)`, each caption's ids remembered on the device. Training draws its captions from a few
-        dozen templates, so after the first steps none is tokenized or copied to the GPU again: such a copy waits
-        for the GPU to finish its queued work, a stall in every step."""
+    def park_token_table(self, parked: bool = True):
+        """Keep the frozen token table in CPU memory (SD v1's is 72 MiB of bf16, of which a run reads a few dozen
+        rows): each caption's rows are looked up there once and remembered on the device (`tokens`)."""
+        if parked and self.token_embedding.weight.requires_grad:
+            raise ValueError("a trainable token table cannot be parked in CPU memory: set park_token_table: false")
+        self.token_table_parked = parked
+        self._caption_memo.clear()
+        self.token_embedding.to("cpu" if parked else self.device)
+
+    def tokens(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n) token ids and their (B, n, D) embeddings from the table. Each caption's ids, and its rows of a
+        parked table, are remembered on the device: training draws its captions from a few dozen templates, and
+        tokenizing or copying one to the GPU waits for the GPU's queued work, a stall in every step."""
         captions = [texts] if isinstance(texts, str) else texts
         if not (isinstance(captions, (list, tuple)) and all(isinstance(caption, str) for caption in captions)):
-            return self.tokenize(texts)  # ids already
-        new = [caption for caption in dict.fromkeys(captions) if caption not in self._token_memo]
+            ids = self.tokenize(texts)  # ids already
+            return ids, self.embed_tokens(ids)
+        new = [caption for caption in dict.fromkeys(captions) if caption not in self._caption_memo]
         if new:
-            if len(self._token_memo) + len(new) > TOKEN_MEMO_SIZE:
-                self._token_memo.clear()
-            self._token_memo.update(zip(new, self.tokenize(new)))
-        return torch.stack([self._token_memo[caption] for caption in captions])
+            ids = self.tokenize(new)
+            rows = self.embed_tokens(ids) if self.token_table_parked else [None] * len(new)
+            self._caption_memo.update(zip(new, zip(ids, rows)))
+        remembered = [self._caption_memo[caption] for caption in captions]
+        for caption in captions:
+            self._caption_memo.move_to_end(caption)
+        while len(self._caption_memo) > CAPTION_MEMO_SIZE:
+            self._caption_memo.popitem(last=False)  # the least recently used
+        ids = torch.stack([caption_ids for caption_ids, _ in remembered])
+        if self.token_table_parked:
+            return ids, torch.stack([rows for _, rows in remembered])
+        return ids, self.embed_tokens(ids)
 
     def _apply(self, fn, *args, **kwargs):
-        self._token_memo.clear()  # moved: the remembered ids are on the old device
-        return super()._apply(fn, *args, **kwargs)
+        self._caption_memo.clear()  # moved or cast: what was remembered is on the old device or in the old dtype
+        module = super()._apply(fn, *args, **kwargs)
+        if self.token_table_parked:
+            self.token_embedding.to("cpu")
+        return module
 
     def encode(self, texts, embedding_manager=None) -> torch.Tensor:
-        ids = self.token_ids(texts)
-        embeds = self.embed_tokens(ids)
+        ids, embeds = self.tokens(texts)
         if embedding_manager is not None:
             embeds = embedding_manager(ids, embeds)
         return self.encode_embeddings(embeds)
