@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ldm.checkpoint import build_random_model
 from ldm.generate import generate
+from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.lean_ops import LayerNorm, LeanConv2d
 from tests.conftest import TINY_SD
 from tests.test_lean_ops import kept_for_backward
@@ -80,6 +81,27 @@ def test_cuda_graphs_sample_as_the_eager_unet():
     for image, eager_image in zip(images, generate(eager, "a photo of *", **settings)):
         torch.testing.assert_close(image, eager_image, rtol=0, atol=2e-2)
     assert not graphed.model.graphed_unet.failed and len(graphed.model.graphed_unet.graphed) == 1
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_a_sampling_loop_never_waits_for_the_gpu(graphed):
+    """The steps' timesteps and coefficients are made and read on the device, so the CPU queues the whole loop
+    ahead of the GPU (at a few images per prompt a step is bound by launches)."""
+    model = build_random_model(TINY_SD).cuda().eval()
+    model.store_frozen_weights(torch.float16)
+    model.model.use_cuda_graphs(graphed)
+    sampler = DDIMSampler(model)
+    with torch.no_grad(), torch.autocast("cuda"):
+        cond, uc = model.get_learned_conditioning(["a photo of *", ""]).chunk(2)
+        settings = dict(conditioning=cond, unconditional_conditioning=uc, unconditional_guidance_scale=7.5)
+        sampler.sample(5, 1, (4, 4, 4), **settings)  # the schedule's first build copies it to the GPU; graphs record
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            sampler._denoise(torch.randn(1, 4, 4, 4, device="cuda"), cond, sampler.ddim_schedule, 5,
+                             unconditional_guidance_scale=7.5, unconditional_conditioning=uc)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_offloaded_unet_trains_as_the_resident_one_and_leaves_its_weights_off_the_gpu(dataset):  # noqa: F811
