@@ -33,6 +33,7 @@ Examples:
   python scripts/benchmark.py --model ldm --compile --gradient_checkpointing
   python scripts/benchmark.py --model sd --batch_sizes 1 8 --cuda_graphs             # GPU: CUDA graphs
   python scripts/benchmark.py --model sd --batch_sizes 16 --channels_last --profile  # where the time goes
+  python scripts/benchmark.py --model sd --cuda_graphs --channels_last --attention_backend cudnn --combined
 """
 import argparse
 import contextlib
@@ -558,6 +559,8 @@ def sampling_rows(model, parts: DiffusersParts | None, args, rows: list, attempt
         ours_variants[f"ours ({backend} attention)"] = {"attention_backend": backend}
     if args.cuda_graphs:
         ours_variants["ours (cuda graphs)"] = {"cuda_graphs": True}
+    if args.combined and len(combined_levers(args, sampling=True)) > 1:
+        ours_variants[f"ours ({combined_label(args, sampling=True)})"] = combined_levers(args, sampling=True)
     labels = [*ours_variants, *runners.keys() - {"ours"}]
 
     def time_call(label: str, n: int, measured: list):
@@ -583,6 +586,22 @@ def sampling_rows(model, parts: DiffusersParts | None, args, rows: list, attempt
     model.model.use_channels_last(False)
     model.model.diffusion_model.use_attention_backend("auto")
     model.model.use_cuda_graphs(False)
+
+
+def combined_levers(args, sampling: bool = False) -> dict:
+    """`--combined`: every speed lever given on the command line at once (compile is a training lever only)."""
+    levers = {"cuda_graphs": args.cuda_graphs, "channels_last": args.channels_last,
+              "attention_backend": args.attention_backend[0] if args.attention_backend else "auto",
+              "compile_unet": False if sampling else (args.compile or False)}
+    return {name: value for name, value in levers.items() if value not in (False, "auto")}
+
+
+def combined_label(args, sampling: bool = False) -> str:
+    names = {"cuda_graphs": lambda _: "cuda graphs", "channels_last": lambda _: "channels last",
+             "attention_backend": lambda backend: f"{backend} attention",
+             "compile_unet": lambda mode: "compiled" if mode == "default" else f"compiled {mode}"}
+    levers = combined_levers(args, sampling)
+    return "combined: " + ", ".join(names[name](value) for name, value in levers.items())
 
 
 def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) -> dict:
@@ -634,6 +653,8 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
         variants.append(("cuda graphs", {"cuda_graphs": True}))
         notes.append("cuda graphs: ours with cuda_graphs: true (the UNet's passes replayed as CUDA graphs); its held "
                      "memory is the recorded graphs' pool; its ratio is against diffusers' eager step.")
+    if args.combined:
+        variants.append((combined_label(args), combined_levers(args)))
 
     def time_ours(variant: str, levers: dict):
         ours = build_ours(args.model, device, args.precision, **levers) if levers else model
@@ -762,6 +783,9 @@ def parse_args(argv=None):
                              "sampling (flash, efficient, cudnn, math)")
     parser.add_argument("--cuda_graphs", action="store_true",
                         help="also time ours with cuda_graphs (the UNet's passes replayed as CUDA graphs; CUDA only)")
+    parser.add_argument("--combined", action="store_true",
+                        help="also time ours with all of --cuda_graphs, --channels_last, the first --attention_backend "
+                             "and --compile given here at once (sampling: all but --compile)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="also time both with gradient checkpointing (ours: the UNet's use_checkpoint)")
     parser.add_argument("--sampling", action="store_true", help="also time DDIM sampling with guidance")
@@ -781,6 +805,13 @@ def parse_args(argv=None):
     on_cpu = args.device.type == "cpu"
     if args.cuda_graphs and args.device.type != "cuda":
         parser.error("--cuda_graphs needs a CUDA device: CUDA graphs exist only there")
+    if args.combined and args.compile and args.cuda_graphs:
+        parser.error("--combined cannot join --compile and --cuda_graphs (the model refuses both): drop one, or give "
+                     "--compile reduce-overhead for a compiled UNet replayed as CUDA graphs")
+    if args.combined and sum(map(bool, (args.cuda_graphs, args.channels_last, args.attention_backend,
+                                        args.compile))) < 2:
+        parser.error("--combined joins speed levers: give at least two of --cuda_graphs, --channels_last, "
+                     "--attention_backend and --compile")
     defaults = {"model": "tiny-sd" if on_cpu else "sd", "batch_sizes": [1, 4] if on_cpu else [1, 8, 16],
                 "steps": 10 if on_cpu else 20, "warmup": 2 if on_cpu else 5,
                 "precision": "fp32" if on_cpu else "bf16", "sampling_steps": 10 if on_cpu else 50}

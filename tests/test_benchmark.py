@@ -29,8 +29,8 @@ def positive(value) -> bool:
 def test_main_prints_and_writes_both_implementations_at_tiny_size(benchmark, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--model", "tiny-sd", "--steps", "2", "--warmup", "1", "--batch_sizes", "1", "2",
-            "--channels_last", "--attention_backend", "cudnn", "--profile", "--sampling", "--sampling_steps", "2",
-            "--json", str(out)]
+            "--channels_last", "--attention_backend", "cudnn", "--combined", "--profile", "--sampling",
+            "--sampling_steps", "2", "--json", str(out)]
     assert benchmark.main(argv) == 0
     printed = capsys.readouterr().out
     assert "torch " + torch.__version__ in printed
@@ -41,8 +41,9 @@ def test_main_prints_and_writes_both_implementations_at_tiny_size(benchmark, tmp
     training = report["training"]
     assert sorted((row["implementation"], row["variant"], row["batch_size"]) for row in training) == [
         ("diffusers (CLIPTextModel)", "eager", 1), ("diffusers (CLIPTextModel)", "eager", 2),
-        ("ours", "channels last", 1), ("ours", "channels last", 2), ("ours", "cudnn attention", 1),
-        ("ours", "cudnn attention", 2), ("ours", "eager", 1), ("ours", "eager", 2)]
+        ("ours", "channels last", 1), ("ours", "channels last", 2),
+        ("ours", "combined: channels last, cudnn attention", 1), ("ours", "combined: channels last, cudnn attention", 2),
+        ("ours", "cudnn attention", 1), ("ours", "cudnn attention", 2), ("ours", "eager", 1), ("ours", "eager", 2)]
     for row in training:
         assert positive(row["images_per_s"]) and positive(row["ms_per_step"])
         assert row["images_per_s"] == pytest.approx(1e3 * row["batch_size"] / row["ms_per_step"])
@@ -57,7 +58,9 @@ def test_main_prints_and_writes_both_implementations_at_tiny_size(benchmark, tmp
     sampling = report["sampling"]
     assert sorted((row["implementation"], row["images_per_prompt"]) for row in sampling) == [
         ("diffusers", 1), ("diffusers", 8), ("ours", 1), ("ours", 8), ("ours (channels last)", 1),
-        ("ours (channels last)", 8), ("ours (cudnn attention)", 1), ("ours (cudnn attention)", 8)]
+        ("ours (channels last)", 8), ("ours (combined: channels last, cudnn attention)", 1),
+        ("ours (combined: channels last, cudnn attention)", 8), ("ours (cudnn attention)", 1),
+        ("ours (cudnn attention)", 8)]
     for row in sampling:
         assert positive(row["s_per_call"]) and positive(row["images_per_s"])
         assert row["images_per_s"] * row["s_per_call"] == pytest.approx(row["images_per_prompt"])
@@ -148,3 +151,23 @@ def test_cuda_graphs_are_refused_on_the_cpu_with_the_reason(benchmark, capsys):
         benchmark.parse_args(["--device", "cpu", "--cuda_graphs"])
     assert exit_info.value.code == 2
     assert "--cuda_graphs needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--combined", "--channels_last"], "give at least two of"),
+    (["--combined", "--compile", "--channels_last", "--cuda_graphs"], "cannot join --compile and --cuda_graphs"),
+])
+def test_combined_levers_need_two_that_the_model_accepts_together(benchmark, capsys, flags, reason):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(["--device", "cuda", *flags])
+    assert exit_info.value.code == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_combined_levers_are_those_given_compile_for_training_only(benchmark):
+    args = benchmark.parse_args(["--device", "cpu", "--combined", "--compile", "max-autotune", "--channels_last",
+                                 "--attention_backend", "cudnn", "efficient"])
+    assert benchmark.combined_levers(args) == {"channels_last": True, "attention_backend": "cudnn",
+                                               "compile_unet": "max-autotune"}
+    assert benchmark.combined_label(args) == "combined: channels last, cudnn attention, compiled max-autotune"
+    assert benchmark.combined_levers(args, sampling=True) == {"channels_last": True, "attention_backend": "cudnn"}
