@@ -316,11 +316,14 @@ def test_a_parked_token_table_encodes_as_the_resident_one_reading_each_caption_o
     assert conditioner.token_table_parked and conditioner.token_embedding.weight.dtype == torch.float64
     conditioner.encode(PROMPTS[:1])
     assert lookups == [4, 1]
+    conditioner.load_state_dict(conditioner.state_dict())  # new weights: the rows are read again
+    conditioner.encode(PROMPTS[:1])
+    assert lookups == [4, 1, 1]
     conditioner.park_token_table(False)
     assert not conditioner.token_table_parked
     conditioner.encode(PROMPTS[:1])
     conditioner.encode(PROMPTS[:1])
-    assert lookups == [4, 1, 1, 1]  # resident: read every time, nothing remembered but the ids
+    assert lookups == [4, 1, 1, 1, 1]  # resident: read every time, nothing remembered but the ids
 
 
 def test_a_trainable_token_table_is_not_parked(clip):

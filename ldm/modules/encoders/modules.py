@@ -140,6 +140,10 @@ class TextConditioner(nn.Module, abc.ABC):
             self.token_embedding.to("cpu")
         return module
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._caption_memo.clear()  # new weights: remembered token rows would be stale
+        super()._load_from_state_dict(*args, **kwargs)
+
     def encode(self, texts, embedding_manager=None) -> torch.Tensor:
         ids, embeds = self.tokens(texts)
         if embedding_manager is not None:
