@@ -175,6 +175,11 @@ def trainer_settings(opt, lightning_config):
         raise UsageError("--gpus asks for a GPU but PyTorch sees none: drop --gpus to train on the CPU, or install a CUDA build of torch")
     if settings["accelerator"] == "cpu" and torch.cuda.is_available():
         print("Training on the CPU although a GPU is available: add --gpus 0, to use it.")
+    on_cuda = settings["accelerator"] in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    if on_cuda and "precision" not in settings and torch.cuda.is_bf16_supported():
+        settings["precision"] = "bf16-mixed"
+        print("Training in bf16-mixed precision (frozen weights in bf16, the learned vectors in float32): add "
+              "--precision 32 for float32 throughout.")
     devices = settings["devices"]
     num_devices = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
     if num_devices * int(settings.get("num_nodes", 1)) > 1:

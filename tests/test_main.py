@@ -170,6 +170,21 @@ def test_gpus_flag_forms(gpus, expected):
     assert main_module.parse_gpus(gpus) == expected
 
 
+@pytest.mark.parametrize("bf16_capable, argv, yaml, expected", [
+    (True, ["--gpus", "0,"], {}, "bf16-mixed"),  # the fast default where the GPU computes bf16
+    (False, ["--gpus", "0,"], {}, None),  # e.g. a V100: Lightning's float32
+    (True, ["--gpus", "0,", "--precision", "32"], {}, "32"),
+    (True, ["--gpus", "0,"], {"precision": "16-mixed"}, "16-mixed"),
+    (True, [], {}, None),  # the CPU
+])
+def test_a_gpu_trains_in_bf16_mixed_precision_unless_told_otherwise(monkeypatch, bf16_capable, argv, yaml, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_capable)
+    opt, _ = main_module.get_parser().parse_known_args(argv)
+    settings, _ = main_module.trainer_settings(opt, OmegaConf.create({"trainer": yaml}))
+    assert settings.get("precision") == expected
+
+
 def test_two_process_ddp_on_cpu_writes_one_set_of_embeddings(tmp_path, images, tiny_sd_ckpt):
     result = run_cli(
         ["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images), "-l", str(tmp_path / "logs"),
