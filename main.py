@@ -176,7 +176,7 @@ def trainer_settings(opt, lightning_config):
     if settings["accelerator"] == "cpu" and torch.cuda.is_available():
         print("Training on the CPU although a GPU is available: add --gpus 0, to use it.")
     on_cuda = settings["accelerator"] in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-    if on_cuda and "precision" not in settings and torch.cuda.is_bf16_supported():
+    if on_cuda and "precision" not in settings and torch.cuda.is_bf16_supported(including_emulation=False):
         settings["precision"] = "bf16-mixed"
         print("Training in bf16-mixed precision (frozen weights in bf16, the learned vectors in float32): add "
               "--precision 32 for float32 throughout.")
