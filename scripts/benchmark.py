@@ -651,8 +651,9 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
         variants.append((f"{backend} attention", {"attention_backend": backend}))
     if args.cuda_graphs:
         variants.append(("cuda graphs", {"cuda_graphs": True}))
-        notes.append("cuda graphs: ours with cuda_graphs: true (the UNet's passes replayed as CUDA graphs); its held "
-                     "memory is the recorded graphs' pool; its ratio is against diffusers' eager step.")
+        notes.append("cuda graphs: ours with cuda_graphs: true (the UNet's and the text encoder's passes replayed as "
+                     "CUDA graphs); its held memory is the recorded graphs' pool; its ratio is against diffusers' eager "
+                     "step.")
     if args.combined:
         variants.append((combined_label(args), combined_levers(args)))
 
@@ -782,7 +783,8 @@ def parse_args(argv=None):
                         help="also time ours with the UNet's attention_backend set to each BACKEND, training and "
                              "sampling (flash, efficient, cudnn, math)")
     parser.add_argument("--cuda_graphs", action="store_true",
-                        help="also time ours with cuda_graphs (the UNet's passes replayed as CUDA graphs; CUDA only)")
+                        help="also time ours with cuda_graphs (the UNet's and the text encoder's passes replayed as "
+                             "CUDA graphs; CUDA only)")
     parser.add_argument("--combined", action="store_true",
                         help="also time ours with all of --cuda_graphs, --channels_last, the first --attention_backend "
                              "and --compile given here at once (sampling: all but --compile)")

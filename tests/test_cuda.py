@@ -62,12 +62,15 @@ def test_cuda_graphs_train_as_the_eager_unet(dataset):  # noqa: F811
     eager = tiny_model_on_cuda()
     graphed = copy.deepcopy(eager)
     graphed.model.use_cuda_graphs()
+    graphed.cond_stage_model.use_cuda_graphs()
     for seed in range(3):
         batch = cuda_batch(dataset, [seed % 4, (seed + 1) % 4])
         (loss, grad), (eager_loss, eager_grad) = step(graphed, batch, seed), step(eager, batch, seed)
         torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-5)
         torch.testing.assert_close(grad, eager_grad, rtol=1e-2, atol=1e-5)
     assert not graphed.model.graphed_unet.failed and len(graphed.model.graphed_unet.graphed) == 1
+    encoder = graphed.cond_stage_model.graphed_encoder
+    assert not encoder.failed and len(encoder.graphed) == 1
 
 
 def test_cuda_graphs_sample_as_the_eager_unet():
@@ -136,10 +139,13 @@ def test_channels_last_trains_as_nchw_also_offloaded_and_graphed(dataset):  # no
             assert F.cosine_similarity(other_grad.flatten(), grad.flatten(), dim=0) > 0.99
 
 
-def test_a_cached_training_step_never_waits_for_the_gpu(dataset):  # noqa: F811
+@pytest.mark.parametrize("graphed", [False, True])
+def test_a_cached_training_step_never_waits_for_the_gpu(dataset, graphed):  # noqa: F811
     """Latent cache keys, token ids, the parked token table's rows and placeholder widths are read without a copy
     between host and device, so the CPU can queue the next step while the GPU runs this one."""
     model = tiny_model_on_cuda()
+    model.model.use_cuda_graphs(graphed, sampling=False)
+    model.cond_stage_model.use_cuda_graphs(graphed)
     model.learning_rate = 1e-3
     optimizer = model.configure_optimizers()
     batch = model.transfer_batch_to_device(batch_of(dataset, [0, 1], [False, True]), torch.device("cuda"), 0)
@@ -154,7 +160,7 @@ def test_a_cached_training_step_never_waits_for_the_gpu(dataset):  # noqa: F811
         optimizer.zero_grad(set_to_none=True)
         model.embedding_manager.apply_norm_cap()
 
-    training_step(0)  # encodes the images, tokenizes the captions and looks their token rows up
+    training_step(0)  # encodes the images, tokenizes the captions, looks their token rows up, records graphs
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -1,4 +1,5 @@
-"""`cuda_graphs` hands the UNet to a recorder exactly where recorded graphs are exact, once per input shape.
+"""`cuda_graphs` hands the UNet and the text encoder to a recorder exactly where recorded graphs are exact, once
+per input shape.
 
 Recording needs CUDA, so these tests put a stand-in for `torch.cuda.make_graphed_callables` on the CPU: it notes
 what it was given and returns the function itself, except that without gradients it hands out one output buffer
@@ -9,7 +10,7 @@ from omegaconf import OmegaConf
 
 from ldm.checkpoint import build_random_model
 from ldm.generate import generate
-from ldm.modules.cuda_graphs import GraphedUNet
+from ldm.modules.cuda_graphs import GraphedTextEncoder, GraphedUNet
 from ldm.util import instantiate_from_config
 from tests.conftest import TINY_SD
 from tests.test_speed_levers import batch_of, dataset, losses, vector_gradient  # noqa: F401 (the fixture)
@@ -110,6 +111,7 @@ def test_the_config_switch_builds_the_graphed_unet_and_refuses_compile_too():
     config.model.params.cuda_graphs = True
     model = instantiate_from_config(config.model)
     assert isinstance(model.model.graphed_unet, GraphedUNet)
+    assert isinstance(model.cond_stage_model.graphed_encoder, GraphedTextEncoder)
     assert model.model.graphed_unet.make_graphed is torch.cuda.make_graphed_callables
     assert not model.model.graphed_unet.sampling  # image logging in a training run stays eager
     config.model.params.compile_unet = True
@@ -138,3 +140,44 @@ def test_a_training_run_graphs_its_steps_but_not_its_logged_samples(dataset):
     generate(model.eval(), "a photo of *", n_samples=1, n_iter=1, steps=2, scale=7.5, eta=0.0, seed=0, height=32,
              width=32, precision="full", progress=False)
     assert len(recorder.recorded) == 1 and recorder.recorded[0]["samples"][2].requires_grad
+
+
+def graphed_text_encoder(recorder):
+    model = build_random_model(TINY_SD)
+    model.cond_stage_model.use_cuda_graphs(make_graphed=recorder, device_type="cpu")
+    return model
+
+
+def test_the_text_encoder_records_its_training_passes_once_per_shape_with_the_eager_values(dataset):
+    recorder = Recorder()
+    model, eager = graphed_text_encoder(recorder), build_random_model(TINY_SD)
+    two, three = batch_of(dataset, [0, 1], [False, True]), batch_of(dataset, [0, 1, 2], [False] * 3)
+    for batch in (two, two, three, two):
+        loss, grad = vector_gradient(model, batch, torch.float32)
+        eager_loss, eager_grad = vector_gradient(eager, batch, torch.float32)
+        assert torch.equal(loss, eager_loss) and torch.equal(grad, eager_grad)
+    assert [r["samples"][0].shape[0] for r in recorder.recorded] == [2, 3]
+    (embeds,) = recorder.recorded[0]["samples"]
+    assert embeds.requires_grad and embeds.is_leaf  # a copy: the warm-up passes never reach the learned vectors
+    assert embeds.shape[1:] == (77, model.cond_stage_model.token_dim)
+
+
+def test_the_text_encoder_stays_eager_when_sampling_trainable_moved_or_failing(dataset, capsys):
+    recorder = Recorder()
+    model = graphed_text_encoder(recorder)
+    batch = batch_of(dataset, [0], [False])
+    generate(model.eval(), "a photo of *", n_samples=1, n_iter=1, steps=2, scale=7.5, eta=0.0, seed=0, height=32,
+             width=32, precision="full", progress=False)
+    model.cond_stage_model.requires_grad_(True)  # e.g. pretraining the text encoder
+    losses(model.train(), [batch])
+    assert recorder.recorded == []
+    model.cond_stage_model.requires_grad_(False)
+    losses(model, [batch])
+    model.to("cpu")  # a move drops the recording
+    losses(model, [batch])
+    assert len(recorder.recorded) == 2
+    failing = graphed_text_encoder(Recorder(fail=True))
+    for _ in range(2):
+        losses(failing, [batch])[0].backward()
+    assert capsys.readouterr().out.count("cuda_graphs: recording the text encoder failed") == 1
+    assert failing.cond_stage_model.graphed_encoder.failed

@@ -286,6 +286,8 @@ class LatentDiffusion(DDPM):
                               "runs eagerly")
         self.first_stage_model = _freeze(instantiate_from_config(first_stage_config))
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        if cuda_graphs and isinstance(self.cond_stage_model, TextConditioner):
+            self.cond_stage_model.use_cuda_graphs()
         self.restored_from_checkpoint = self._pending_ckpt is not None
         if self._pending_ckpt:
             from ldm.checkpoint import restore

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.masking_utils import create_causal_mask
 
+from ldm.modules.cuda_graphs import GraphedTextEncoder
 from ldm.modules.encoders.tokenizers import bert_tokenizer, clean_clip_text, clip_tokenizer
 from ldm.modules.lean_ops import native_layer_norms
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
@@ -68,6 +69,7 @@ class TextConditioner(nn.Module, abc.ABC):
         super().__init__()
         self._caption_memo = OrderedDict()  # caption -> (token ids, token rows if the table is parked), on the device
         self.token_table_parked = False
+        self.graphed_encoder = None  # a GraphedTextEncoder once `use_cuda_graphs()` is called
         # Where the conditioner computes, which is not where a parked token table waits.
         self.register_buffer("device_marker", torch.empty(0), persistent=False)
 
@@ -110,6 +112,10 @@ class TextConditioner(nn.Module, abc.ABC):
         self._caption_memo.clear()
         self.token_embedding.to("cpu" if parked else self.device)
 
+    def use_cuda_graphs(self, enabled: bool = True, **options):
+        """Replay the transformer's training passes as CUDA graphs (ldm/modules/cuda_graphs.py), or stop."""
+        self.graphed_encoder = GraphedTextEncoder(self, **options) if enabled else None
+
     def tokens(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, n) token ids and their (B, n, D) embeddings from the table. Each caption's ids, and its rows of a
         parked table, are remembered on the device: training draws its captions from a few dozen templates, and
@@ -135,6 +141,8 @@ class TextConditioner(nn.Module, abc.ABC):
 
     def _apply(self, fn, *args, **kwargs):
         self._caption_memo.clear()  # moved or cast: what was remembered is on the old device or in the old dtype
+        if self.graphed_encoder is not None:  # recorded kernels read the weights where they were
+            self.graphed_encoder.clear()
         module = super()._apply(fn, *args, **kwargs)
         if self.token_table_parked:
             self.token_embedding.to("cpu")
@@ -148,7 +156,7 @@ class TextConditioner(nn.Module, abc.ABC):
         ids, embeds = self.tokens(texts)
         if embedding_manager is not None:
             embeds = embedding_manager(ids, embeds)
-        return self.encode_embeddings(embeds)
+        return self.encode_embeddings(embeds) if self.graphed_encoder is None else self.graphed_encoder(embeds)
 
     def forward(self, texts, embedding_manager=None) -> torch.Tensor:
         return self.encode(texts, embedding_manager)
