@@ -40,24 +40,26 @@ class Recorder:
         return replay
 
 
-def graphed_model(recorder):
+def graphed_model(recorder, network="unet"):
     model = build_random_model(TINY_SD)
-    model.model.use_cuda_graphs(make_graphed=recorder, device_type="cpu")
+    graphed = model.model if network == "unet" else model.cond_stage_model
+    graphed.use_cuda_graphs(make_graphed=recorder, device_type="cpu")
     return model
 
 
-def test_training_steps_record_once_per_input_shape_with_the_eager_values(dataset):
+@pytest.mark.parametrize("network", ["unet", "text encoder"])
+def test_training_steps_record_once_per_input_shape_with_the_eager_values(dataset, network):
     recorder = Recorder()
-    model, eager = graphed_model(recorder), build_random_model(TINY_SD)
+    model, eager = graphed_model(recorder, network), build_random_model(TINY_SD)
     two, three = batch_of(dataset, [0, 1], [False, True]), batch_of(dataset, [0, 1, 2], [False] * 3)
     for batch in (two, two, three, two):
         loss, grad = vector_gradient(model, batch, torch.float32)
         eager_loss, eager_grad = vector_gradient(eager, batch, torch.float32)
         assert torch.equal(loss, eager_loss) and torch.equal(grad, eager_grad)
     assert [r["samples"][0].shape[0] for r in recorder.recorded] == [2, 3]
-    x, timesteps, context = recorder.recorded[0]["samples"]
-    assert not x.requires_grad and timesteps.dtype == torch.long
-    assert context.requires_grad and context.is_leaf  # a copy: the warm-up passes never reach the real step
+    samples = recorder.recorded[0]["samples"]  # UNet: x, timesteps, context; text encoder: token embeddings
+    assert [sample.requires_grad for sample in samples] == ([False, False, True] if network == "unet" else [True])
+    assert samples[-1].is_leaf  # a copy: the warm-up passes never reach the real step
     assert recorder.recorded[0]["options"] in ({}, {"capture_error_mode": "thread_local"})
 
 
@@ -142,29 +144,9 @@ def test_a_training_run_graphs_its_steps_but_not_its_logged_samples(dataset):
     assert len(recorder.recorded) == 1 and recorder.recorded[0]["samples"][2].requires_grad
 
 
-def graphed_text_encoder(recorder):
-    model = build_random_model(TINY_SD)
-    model.cond_stage_model.use_cuda_graphs(make_graphed=recorder, device_type="cpu")
-    return model
-
-
-def test_the_text_encoder_records_its_training_passes_once_per_shape_with_the_eager_values(dataset):
-    recorder = Recorder()
-    model, eager = graphed_text_encoder(recorder), build_random_model(TINY_SD)
-    two, three = batch_of(dataset, [0, 1], [False, True]), batch_of(dataset, [0, 1, 2], [False] * 3)
-    for batch in (two, two, three, two):
-        loss, grad = vector_gradient(model, batch, torch.float32)
-        eager_loss, eager_grad = vector_gradient(eager, batch, torch.float32)
-        assert torch.equal(loss, eager_loss) and torch.equal(grad, eager_grad)
-    assert [r["samples"][0].shape[0] for r in recorder.recorded] == [2, 3]
-    (embeds,) = recorder.recorded[0]["samples"]
-    assert embeds.requires_grad and embeds.is_leaf  # a copy: the warm-up passes never reach the learned vectors
-    assert embeds.shape[1:] == (77, model.cond_stage_model.token_dim)
-
-
 def test_the_text_encoder_stays_eager_when_sampling_trainable_moved_or_failing(dataset, capsys):
     recorder = Recorder()
-    model = graphed_text_encoder(recorder)
+    model = graphed_model(recorder, "text encoder")
     batch = batch_of(dataset, [0], [False])
     generate(model.eval(), "a photo of *", n_samples=1, n_iter=1, steps=2, scale=7.5, eta=0.0, seed=0, height=32,
              width=32, precision="full", progress=False)
@@ -176,7 +158,7 @@ def test_the_text_encoder_stays_eager_when_sampling_trainable_moved_or_failing(d
     model.to("cpu")  # a move drops the recording
     losses(model, [batch])
     assert len(recorder.recorded) == 2
-    failing = graphed_text_encoder(Recorder(fail=True))
+    failing = graphed_model(Recorder(fail=True), "text encoder")
     for _ in range(2):
         losses(failing, [batch])[0].backward()
     assert capsys.readouterr().out.count("cuda_graphs: recording the text encoder failed") == 1
