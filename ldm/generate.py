@@ -77,7 +77,8 @@ def load_model(config_path, ckpt_path, device, embedding_paths=(), use_ema=None,
         model.model.diffusion_model.use_attention_backend(attention_backend)
     if cuda_graphs:
         model.model.use_cuda_graphs()
-    return model.to(device).eval()
+    model.to(device).park_idle_token_table()
+    return model.eval()
 
 
 def sampling_weights_dtype(device, precision: str) -> torch.dtype:

@@ -13,6 +13,7 @@ from PIL import Image
 from ldm.embeddings import Embeddings, save_embeddings
 from ldm.generate import generate, load_model, sampling_weights_dtype, save_outputs
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.ddpm import LatentDiffusion
 from scripts import img2img, stable_txt2img, txt2img
 from tests.conftest import REPO, TINY_LDM, TINY_SD, draw_images
 
@@ -181,6 +182,17 @@ def test_load_model_stores_the_frozen_weights_in_the_given_dtype_and_the_learned
         expected = torch.float32 if name.startswith("embedding_manager.") else torch.bfloat16
         assert parameter.dtype == expected, name
     assert torch.equal(model.embedding_manager.vectors("*").detach(), star)
+
+
+def test_on_a_gpu_the_token_table_waits_in_cpu_memory_and_the_images_are_the_same(sd_model, tiny_sd_ckpt, monkeypatch):
+    assert not sd_model.cond_stage_model.token_table_parked  # on the CPU there is nowhere better to wait
+    monkeypatch.setattr(LatentDiffusion, "device", property(lambda _: torch.device("cuda")))
+    parked = load_model(TINY_SD, tiny_sd_ckpt, "cpu")
+    monkeypatch.undo()
+    assert parked.cond_stage_model.token_table_parked
+    settings = dict(FAST, eta=0.5)
+    assert torch.equal(torch.stack(generate(parked, "a photo of *", seed=7, **settings)),
+                       torch.stack(generate(sd_model, "a photo of *", seed=7, **settings)))
 
 
 def test_two_embedding_files_are_merged_and_both_words_are_active(tiny_sd_ckpt, tmp_path, capsys):

@@ -337,10 +337,14 @@ class LatentDiffusion(DDPM):
             self.first_stage_model.cpu()
 
     def park_idle_weights(self, batch):
-        """Frozen weights a training step does not read wait in CPU memory: the VAE (`park_idle_first_stage`) and,
-        on a GPU, the text encoder's token table, whose rows for each caption are looked up once
-        (`park_token_table`: 72 MiB of bf16 for SD v1)."""
+        """Frozen weights a training step does not read wait in CPU memory: the VAE (`park_idle_first_stage`) and
+        the token table (`park_idle_token_table`)."""
         self.park_idle_first_stage(batch)
+        self.park_idle_token_table()
+
+    def park_idle_token_table(self):
+        """On a GPU, keep a frozen text encoder's token table in CPU memory, each caption's rows looked up once
+        (`park_token_table`: 72 MiB of bf16 for SD v1)."""
         conditioner = self.cond_stage_model
         parkable = (self.park_token_table and self.device.type != "cpu" and isinstance(conditioner, TextConditioner)
                     and not conditioner.token_embedding.weight.requires_grad)
