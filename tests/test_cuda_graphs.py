@@ -4,9 +4,12 @@ per input shape.
 Recording needs CUDA, so these tests put a stand-in for `torch.cuda.make_graphed_callables` on the CPU: it notes
 what it was given and returns the function itself, except that without gradients it hands out one output buffer
 that every call overwrites, as a replayed graph does. So the values must be the eager ones."""
+import collections
+
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.checkpoint import build_random_model
 from ldm.generate import generate
@@ -163,3 +166,64 @@ def test_the_text_encoder_stays_eager_when_sampling_trainable_moved_or_failing(d
         losses(failing, [batch])[0].backward()
     assert capsys.readouterr().out.count("cuda_graphs: recording the text encoder failed") == 1
     assert failing.cond_stage_model.graphed_encoder.failed
+
+
+def replayed(function, samples, **options):
+    """Stands in for make_graphed_callables where ops are counted: a replay is one op forward and one backward,
+    whatever the recorded function computes (on CUDA: copies into the static inputs and one graph launch)."""
+    output = function(*samples)
+    wanting = [sample for sample in samples if sample.requires_grad]
+    grads = iter(torch.autograd.grad(output, wanting, torch.ones_like(output)) if wanting else ())
+    static_grads = [next(grads) if sample.requires_grad else None for sample in samples]
+    static_output = output.detach()
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            return static_output.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return tuple(None if static is None else static.clone() for static in static_grads)
+
+    return lambda *inputs: Replay.apply(*inputs)
+
+
+class OpCount(TorchDispatchMode):
+    """Ops that launch work (views and autograd's bookkeeping aside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in ("detach", "lift_fresh"):
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_graphed_training_step_launches_under_a_hundred_ops_outside_its_replays(dataset):
+    """At batch 1 a step is bound by launches: with both networks replayed, what stays eager (the learned words'
+    placement, noise and loss, AdamW, the norm cap) must stay small, whatever the networks' depth."""
+    batch = batch_of(dataset, [0], [False])
+    counts = {}
+    for graphed in (False, True):
+        model = build_random_model(TINY_SD)
+        model.learning_rate = 1e-3
+        if graphed:
+            for network in (model.model, model.cond_stage_model):
+                network.use_cuda_graphs(make_graphed=replayed, device_type="cpu")
+        optimizer = model.configure_optimizers()
+
+        def step(seed):
+            model.shared_step(batch, torch.Generator().manual_seed(seed))[0].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.embedding_manager.apply_norm_cap()
+
+        step(0)  # records
+        with OpCount() as counted:
+            step(1)
+        counts[graphed] = sum(counted.ops.values())
+    assert counts[False] > 700  # the tiny model's eager step (SD v1's: about 2,000)
+    assert counts[True] <= 100, counts  # 91 at the time of writing
