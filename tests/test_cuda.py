@@ -148,6 +148,7 @@ def test_a_cached_training_step_never_waits_for_the_gpu(dataset, graphed):  # no
     model.cond_stage_model.use_cuda_graphs(graphed)
     model.learning_rate = 1e-3
     optimizer = model.configure_optimizers()
+    assert optimizer.defaults["fused"]  # one AdamW kernel
     batch = model.transfer_batch_to_device(batch_of(dataset, [0, 1], [False, True]), torch.device("cuda"), 0)
     model.park_idle_weights(batch)  # as each training step does: the token table waits in CPU memory
     assert model.cond_stage_model.token_embedding.weight.device.type == "cpu"

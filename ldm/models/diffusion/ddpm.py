@@ -536,7 +536,9 @@ class LatentDiffusion(DDPM):
         if self.unfreeze_model:
             model_params = list(self.model.parameters()) + list(self.cond_stage_model.parameters())
             groups.append({"params": model_params, "lr": self.model_lr})
-        return torch.optim.AdamW(groups, lr=self.learning_rate)
+        # On a GPU, one fused kernel per step instead of a dozen (at batch 1 a step is bound by launches).
+        fused = all(p.is_cuda for group in groups for p in group["params"])
+        return torch.optim.AdamW(groups, lr=self.learning_rate, fused=fused)
 
     def on_save_checkpoint(self, checkpoint):
         """Keep only what training changed: the frozen model is already in the user's checkpoint. An unfrozen
