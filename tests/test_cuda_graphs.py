@@ -63,6 +63,7 @@ def test_training_steps_record_once_per_input_shape_with_the_eager_values(datase
     samples = recorder.recorded[0]["samples"]  # UNet: x, timesteps, context; text encoder: token embeddings
     assert [sample.requires_grad for sample in samples] == ([False, False, True] if network == "unet" else [True])
     assert samples[-1].is_leaf  # a copy: the warm-up passes never reach the real step
+    assert network != "unet" or samples[1].dtype == torch.long  # the timesteps
     assert recorder.recorded[0]["options"] in ({}, {"capture_error_mode": "thread_local"})
 
 

@@ -11,6 +11,7 @@ Graphs stand in only on CUDA, for frozen weights, where the recorded backward co
 gradient of the learned words' path through the network); anything else, and the CPU, runs eagerly. Moving or
 casting a network drops its recorded graphs, whose kernels read the old weights.
 """
+import abc
 import inspect
 
 import torch
@@ -27,7 +28,7 @@ def uses_checkpointing(module: torch.nn.Module) -> bool:
                for child in module.modules())
 
 
-class GraphedPasses:
+class GraphedPasses(abc.ABC):
     """Calls `_forward(*inputs)` through recorded CUDA graphs where `applies(*inputs)`, once per input signature
     (shapes, dtypes, grad mode, autocast state). `make_graphed` and `device_type` are there for tests on machines
     without CUDA."""
@@ -46,8 +47,9 @@ class GraphedPasses:
     def applies(self, *inputs) -> bool:
         return not self.failed and inputs[0].device.type == self.device_type
 
+    @abc.abstractmethod
     def _forward(self, *inputs):
-        raise NotImplementedError
+        """The network's pass on `inputs`, eagerly."""
 
     def frozen(self) -> bool:
         return not any(weight.requires_grad for weight in self.weights)
