@@ -1,6 +1,7 @@
 """`offload_unet` keeps the UNet's weights in CPU memory, uploads each block's for its forward, keeps none of the
 uploaded copies for backward, and computes exactly what the resident UNet computes. Here the device is the CPU
-too: every upload is still a separate copy, so what outlives a block is visible."""
+too: every upload is still a separate copy, so what outlives a block is visible, and the CPU copies are filled
+with NaN (uploads give the true values) so that a computation reading one, a device mismatch on a GPU, shows."""
 import gc
 import weakref
 
@@ -16,15 +17,31 @@ from tests.conftest import TINY_SD
 from tests.test_speed_levers import batch_of, dataset, vector_gradient  # noqa: F401 (the fixture)
 
 
-def offloaded_model():
+def offloaded_model(monkeypatch=None):
+    """The tiny SD model with its UNet offloaded; with `monkeypatch`, its CPU copies poisoned with NaN."""
     model = build_random_model(TINY_SD)
     model.model.offload_weights()
+    if monkeypatch is not None:
+        offload = model.model.weight_offload
+        true_values = {}
+        for host in offload.host.values():
+            true_values[host.data_ptr()] = host.clone()
+            host.fill_(float("nan"))
+        monkeypatch.setattr(offload, "_to_device", lambda host: true_values[host.data_ptr()].clone())
     return model
 
 
+def use_checkpointing(unet):
+    for module in unet.modules():
+        if hasattr(module, "use_checkpoint"):
+            module.use_checkpoint = True
+        if hasattr(module, "checkpoint") and isinstance(module.checkpoint, bool):
+            module.checkpoint = True
+
+
 @pytest.mark.parametrize("recompute_feedforward", [False, True])
-def test_training_gives_the_resident_unets_loss_and_gradient(dataset, recompute_feedforward):
-    model, resident = offloaded_model(), build_random_model(TINY_SD)
+def test_training_gives_the_resident_unets_loss_and_gradient(dataset, recompute_feedforward, monkeypatch):
+    model, resident = offloaded_model(monkeypatch), build_random_model(TINY_SD)
     for unet in (model.model.diffusion_model, resident.model.diffusion_model):
         for module in unet.modules():
             if hasattr(module, "recompute_projection"):  # the weights this keeps for backward wait on the host too
@@ -56,17 +73,15 @@ def test_no_uploaded_weight_outlives_its_block_not_even_for_backward(dataset, mo
     assert grad.abs().sum() > 0
 
 
-def test_gradient_checkpointing_uploads_again_for_the_recomputation(dataset):
-    model, resident = offloaded_model(), build_random_model(TINY_SD)
+def test_gradient_checkpointing_uploads_again_for_the_recomputation(dataset, monkeypatch):
+    model, resident = offloaded_model(monkeypatch), build_random_model(TINY_SD)
     for unet in (model.model.diffusion_model, resident.model.diffusion_model):
-        for module in unet.modules():
-            if hasattr(module, "use_checkpoint"):
-                module.use_checkpoint = True
-            if hasattr(module, "checkpoint") and isinstance(module.checkpoint, bool):
-                module.checkpoint = True
+        use_checkpointing(unet)
     batch = batch_of(dataset, [0], [True])
     offloaded_grad, resident_grad = (vector_gradient(m, batch, torch.float32)[1] for m in (model, resident))
     assert torch.equal(offloaded_grad, resident_grad)
+    offload = model.model.weight_offload
+    assert offload.host_of_storage == {} and all(offload.waits_on_host(p) for p in offload.host)
 
 
 def test_sampling_and_a_cast_keep_the_weights_in_cpu_memory_and_the_values():

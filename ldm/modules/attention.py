@@ -108,7 +108,7 @@ class BasicTransformerBlock(nn.Module):
         self.checkpoint = checkpoint
 
     def forward(self, x, context=None):
-        return checkpoint(self._forward, (x, context), self.parameters(), self.checkpoint)
+        return checkpoint(self._forward, (x, context), self, self.checkpoint)
 
     def _forward(self, x, context):
         x = self.attn1(self.norm1(x)) + x

@@ -133,7 +133,7 @@ class ResBlock(TimestepBlock):
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
     def forward(self, x, emb):
-        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
+        return checkpoint(self._forward, (x, emb), self, self.use_checkpoint)
 
     def _forward(self, x, emb):
         if self.updown:
@@ -189,7 +189,7 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
 
     def forward(self, x):
-        return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
+        return checkpoint(self._forward, (x,), self, self.use_checkpoint)
 
     def _forward(self, x):
         batch, channels, *spatial = x.shape

@@ -1,6 +1,7 @@
 """Building blocks shared by the diffusion UNet and the samplers: noise schedules, timestep embeddings,
 layer factories and gradient checkpointing, with the names and numerics of CompVis latent-diffusion."""
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,7 @@ from ldm.modules.lean_ops import (
     group_norm_silu,
     shares_dtype,
 )
+from ldm.modules.weight_offload import uploaded
 
 
 def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
@@ -131,14 +133,17 @@ def normalization_and_silu(channels):
     return GroupNorm32(32, channels, silu=True), nn.Identity()
 
 
-def checkpoint(func, inputs, params, flag):
-    """Run `func(*inputs)`, recomputing its activations in the backward pass when `flag` is set.
+def checkpoint(func, inputs, module, flag):
+    """Run `func(*inputs)`, a method of `module`, recomputing its activations in the backward pass when `flag` is
+    set.
 
     Uses PyTorch's non-reentrant checkpointing, which gives correct gradients even when every weight is
     frozen and only an input (for example the text conditioning in Textual Inversion) requires grad; the
-    original repository had to switch checkpointing off for that case. `params` is accepted for the LDM
-    call signature only: non-reentrant checkpointing finds the parameters by itself.
+    original repository had to switch checkpointing off for that case. Where an offloaded UNet keeps the
+    module's weights in CPU memory, the recomputation gets device copies (`weight_offload.uploaded`).
     """
     if flag and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(
+            func, *inputs, use_reentrant=False, context_fn=lambda: (nullcontext(), uploaded(module))
+        )
     return func(*inputs)
