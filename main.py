@@ -9,6 +9,7 @@ The flags are those of the original `main.py`; anything else on the command line
 overrides the merged YAML configs.
 """
 import argparse
+import contextlib
 import datetime
 import glob
 import os
@@ -20,11 +21,11 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from ldm.callbacks import ImageLogger, SetupCallback, TrainingCheckpoint
 from ldm.data.datamodule import DataModuleFromConfig
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, load_yaml
 
 __all__ = ["DataModuleFromConfig", "ImageLogger"]  # old configs name them `main.DataModuleFromConfig` / `main.ImageLogger`
 
@@ -39,6 +40,8 @@ TRAINER_FLAGS = {  # Lightning Trainer flags we accept on the command line, as t
     "val_check_interval": float,
     "log_every_n_steps": int,
 }
+
+DEFAULT_SEED = 23  # the original's
 
 # The progress bar reads the logged loss from the GPU, which waits for the GPU's queued work: every 10 steps, not
 # at every step, so that the CPU can queue the next step while the GPU runs this one.
@@ -61,14 +64,15 @@ def str2bool(value):
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-n", "--name", type=str, const=True, default="", nargs="?", help="postfix for the run folder")
-    parser.add_argument("-r", "--resume", type=str, const=True, default="", nargs="?", help="continue a run: its log folder or a checkpoint in it")
+    parser.add_argument("-n", "--name", type=str, default="", help="postfix for the run folder")
+    parser.add_argument("-r", "--resume", type=str, default="", help="continue a run: its log folder or a checkpoint in it")
     parser.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[], help="configs, merged left to right")
     parser.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
     parser.add_argument("--no-test", type=str2bool, const=True, default=False, nargs="?", help="accepted for compatibility (there is no test stage)")
     parser.add_argument("-p", "--project", help="unused, kept for compatibility")
     parser.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False, help="put the run under <logdir>/debug_runs")
-    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for everything (data order, noise, timesteps)")
+    parser.add_argument("-s", "--seed", type=int, help=f"seed for everything (data order, noise, timesteps); default: "
+                        f"{DEFAULT_SEED}, or a resumed run's own")
     parser.add_argument("-f", "--postfix", type=str, default="", help="appended to the run name")
     parser.add_argument("-l", "--logdir", type=str, default="logs", help="root folder of the runs")
     parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True, help="lr = accumulate x GPUs x batch x base_lr")
@@ -90,10 +94,10 @@ def parse_gpus(gpus: str | None):
         return None, None
     text = str(gpus).strip()
     if "," in text:
-        indices = [int(i) for i in text.split(",") if i.strip()]
-        if not indices:
-            raise UsageError(f"--gpus '{gpus}' names no GPU: use e.g. --gpus 0,")
-        return "gpu", indices
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if not parts or not all(part.isdigit() for part in parts):
+            raise UsageError(f"--gpus '{gpus}' names no GPU: use GPU indices such as --gpus 0, or --gpus 0,1")
+        return "gpu", [int(part) for part in parts]
     if not text.isdigit():
         raise UsageError(f"--gpus '{gpus}' is not understood: use GPU indices with a comma (--gpus 0, or --gpus 0,1) or a count (--gpus 2)")
     count = int(text)
@@ -101,6 +105,35 @@ def parse_gpus(gpus: str | None):
         print("--gpus 0 means no GPU (Lightning's convention); training on the CPU. Use --gpus 0, for GPU 0.")
         return "cpu", 1
     return "gpu", count
+
+
+def parse_devices(accelerator: str, devices) -> tuple:
+    """Lightning's `devices` (a count, GPU indices '0,1' or a list, 'auto' or -1 for all) and how many that is."""
+    if isinstance(devices, (list, tuple)):
+        return list(devices), len(devices)
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        on_cuda = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        return text if text == "auto" else -1, torch.cuda.device_count() if on_cuda else 1
+    if "," in text and all(part.strip().isdigit() for part in text.split(",") if part.strip()):
+        indices = [int(part) for part in text.split(",") if part.strip()]
+        if indices:
+            return indices, len(indices)
+    if text.isdigit() and int(text) > 0:
+        return int(text), int(text)
+    raise UsageError(f"--devices '{devices}' is not understood: use a count (--devices 2), GPU indices (--devices 0,1) "
+                     "or all of them (--devices auto)")
+
+
+def check_folder_can_be_made(path: str, flag: str):
+    """Fail now, not after loading the model, where `path` cannot become a writable folder."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} '{path}': '{existing}' is a file, so no folder can be made there; choose another")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"{flag} '{path}': '{existing}' is not writable; choose a folder you can write to")
 
 
 def resolve_resume(opt):
@@ -113,9 +146,20 @@ def resolve_resume(opt):
     else:
         logdir = opt.resume.rstrip("/")
         ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
+    configs = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
+    if not configs:
+        raise UsageError(f"cannot resume: '{logdir}' is not a run folder (it has no configs/); give the folder main.py "
+                         "made, such as logs/<run>")
     if not os.path.isfile(ckpt):
         raise UsageError(f"cannot resume: '{ckpt}' does not exist (the run saved no checkpoint yet)")
-    configs = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise UsageError(f"cannot resume from '{ckpt}': it is unreadable ({type(error).__name__}); the run's "
+                         "embeddings_gs-<step>.pt files still hold its words (start anew with --embedding_manager_ckpt)")
+    if not isinstance(state, dict) or "pytorch-lightning_version" not in state:
+        raise UsageError(f"cannot resume from '{ckpt}': it is not a training checkpoint; give the run folder "
+                         "(-r logs/<run>), whose checkpoints/last.ckpt is one")
     return logdir, ckpt, configs
 
 
@@ -123,7 +167,7 @@ def build_config(opt, unknown, base_configs):
     for path in base_configs:
         if not os.path.isfile(path):
             raise UsageError(f"config '{path}' does not exist: pass an existing YAML with --base (e.g. configs/stable-diffusion/v1-finetune.yaml)")
-    configs = [OmegaConf.load(p) for p in base_configs]
+    configs = [load_yaml(p) for p in base_configs]
     bad = [u for u in unknown if "=" not in u]
     if bad:
         raise UsageError(f"unknown argument '{bad[0]}': flags are listed by --help; config overrides look like model.params.x=value")
@@ -131,10 +175,18 @@ def build_config(opt, unknown, base_configs):
     if "model" not in config:
         raise UsageError("no model in the configs: pass a model config with --base")
     model_params = config.model.setdefault("params", {})
-    model_params.seed = opt.seed
+    # A resumed run's saved config holds its seed; anything else starts from --seed or the original's 23.
+    model_params.seed = opt.seed if opt.seed is not None else model_params.get("seed", DEFAULT_SEED)
     if opt.actual_resume:
         model_params.ckpt_path = opt.actual_resume
     personalization = model_params.get("personalization_config")
+    inversion_flags = [flag for flag, value in (("--data_root", opt.data_root), ("--init_word", opt.init_word),
+                                                ("--placeholder_string", opt.placeholder_string),
+                                                ("--embedding_manager_ckpt", opt.embedding_manager_ckpt)) if value]
+    if personalization is None and inversion_flags:
+        raise UsageError(f"{inversion_flags[0]} is for textual inversion, but the configs train a model from scratch "
+                         "(no personalization_config): use a finetune config such as "
+                         "configs/stable-diffusion/v1-finetune.yaml or configs/toy/finetune.yaml")
     if personalization is not None:
         p = personalization.setdefault("params", {})
         if opt.embedding_manager_ckpt:
@@ -146,7 +198,7 @@ def build_config(opt, unknown, base_configs):
             p.initializer_words = [opt.init_word] + words[1:]
     if "data" in config:
         data_params = config.data.setdefault("params", {})
-        data_params.seed = opt.seed
+        data_params.seed = model_params.seed
         for split in ("train", "validation"):
             if split in data_params:
                 params = data_params[split].setdefault("params", {})
@@ -168,9 +220,13 @@ def trainer_settings(opt, lightning_config):
     for flag in TRAINER_FLAGS:
         value = getattr(opt, flag)
         if value is not None:
-            settings[flag] = int(value) if flag == "devices" and str(value).isdigit() else value
+            settings[flag] = value
     settings.setdefault("accelerator", "cpu")
     settings.setdefault("devices", 1)
+    for key, least in (("max_steps", 1), ("accumulate_grad_batches", 1)):
+        value = settings.get(key)
+        if value is not None and (not isinstance(value, int) or value < least) and not (key == "max_steps" and value == -1):
+            raise UsageError(f"{key} {value} is not a count of at least {least}: set --{key} (or lightning.trainer.{key})")
     if settings["accelerator"] == "gpu" and not torch.cuda.is_available():
         raise UsageError("--gpus asks for a GPU but PyTorch sees none: drop --gpus to train on the CPU, or install a CUDA build of torch")
     if settings["accelerator"] == "cpu" and torch.cuda.is_available():
@@ -180,8 +236,7 @@ def trainer_settings(opt, lightning_config):
         settings["precision"] = "bf16-mixed"
         print("Training in bf16-mixed precision (frozen weights in bf16, the learned vectors in float32): add "
               "--precision 32 for float32 throughout.")
-    devices = settings["devices"]
-    num_devices = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+    settings["devices"], num_devices = parse_devices(settings["accelerator"], settings["devices"])
     if num_devices * int(settings.get("num_nodes", 1)) > 1:
         settings.setdefault("strategy", "ddp")
     if settings.get("val_check_interval") is not None and float(settings["val_check_interval"]) >= 1:
@@ -210,29 +265,37 @@ def main(argv=None):
 
     ckpt_to_resume = None
     base_configs = list(opt.base)
+    now, nowname = run_name(opt, base_configs)  # `now` also names this invocation's saved configs
     if opt.resume:
         logdir, ckpt_to_resume, saved = resolve_resume(opt)
-        base_configs = saved + base_configs
+        base_configs = saved + base_configs  # oldest first: the saved configs' names start with their time
         opt.train = True  # resuming only makes sense to train further
-        now = os.path.basename(logdir)
     else:
-        now, nowname = run_name(opt, base_configs)
+        check_folder_can_be_made(opt.logdir, "-l/--logdir")
         logdir = os.path.join(opt.logdir, "debug_runs" if opt.debug else "", nowname)
     if not base_configs:
         raise UsageError("no config given: pass one with --base (e.g. configs/stable-diffusion/v1-finetune.yaml)")
+    if not opt.train:
+        raise UsageError("nothing to do without -t: add -t to train (main.py has no test stage)")
 
     config = build_config(opt, unknown, base_configs)
     lightning_config = config.pop("lightning", OmegaConf.create())
-    if "data" not in config:
-        raise UsageError("no data in the configs: pass a config with a data block with --base (e.g. configs/toy/autoencoder.yaml)")
     textual_inversion = config.model.params.get("personalization_config") is not None
-    if opt.train and textual_inversion and not config.model.params.get("ckpt_path"):
+    if "data" not in config:
+        example = "configs/stable-diffusion/v1-finetune.yaml" if textual_inversion else "configs/toy/autoencoder.yaml"
+        raise UsageError(f"no data in the configs: pass a training config with a data block with --base (e.g. "
+                         f"{example}; inference configs have none)")
+    if textual_inversion and not config.model.params.get("ckpt_path"):
         raise UsageError("--actual_resume is required: the pretrained model checkpoint (e.g. models/ldm/stable-diffusion-v1/model.ckpt)")
-    if opt.train and textual_inversion and not config.data.params.train.params.get("data_root"):
+    pretrained = config.model.params.get("ckpt_path")
+    if pretrained and not os.path.isfile(pretrained):  # now, not after building a model of gigabytes
+        problem = "is a folder: pass the checkpoint file inside it" if os.path.isdir(pretrained) else "does not exist"
+        raise UsageError(f"--actual_resume '{pretrained}' {problem}")
+    if textual_inversion and not config.data.params.train.params.get("data_root"):
         raise UsageError("--data_root is required: the folder with your 3-5 training images")
     settings, world = trainer_settings(opt, lightning_config)
     lightning_config.trainer = settings
-    pl.seed_everything(opt.seed, workers=True)
+    pl.seed_everything(config.model.params.seed, workers=True)
 
     ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
     data = instantiate_from_config(config.data)
@@ -265,32 +328,39 @@ def main(argv=None):
     if not any(isinstance(callback, ProgressBar) for callback in callbacks):
         callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS))
     logger = TensorBoardLogger(save_dir=logdir, name="tensorboard", version=0, default_hp_metric=False)
-    trainer = pl.Trainer(
-        **settings, callbacks=callbacks, logger=logger, default_root_dir=logdir, use_distributed_sampler=False,
-        num_sanity_val_steps=0, enable_checkpointing=False,  # TrainingCheckpoint writes last.ckpt itself
-    )
+    try:
+        trainer = pl.Trainer(
+            **settings, callbacks=callbacks, logger=logger, default_root_dir=logdir, use_distributed_sampler=False,
+            num_sanity_val_steps=0, enable_checkpointing=False,  # TrainingCheckpoint writes last.ckpt itself
+        )
+    except (TypeError, ValueError, MisconfigurationException) as error:  # a misspelt or impossible trainer setting
+        raise UsageError(f"the trainer settings (lightning.trainer and the Trainer flags) are refused: {error}") from None
     trainer.logdir = logdir
     trainer.stop_signal = None
-    if opt.train:
-        install_signal_handlers(trainer, checkpointer)
-        try:
+    try:
+        with stop_and_save_signals(trainer, checkpointer):
             trainer.fit(model, data, ckpt_path=ckpt_to_resume)
-        except SIGTERMException:  # Lightning's own stop on SIGTERM, raised after TrainingCheckpoint has saved
-            trainer.stop_signal = signal.SIGTERM
-        except Exception:
-            # Data-loader workers get the signal too (it goes to the whole process group), so fetching the next
-            # batch may fail once they are gone; TrainingCheckpoint has saved by then.
-            if trainer.stop_signal is None:
-                raise
-        if trainer.stop_signal is not None:
-            saved = "embeddings and last.ckpt are" if textual_inversion else "last.ckpt is"
-            print(f"Stopped at step {trainer.global_step}; {saved} in {ckptdir}. Continue with: python main.py -r {logdir}")
+    except SIGTERMException:  # Lightning's own stop on SIGTERM, raised after TrainingCheckpoint has saved
+        trainer.stop_signal = signal.SIGTERM
+    except SystemExit:  # Lightning's exit after a second Ctrl-C, which TrainingCheckpoint has saved at
+        if trainer.stop_signal is None:
+            raise
+    except Exception:
+        # Data-loader workers get the signal too (it goes to the whole process group), so fetching the next
+        # batch may fail once they are gone; TrainingCheckpoint has saved by then.
+        if trainer.stop_signal is None:
+            raise
+    if trainer.stop_signal is not None:
+        saved = "embeddings and last.ckpt are" if textual_inversion else "last.ckpt is"
+        print(f"Stopped at step {trainer.global_step}; {saved} in {ckptdir}. Continue with: python main.py -r {logdir}")
     return trainer
 
 
-def install_signal_handlers(trainer, checkpoint: TrainingCheckpoint):
-    """Ctrl-C / SIGTERM finish the current step, save and stop; a second Ctrl-C stops at once.
-    SIGUSR1 (not on Windows) saves at the next step and keeps training."""
+@contextlib.contextmanager
+def stop_and_save_signals(trainer, checkpoint: TrainingCheckpoint):
+    """For the duration, Ctrl-C / SIGTERM finish the current step, save and stop; a second Ctrl-C stops at once.
+    SIGUSR1 (not on Windows) saves at the next step and keeps training. The previous handlers come back after,
+    so a process that calls `main()` (a notebook, the tests) keeps its own."""
 
     def request_stop(signum, frame):
         if trainer.should_stop:
@@ -302,17 +372,25 @@ def install_signal_handlers(trainer, checkpoint: TrainingCheckpoint):
     def request_save(signum, frame):
         checkpoint.save_requested = True
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    handlers = {signal.SIGINT: request_stop, signal.SIGTERM: request_stop}
     if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, request_save)
+        handlers[signal.SIGUSR1] = request_save
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
     try:
         trainer = main()
-    except (UsageError, FileNotFoundError, ValueError) as error:
+    except (UsageError, FileNotFoundError, ValueError, MisconfigurationException) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before training started (loading the model): nothing to save
+        print("\nInterrupted before training started; nothing was written.", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     if trainer.stop_signal is not None:
         sys.exit(128 + trainer.stop_signal)

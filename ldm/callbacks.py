@@ -1,5 +1,6 @@
 """Lightning callbacks of a main.py run (textual inversion or pretraining): run folder, checkpoints, sample images."""
 import os
+import signal
 import time
 
 import torch
@@ -43,7 +44,7 @@ class TrainingCheckpoint(Callback):
             return
         self._last_saved_step = step
         last = os.path.join(self.ckptdir, "last.ckpt")
-        trainer.save_checkpoint(last + ".tmp")
+        trainer.save_checkpoint(last + ".tmp", weights_only=False)
         if trainer.is_global_zero:
             os.replace(last + ".tmp", last)
             manager = getattr(pl_module, "embedding_manager", None)
@@ -52,7 +53,8 @@ class TrainingCheckpoint(Callback):
                 manager.save(os.path.join(self.ckptdir, "embeddings.pt"), step=step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.save_requested or (self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0):
+        step = trainer.global_step  # 0 only during the first step's accumulated batches: nothing learned to save
+        if self.save_requested or (self.every_n_train_steps and step and step % self.every_n_train_steps == 0):
             self.save_requested = False
             self.save(trainer, pl_module)
 
@@ -61,7 +63,9 @@ class TrainingCheckpoint(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if trainer.global_step > 0:
-            print(f"\nTraining stopped ({type(exception).__name__}); saving at step {trainer.global_step}.")
+            signum = getattr(trainer, "stop_signal", None)  # main.py's record of a stop it was asked for
+            cause = signal.Signals(signum).name if signum is not None else type(exception).__name__
+            print(f"\nTraining stopped ({cause}); saving at step {trainer.global_step}.")
             self.save(trainer, pl_module)
 
 

@@ -8,6 +8,7 @@ numpy's data constructors are allowed, and anything else is refused with a messa
 import os
 import pickle
 import re
+import struct
 import zipfile
 from dataclasses import dataclass, field
 
@@ -17,8 +18,13 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 LIGHTNING_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 # numpy's data constructors (scalars and arrays in callback state); they build values, never run code.
 NUMPY_DATA_GLOBALS = {"multiarray.scalar", "multiarray._reconstruct", "numpy.dtype", "numpy.ndarray"}
-# Keys real checkpoints carry that our modules deliberately do not have.
-HARMLESS_UNEXPECTED = ("model_ema.decay", "model_ema.num_updates")
+# The parts of a LatentDiffusion: a checkpoint that fills none of a part's tensors is another model's.
+MODEL_PARTS = ("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")
+# The top-level modules of a standalone AutoencoderKL / VQModel checkpoint (`loss.` when saved with its loss).
+AUTOENCODER_KEYS = {"encoder", "decoder", "quant_conv", "post_quant_conv", "quantize", "loss"}
+# How a Git LFS pointer starts: what a clone made without `git lfs pull` holds in place of a large file.
+GIT_LFS_POINTER = b"version https://git-lfs"
+GIT_LFS_FIX = "a Git LFS pointer, not the file itself: fetch the real file with git lfs pull"
 
 
 class CheckpointError(ValueError):
@@ -63,9 +69,46 @@ def _safe_global(name: str):
     return None
 
 
+def require_file(path, what: str, fix: str) -> str:
+    """`path` as a string when it is a file; otherwise the one-line error, which tells a folder from a typo."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{what} '{path}' is a folder: pass the file inside it")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} '{path}' does not exist: {fix}")
+    return path
+
+
+def check_output(path, flag: str, folder: bool = False) -> str:
+    """Fail now, naming `flag`, when output file `path` (with `folder`, output folder `path`) cannot be written
+    once the work is done: a folder where the file goes, a file where a folder goes, a folder not writable.
+    Nothing is created; missing folders are made when the output is written."""
+    path = os.fspath(path)
+    if not folder and os.path.isdir(path):
+        raise ValueError(f"{flag} '{path}' is a folder: pass a file path, e.g. one inside it")
+    target = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    existing = target
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "it" if existing == os.path.abspath(path) else f"its folder '{existing}'"
+        raise ValueError(f"{flag} '{path}': {where} is a file, not a folder: choose another path")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{flag} '{path}': the folder '{existing}' is not writable")
+    return path
+
+
+def is_git_lfs_pointer(path) -> bool:
+    """Whether the file at `path` is a Git LFS pointer (a small text file) instead of the large file it names."""
+    with open(path, "rb") as handle:
+        return handle.read(len(GIT_LFS_POINTER)) == GIT_LFS_POINTER
+
+
 def _describe_bad_file(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(256)
+    if head.startswith(GIT_LFS_POINTER):
+        return f"'{path}' is {GIT_LFS_FIX}"
     text = head.lstrip()
     if text.startswith((b"<", b"<!DOCTYPE")):
         return f"'{path}' is an HTML page, not a checkpoint (a failed download?): download the file again"
@@ -102,6 +145,8 @@ def safe_torch_load(path: str, stand_in, mmap: bool = False):
         try:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+        except (IndexError, KeyError, ValueError, struct.error) as exc:  # how the unpickler meets text or garbage
+            raise RuntimeError(f"not pickle data ({type(exc).__name__}: {exc})") from exc
         except pickle.UnpicklingError as exc:
             match = re.search(r"GLOBAL ([\w.]+)", str(exc))
             if not match:
@@ -136,9 +181,7 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path) -> LoadedCheckpoint:
     """Read a `.ckpt`/`.pt`/`.pth`/`.bin` (Lightning `{"state_dict": ...}` or a bare state dict) or `.safetensors`."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist: check the path (models/README.md says which file goes where)")
+    path = require_file(path, "checkpoint", "check the path (models/README.md says which file goes where)")
     if path.endswith(SAFETENSORS_SUFFIXES):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -211,6 +254,34 @@ class RestoreSummary:
         return text
 
 
+def _describe_keys(keys) -> str:
+    """What a state dict seems to be, from the first components of its keys."""
+    groups = sorted({key.split(".")[0] for key in keys})
+    if not groups:
+        return "it holds no tensors"
+    if set(groups) <= AUTOENCODER_KEYS:
+        return "it is a standalone autoencoder's checkpoint"
+    if groups == ["first_stage_model"]:
+        return "it holds only first_stage_model keys, an autoencoder's"
+    if groups == ["embedding_manager"]:
+        return "it holds only learned embeddings (pass such files with --embedding_path or --embedding_manager_ckpt)"
+    return f"its keys start with {', '.join(groups[:6])}" + (" ..." if len(groups) > 6 else "")
+
+
+def _unfilled(own: dict, state: dict, ignore_keys) -> str | None:
+    """Why `state` is not a checkpoint of `own`'s model: it fills none of its tensors, or none of one of its
+    parts (UNet, text encoder, autoencoder) that `ignore_keys` leaves to be restored; None when it is."""
+    if not any(key in own for key in state):
+        return f"shares no tensor with the model ({_describe_keys(state)})"
+    for part in MODEL_PARTS:
+        needed = [key for key in own if key.startswith(part) and not key.startswith(tuple(ignore_keys))]
+        if needed and not any(key in own for key in state if key.startswith(part)):
+            others = [key for key in state if key.startswith(part)]
+            found = f"its {part}* keys have other names, e.g. {others[0]}" if others else _describe_keys(state)
+            return f"has none of the model's {len(needed)} {part}* tensors ({found}, where the model has {needed[0]})"
+    return None
+
+
 def restore(module: torch.nn.Module, source, ignore_keys=(), use_ema: bool = False, verbose: bool = True) -> RestoreSummary:
     """Load a checkpoint (path or LoadedCheckpoint) into `module` non-strictly, refusing shape mismatches."""
     ckpt = source if isinstance(source, LoadedCheckpoint) else load_checkpoint(source)
@@ -220,9 +291,13 @@ def restore(module: torch.nn.Module, source, ignore_keys=(), use_ema: bool = Fal
     mismatches = [(k, v.shape, own[k].shape) for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatches:
         raise CheckpointError(_context_width_hint(mismatches, ckpt.path))
+    problem = _unfilled(own, state, ignore_keys)
+    if problem:
+        raise CheckpointError(f"'{ckpt.path}' {problem}: use the checkpoint of the model the config builds, or the "
+                              "config of the checkpoint's model")
     result = module.load_state_dict(state, strict=False)
-    unexpected = [k for k in result.unexpected_keys if k not in HARMLESS_UNEXPECTED]
-    summary = RestoreSummary(ckpt.path, len(state) - len(result.unexpected_keys), list(result.missing_keys), unexpected)
+    summary = RestoreSummary(ckpt.path, len(state) - len(result.unexpected_keys), list(result.missing_keys),
+                             list(result.unexpected_keys))
     if verbose:
         print(summary)
     return summary

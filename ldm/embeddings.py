@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from ldm.checkpoint import UnsafePickleError, safe_torch_load
+from ldm.checkpoint import GIT_LFS_FIX, GIT_LFS_POINTER, UnsafePickleError, require_file, safe_torch_load
 
 FORMATS = ("original", "diffusers", "a1111")
 
@@ -110,11 +110,7 @@ class Embeddings:
 
 def load_embeddings(path, expected_dim: int | None = None) -> Embeddings:
     """Read any supported embedding file; `expected_dim` turns a wrong-model file into a clear error up front."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"'{path}' is a folder: pass the embedding file inside it (e.g. learned_embeds.safetensors)")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"embedding file '{path}' does not exist")
+    path = require_file(path, "embedding file", "check the path")
     try:
         embeddings = _read(path)
         dim = embeddings.dim
@@ -240,6 +236,8 @@ def _read(path: str) -> Embeddings:
         raise ValueError("the file is empty")
     with open(path, "rb") as handle:
         head = handle.read(64)
+    if head.startswith(GIT_LFS_POINTER):
+        raise ValueError(f"it is {GIT_LFS_FIX}")
     if head.startswith(b"\x89PNG\r\n\x1a\n") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return _read_image(path)
     if head.startswith(b"PK\x03\x04"):

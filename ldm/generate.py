@@ -21,21 +21,21 @@ from functools import partial
 
 import numpy as np
 import torch
-import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.checkpoint import load_checkpoint
+from ldm.checkpoint import load_checkpoint, check_output, require_file
 from ldm.embeddings import Embeddings, load_embeddings
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.models.diffusion.sampling_util import make_ddim_timesteps
 from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.modules.diffusionmodules.openaimodel import Downsample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.embedding_manager import EmbeddingManager
-from ldm.util import instantiate_from_config, make_grid, tensor_to_pil
+from ldm.util import channels_first, instantiate_from_config, load_yaml, make_grid, tensor_to_pil
 
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler}
 PRECISIONS = ("autocast", "full")
@@ -55,10 +55,9 @@ def load_model(config_path, ckpt_path, device, embedding_paths=(), use_ema=None,
     replayed as CUDA graphs with `cuda_graphs` (ldm/modules/cuda_graphs.py), run channels-last (NHWC) with
     `channels_last`, its attention kernel chosen by `attention_backend` (None: the config's). `use_ema` overrides
     the config's choice of the checkpoint's EMA UNet weights."""
-    config = _read_config(config_path)
+    config = read_config(config_path)
     for path in embedding_paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"embedding file '{path}' does not exist: check --embedding_path")
+        require_file(path, "--embedding_path", "check the path")
     checkpoint = load_checkpoint(ckpt_path)
     if checkpoint.global_step is not None:
         print(f"Global step of '{ckpt_path}': {checkpoint.global_step}")
@@ -91,13 +90,14 @@ def sampling_weights_dtype(device, precision: str) -> torch.dtype:
     return torch.float32
 
 
-def _read_config(config_path):
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"config '{config_path}' does not exist: check --config")
+def read_config(config_path, flag: str = "--config"):
+    """The config at `config_path`, given with `flag`; a missing file, a folder, bad YAML or a config without
+    model.params is a one-line error."""
+    require_file(config_path, flag, "check the path")
     try:
-        config = OmegaConf.load(config_path)
-    except yaml.YAMLError as error:
-        raise ValueError(f"config '{config_path}' is not valid YAML: {' '.join(str(error).split())}") from None
+        config = load_yaml(config_path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} '{config_path}' is not a text file (a checkpoint?): pass a .yaml config") from None
     if "model" not in config or "params" not in config.model:
         raise ValueError(f"config '{config_path}' has no model.params section: pass an inference config")
     return config
@@ -132,7 +132,9 @@ def load_learned_words(model: LatentDiffusion, embedding_paths) -> None:
     if model.embedding_manager is None:
         model.embedding_manager = EmbeddingManager(model.cond_stage_model)
     files = ", ".join(f"'{path}'" for path in embedding_paths)
-    model.embedding_manager.set_embeddings(embeddings, source=f"embedding files {files}")
+    one = len(embedding_paths) == 1
+    model.embedding_manager.set_embeddings(embeddings, source=f"embedding file{'' if one else 's'} {files}",
+                                           path=embedding_paths[0] if one else None)
     print(f"Learned words: {describe_learned_words(model.embedding_manager)}")
 
 
@@ -192,8 +194,7 @@ def load_init_image(image, multiple: int, height: int | None = None, width: int 
                          "model needs per side")
     if size != image.size:
         image = image.resize(size, resample=Image.Resampling.LANCZOS)
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
-    return (array.permute(2, 0, 1)[None] / 127.5 - 1.0).contiguous()
+    return channels_first(torch.from_numpy(np.array(image))[None])
 
 
 def encode_image(model: LatentDiffusion, image: torch.Tensor) -> torch.Tensor:
@@ -206,14 +207,24 @@ def encode_image(model: LatentDiffusion, image: torch.Tensor) -> torch.Tensor:
 
 def _prompt_batches(prompts, n_samples: int) -> list[list[str]]:
     """One prompt repeats n_samples times; a list is cut into batches of n_samples (the last may be shorter)."""
-    if n_samples < 1:
-        raise ValueError(f"--n_samples must be at least 1, got {n_samples}")
     if isinstance(prompts, str):
         return [[prompts] * n_samples]
     prompts = list(prompts)
     if not prompts:
         raise ValueError("there are no prompts: pass --prompt or a --from-file with one prompt per line")
     return [prompts[i:i + n_samples] for i in range(0, len(prompts), n_samples)]
+
+
+def require_at_least(minimum, **flags) -> None:
+    """A one-line error naming the first flag below `minimum` (keywords are flag names; None means unset)."""
+    for flag, value in flags.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"--{flag} must be at least {minimum}, got {value}")
+
+
+def _check_strength(strength) -> None:
+    if strength is None or not 0 <= strength <= 1:
+        raise ValueError(f"--strength must be between 0 and 1 (0 keeps the init image, 1 ignores it), got {strength}")
 
 
 def _sample_from_noise(sampler, noise, cond, uc, *, steps, scale, eta, generator, progress):
@@ -260,8 +271,11 @@ def generate(model: LatentDiffusion, prompts, *, n_samples: int, n_iter: int, st
         raise ValueError(f"sampler '{sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision '{precision}' is unknown: use one of {', '.join(PRECISIONS)}")
-    if n_iter < 1:
-        raise ValueError(f"--n_iter must be at least 1, got {n_iter}")
+    require_at_least(1, n_iter=n_iter, n_samples=n_samples, ddim_steps=steps)
+    try:
+        make_ddim_timesteps("uniform", steps, model.num_timesteps)
+    except ValueError as error:
+        raise ValueError(f"--ddim_steps {steps} does not suit this model: {error}") from None
     batches = _prompt_batches(prompts, n_samples)
     _check_latent_format(model, latent_channels, downsampling_factor)
     device = model.device
@@ -280,9 +294,7 @@ def generate(model: LatentDiffusion, prompts, *, n_samples: int, n_iter: int, st
         else:
             if sampler != "ddim":
                 raise ValueError("img2img needs the DDIM sampler (PLMS cannot start partway): drop --plms")
-            if strength is None or not 0 <= strength <= 1:
-                raise ValueError(f"--strength must be between 0 and 1 (0 keeps the init image, 1 ignores it), "
-                                 f"got {strength}")
+            _check_strength(strength)
             if height is not None or width is not None:
                 _check_image_size(model, height, width)
             image = load_init_image(init_image, pixel_multiple(model), height, width).to(device)
@@ -428,19 +440,47 @@ def _read_prompts(args) -> tuple[list[str] | str, str]:
     return prompts, os.path.splitext(os.path.basename(args.from_file))[0]
 
 
-def _parse_device(name: str) -> torch.device:
+def parse_device(name: str, flag: str = "--device") -> torch.device:
+    """The device `name` when this machine has it; otherwise a one-line error naming `flag`, not the traceback
+    (or the silent fallback) a later `.to(device)` would give."""
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device '{name}' is not a device: use e.g. cpu, cuda, cuda:1 or mps") from None
+        raise ValueError(f"{flag} '{name}' is not a device: use e.g. cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cpu":
+        return device
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is None or accelerator.type != device.type:
+        raise ValueError(f"{flag} '{name}': this machine has no usable {device.type} device: use {flag} "
+                         f"{default_device()}")
+    count = torch.accelerator.device_count()
+    if device.index is not None and device.index >= count:
+        names = f"{device.type}:0" if count == 1 else f"{device.type}:0 to {device.type}:{count - 1}"
+        raise ValueError(f"{flag} '{name}': this machine's {device.type} devices are {names}: pass one of them")
+    return device
+
+
+def _check_arguments(args) -> None:
+    """What can be checked before the model loads: the numbers, the init image and the output folder."""
+    require_at_least(1, ddim_steps=args.ddim_steps, n_samples=args.n_samples, n_iter=args.n_iter, H=args.H, W=args.W)
+    require_at_least(0, n_rows=args.n_rows, ddim_eta=args.ddim_eta)
+    if args.init_img is not None:
+        _check_strength(args.strength)
+        require_file(args.init_img, "--init_img", "check the path")
+    check_output(args.outdir, "--outdir", folder=True)
 
 
 def run_command_line(parser, argv=None) -> int:
-    """Parse `argv`, generate and save; bad input is reported as one line on stderr with exit status 1."""
+    """Parse `argv`, generate and save; bad input is reported as one line on stderr with exit status 1, before
+    the model loads wherever it can be."""
     args = parser.parse_args(argv)
     try:
+        _check_arguments(args)
         prompts, grid_name = _read_prompts(args)
-        device = _parse_device(args.device)
+        device = parse_device(args.device)
+        if args.cuda_graphs and device.type != "cuda":
+            print(f"{parser.prog}: note: --cuda_graphs has no effect with --device {args.device} (CUDA graphs exist "
+                  "only on CUDA devices); sampling runs as usual", file=sys.stderr)
         model = load_model(args.config, args.ckpt, device, embedding_paths=args.embedding_path,
                            weights_dtype=sampling_weights_dtype(device, args.precision), cuda_graphs=args.cuda_graphs,
                            channels_last=args.channels_last, attention_backend=args.attention_backend)

@@ -4,6 +4,8 @@ import textwrap
 
 import numpy as np
 import torch
+import yaml
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
 # The training configs that the benchmark and the diagnostics build random-weight models from, by short name,
@@ -22,6 +24,14 @@ def get_obj_from_str(dotted_path: str):
     if not module:
         raise ValueError(f"target '{dotted_path}' is not a dotted path such as 'ldm.models.autoencoder.AutoencoderKL'")
     return getattr(importlib.import_module(module), name)
+
+
+def load_yaml(path):
+    """An OmegaConf config from a YAML file; a syntax error becomes a one-line ValueError that names the file."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ValueError(f"config '{path}' is not valid YAML: {' '.join(str(error).split())}") from None
 
 
 def instantiate_from_config(config, **kwargs):
@@ -51,9 +61,16 @@ def default(value, fallback):
     return fallback() if callable(fallback) else fallback
 
 
-def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dimensions."""
-    return tensor.mean(dim=list(range(1, tensor.ndim)))
+def channels_first(images: torch.Tensor) -> torch.Tensor:
+    """Dataset images, (B, H, W, C) ((B, H, W) for one channel), uint8 or float in [-1, 1], as the contiguous
+    float32 (B, C, H, W) in [-1, 1] the networks take.
+
+    Datasets hand out uint8, a quarter of float32's bytes through worker processes, collation and pinning; the
+    conversion is the float32 arithmetic they used to do, so where it happens changes no value."""
+    if images.ndim == 3:
+        images = images[..., None]
+    images = images.permute(0, 3, 1, 2)
+    return (images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()).contiguous()
 
 
 def log_txt_as_img(wh, captions, size=10):
@@ -69,8 +86,8 @@ def log_txt_as_img(wh, captions, size=10):
         canvas = Image.new("RGB", (w, h), color="white")
         lines = "\n".join(textwrap.wrap(str(caption), chars_per_line))
         ImageDraw.Draw(canvas).text((0, 0), lines, fill="black", font=font)
-        images.append(np.asarray(canvas, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
-    return torch.from_numpy(np.stack(images))
+        images.append(np.asarray(canvas))
+    return channels_first(torch.from_numpy(np.stack(images)))
 
 
 def make_grid(images: torch.Tensor, nrow: int = 4, padding: int = 2) -> torch.Tensor:
@@ -92,8 +109,28 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+class BatchPositions:
+    """The position of each training batch in a run: its optimizer step times the batches per step, plus its index
+    among that step's batches. Under gradient accumulation several batches share a step and each needs its own
+    noise; a resumed run restarts at a step boundary, where the index starts again from 0."""
+
+    def __init__(self):
+        self._step, self._index = -1, 0
+
+    def next(self, step: int, batches_per_step: int) -> int:
+        """The position of the training batch now starting (call once per batch)."""
+        self._index = self._index + 1 if step == self._step else 0
+        self._step = step
+        return step * batches_per_step + self._index
+
+
+def batches_per_step(module) -> int:
+    """The trainer's `accumulate_grad_batches`, 1 for a module used without a trainer."""
+    return module._trainer.accumulate_grad_batches if module._trainer is not None else 1
+
+
 def step_generator(seed: int, step: int, device, rank: int = 0) -> torch.Generator:
-    """The random stream of one training step: a pure function of (seed, step, rank), so resumed runs
+    """The random stream of one training batch: a pure function of (seed, its position, rank), so resumed runs
     draw exactly what an uninterrupted run would have drawn."""
     generator = torch.Generator(device=device)
     generator.manual_seed((seed * 1_000_003 + step * 101 + rank) % (2**63))

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ldm.generate import parse_device
 from ldm.measure import CudaAutocastOnCPU
 from ldm.util import NAMED_CONFIGS, instantiate_from_config
 
@@ -111,9 +112,9 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device '{args.device}' is not a device: use e.g. cpu or cuda")
+        device = parse_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     dtype = DTYPES[args.precision]
     unet, params = unet_of(args.model, device, dtype, args.recompute_feedforward)
     kept = kept_by_layer(unet, params, args.batch_size, dtype)

@@ -71,18 +71,19 @@ from diffusers.utils import logging as diffusers_logging
 from omegaconf import OmegaConf
 from transformers import CLIPTextModel
 
-from ldm.generate import first_stage_factor, generate, sampling_weights_dtype
+from ldm.checkpoint import check_output
+from ldm.generate import first_stage_factor, generate, parse_device, sampling_weights_dtype
 from ldm.measure import CudaAutocastOnCPU
 from ldm.models.diffusion.ddpm import COMPILE_MODES
 from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import clip_tokenizer
-from ldm.util import NAMED_CONFIGS, instantiate_from_config
+from ldm.util import NAMED_CONFIGS, channels_first, instantiate_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # GFLOP per image of the least work a textual-inversion step needs: UNet forward plus the backward to its inputs,
-# text encoder forward and backward, no VAE (latents cached). FlopCounterMode counts, SD v1 at 512 px and LDM
-# text2img-large at 256 px (/work/shared/reference/performance-and-offline-assets.md, A3 and A5).
+# text encoder forward and backward, no VAE (latents cached): torch.utils.flop_counter.FlopCounterMode's counts for
+# SD v1 at 512 px and LDM text2img-large at 256 px.
 FLOOR_GFLOP_PER_IMAGE = {"sd": 1669.2 + 26.8, "ldm": 364.8 + 196.7}
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINER_PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
@@ -310,12 +311,13 @@ def image_size(model) -> int:
 
 
 def training_images(model, seed: int = 0) -> dict:
-    """IMAGE_COUNT random images and their mirror images as one batch, in both layouts: ours (B, H, W, 3) with
-    image_index/flipped, left in host memory as our model's `transfer_batch_to_device` leaves them in a run, the
-    example's (B, 3, H, W) pixel_values on the device with pre-tokenized input_ids (its data loader tokenizes,
-    outside the step)."""
+    """IMAGE_COUNT random images and their mirror images as one batch, in both layouts: ours (B, H, W, 3) uint8
+    with image_index/flipped, left in host memory as our model's `transfer_batch_to_device` leaves them in a run,
+    the example's (B, 3, H, W) pixel_values in [-1, 1] on the device with pre-tokenized input_ids (its data loader
+    tokenizes, outside the step)."""
     size = image_size(model)
-    pixels = torch.rand(IMAGE_COUNT, size, size, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    pixels = torch.randint(0, 256, (IMAGE_COUNT, size, size, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(seed))
     pixels = torch.cat([pixels, pixels.flip(2)])
     count = 2 * IMAGE_COUNT
     captions = [CAPTION.format(placeholder_of(model))] * count
@@ -324,7 +326,7 @@ def training_images(model, seed: int = 0) -> dict:
         "caption": captions,
         "image_index": torch.arange(count) % IMAGE_COUNT,
         "flipped": torch.arange(count) >= IMAGE_COUNT,
-        "pixel_values": pixels.permute(0, 3, 1, 2).contiguous().to(model.device),
+        "pixel_values": channels_first(pixels).to(model.device),
         "input_ids": model.cond_stage_model.tokenize(captions),
     }
 
@@ -764,7 +766,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=NAMED_CONFIGS, help="which config (default: sd on a GPU, tiny-sd on the CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device to run on (default: %(default)s)")
+                        help="device to run on (default: cuda when available, else cpu)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", help="batch sizes (default: 1 8 16; CPU: 1 4)")
     parser.add_argument("--steps", type=int, help="timed steps per measurement (default: 20; CPU: 10)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default: 5; CPU: 2)")
@@ -801,9 +803,11 @@ def parse_args(argv=None):
                                        "short keeps what it measured)")
     args = parser.parse_args(argv)
     try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device '{args.device}' is not a device: use e.g. cpu, cuda or cuda:1")
+        args.device = parse_device(args.device)
+        if args.json:
+            check_output(args.json, "--json")
+    except ValueError as error:
+        parser.error(str(error))
     on_cpu = args.device.type == "cpu"
     if args.cuda_graphs and args.device.type != "cuda":
         parser.error("--cuda_graphs needs a CUDA device: CUDA graphs exist only there")
@@ -830,6 +834,7 @@ def parse_args(argv=None):
 
 def write_json(report: dict, path: str | None):
     if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
 

@@ -7,12 +7,14 @@ it by a space exactly when it starts a word, otherwise it is a `##` continuation
 
 Usage: python scripts/build_bert_vocab.py [output_path]
 """
+import argparse
 import hashlib
+import importlib.util
 import os
-import sys
 
-import blingfire
 import numpy as np
+
+from ldm.checkpoint import check_output
 
 VOCAB_SIZE = 30522
 ID_OF_A = 1037
@@ -25,16 +27,12 @@ DEFAULT_OUTPUT = os.path.join(
 )
 
 
-def decode(handle, ids) -> str:
-    return blingfire.ids_to_text(handle, np.asarray(ids, dtype=np.uint32), skip_special_tokens=False)
-
-
-def vocab_entry(handle, token_id: int) -> str:
-    """The vocab.txt spelling of one id: its text, with `##` when it continues a word."""
-    alone = decode(handle, [token_id])
+def vocab_entry(decode, token_id: int) -> str:
+    """The vocab.txt spelling of one id: its text, with `##` when it continues a word (`decode`: ids to text)."""
+    alone = decode([token_id])
     if alone in UPPERCASE_SPECIALS:
         return alone.upper()
-    after_a = decode(handle, [ID_OF_A, token_id])
+    after_a = decode([ID_OF_A, token_id])
     if after_a == "a " + alone:
         return alone
     if after_a == "a" + alone:
@@ -43,24 +41,39 @@ def vocab_entry(handle, token_id: int) -> str:
 
 
 def build_vocab_text() -> str:
-    model_path = os.path.join(os.path.dirname(blingfire.__file__), "bert_base_tok.i2w")
-    handle = blingfire.load_model(model_path)
+    import blingfire  # only this script needs it: imported once main() has checked that it is installed
+
+    handle = blingfire.load_model(os.path.join(os.path.dirname(blingfire.__file__), "bert_base_tok.i2w"))
+
+    def decode(ids) -> str:
+        return blingfire.ids_to_text(handle, np.asarray(ids, dtype=np.uint32), skip_special_tokens=False)
+
     try:
-        return "".join(vocab_entry(handle, i) + "\n" for i in range(VOCAB_SIZE))
+        return "".join(vocab_entry(decode, i) + "\n" for i in range(VOCAB_SIZE))
     finally:
         blingfire.free_model(handle)
 
 
-def main(output_path: str = DEFAULT_OUTPUT) -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_path", nargs="?", default=DEFAULT_OUTPUT, help="where to write vocab.txt "
+                        "(default: the copy the package ships)")
+    output_path = parser.parse_args(argv).output_path
+    if importlib.util.find_spec("blingfire") is None:
+        raise SystemExit("build_bert_vocab: error: this script needs blingfire: pip install blingfire==0.1.8")
+    try:
+        check_output(output_path, "output_path")
+    except ValueError as error:
+        raise SystemExit(f"build_bert_vocab: error: {error}") from None
     data = build_vocab_text().encode("utf-8")
     digest = hashlib.md5(data).hexdigest()
     if digest != EXPECTED_MD5:
         raise SystemExit(f"built vocab has md5 {digest}, expected {EXPECTED_MD5}; is blingfire 0.1.8 installed?")
-    os.makedirs(os.path.dirname(output_path), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     with open(output_path, "wb") as handle:
         handle.write(data)
     print(f"wrote {output_path} ({len(data)} bytes, md5 {digest})")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

@@ -12,6 +12,7 @@ Example:
 import argparse
 import sys
 
+from ldm.checkpoint import check_output
 from ldm.embeddings import FORMATS, Embeddings, load_embeddings, save_embeddings
 
 # diffusers refuses to add a token its tokenizer already has, and "*" is one of CLIP's words.
@@ -42,6 +43,7 @@ def renamed(embeddings: Embeddings, token: str) -> Embeddings:
 
 def convert(args: argparse.Namespace) -> Embeddings:
     """Write the converted file and return it as read back, so the report shows what loaders will see."""
+    check_output(args.output, "--output")
     embeddings = load_embeddings(args.input)
     if args.token:
         embeddings = renamed(embeddings, args.token)

@@ -22,11 +22,13 @@ import sys
 
 import torch
 
-from ldm.data.personalized import PersonalizedBase
+from ldm.checkpoint import check_output
+from ldm.data.personalized import PersonalizedBase, list_images
 from ldm.embeddings import load_embeddings
 from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, remove_placeholders
-from ldm.generate import (PRECISIONS, default_device, first_stage_factor, generate, load_model, sampling_weights_dtype,
-                          save_outputs)
+from ldm.generate import (PRECISIONS, default_device, first_stage_factor, generate, load_model, parse_device,
+                          require_at_least, sampling_weights_dtype, save_outputs)
+from ldm.util import channels_first
 
 SCORE_FILE = "clip_scores.json"
 
@@ -64,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_images(folder, size: int | None) -> list[torch.Tensor]:
     """The folder's images as (3, H, W) tensors in [-1, 1], square-cropped and resized to `size` when given."""
     dataset = PersonalizedBase(folder, size=size, flip_p=0.0, set="val")
-    return [torch.from_numpy(dataset[i]["image"]).permute(2, 0, 1) for i in range(len(dataset))]
+    return [channels_first(torch.from_numpy(dataset[i]["image"])[None])[0] for i in range(len(dataset))]
 
 
 def common_square_side(images: list[torch.Tensor]) -> int | None:
@@ -76,14 +78,21 @@ def common_square_side(images: list[torch.Tensor]) -> int | None:
     return height if height == width else None
 
 
-def generate_samples(args, device) -> tuple[torch.Tensor, list[str], dict]:
-    """(generated images in [-1, 1], the loaded placeholders, settings to report), the images saved to --outdir."""
+def check_inputs(args) -> None:
+    """Fail on the image folders and the generation settings before CLIP loads or a sample is drawn."""
+    list_images(args.data_dir, "--data_dir", "the concept's training images")
+    if args.images_dir:
+        list_images(args.images_dir, "--images_dir", "generated images to score, e.g. outputs/clip-eval/samples")
+        return
     if not args.embedding_path:
         raise ValueError("pass --embedding_path with the learned words to generate, or --images_dir to score saved "
                          "images")
-    for flag in ("n_samples", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    require_at_least(1, n_samples=args.n_samples, batch_size=args.batch_size, ddim_steps=args.ddim_steps)
+    check_output(args.outdir, "--outdir", folder=True)
+
+
+def generate_samples(args, device) -> tuple[torch.Tensor, list[str], dict]:
+    """(generated images in [-1, 1], the loaded placeholders, settings to report), the images saved to --outdir."""
     model = load_model(args.config, args.ckpt, device, embedding_paths=args.embedding_path,
                        weights_dtype=sampling_weights_dtype(device, args.precision))
     side = model.image_size * first_stage_factor(model)
@@ -101,10 +110,8 @@ def generate_samples(args, device) -> tuple[torch.Tensor, list[str], dict]:
 
 def evaluate(args) -> dict:
     """The scores and the settings that produced them."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device '{args.device}' is not a device: use e.g. cpu, cuda or mps") from None
+    device = parse_device(args.device)
+    check_inputs(args)
     evaluator = CLIPEvaluator(*load_clip(args.clip_weights, args.clip_model), device=device)
     if args.images_dir:
         generated = read_images(args.images_dir, None)
@@ -135,6 +142,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = args.out or os.path.join(args.outdir, SCORE_FILE)
     try:
+        check_output(out, "--out")
         scores = evaluate(args)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w", encoding="utf-8") as handle:

@@ -25,11 +25,13 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+from PIL import Image
 
+from ldm.checkpoint import check_output
 from ldm.data.procedural import HELD_OUT_CONCEPTS, HeldOutConcept, held_out_concept
 from ldm.embeddings import Embeddings, load_embeddings
 from ldm.evaluation.world_classifier import load_classifier
-from ldm.generate import default_device, first_stage_factor, generate, load_model
+from ldm.generate import default_device, first_stage_factor, generate, load_model, parse_device, require_at_least
 from ldm.util import log_txt_as_img, make_grid, tensor_to_pil
 
 FIDELITY_TEMPLATES = ("a photo of {}", "a {}")
@@ -185,15 +187,20 @@ def comparison_grid(images: dict, prompts: list[EvalPrompt], n_samples: int) -> 
     return make_grid(torch.stack(rows), nrow=1, padding=2)
 
 
-def evaluate(args) -> dict:
-    """Generate and score every condition; returns the JSON-able results with the settings."""
-    for flag in ("n_samples", "batch_size", "ddim_steps"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device '{args.device}' is not a device: use e.g. cpu, cuda or mps") from None
+def check_outputs(args) -> None:
+    """Fail on the output paths before any image is generated."""
+    check_output(args.out, "--out")
+    if args.grid:
+        if os.path.splitext(args.grid)[1].lower() not in Image.registered_extensions():
+            raise ValueError(f"--grid '{args.grid}' has no image file extension: end it in .png")
+        check_output(args.grid, "--grid")
+
+
+def evaluate(args) -> tuple[dict, torch.Tensor | None]:
+    """Generate and score every condition: the JSON-able results with the settings, and the --grid picture
+    (None without --grid)."""
+    require_at_least(1, n_samples=args.n_samples, batch_size=args.batch_size, ddim_steps=args.ddim_steps)
+    device = parse_device(args.device)
     concept = held_out_concept(args.concept)
     embeddings = load_embeddings(args.embedding_path)
     if args.placeholder not in embeddings.vectors:
@@ -214,17 +221,15 @@ def evaluate(args) -> dict:
                                      precision="full", progress=False)
         predictions = classify(classifier, images[condition], prompts, args.n_samples)
         results[condition] = score_condition(prompts, predictions, concept)
-    if args.grid:
-        os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
-        tensor_to_pil(comparison_grid(images, prompts, args.n_samples)).save(args.grid)
     settings = {
         "config": args.config, "ckpt": args.ckpt, "embedding_path": args.embedding_path, "classifier": args.classifier,
         "placeholder": args.placeholder, "init_word": init_word, "n_samples": args.n_samples,
         "batch_size": args.batch_size, "ddim_steps": args.ddim_steps, "ddim_eta": DDIM_ETA, "scale": args.scale,
         "seed": args.seed, "image_size": side, "device": str(device),
     }
-    return {"concept": asdict(concept), "settings": settings, "prompts": [asdict(p) for p in prompts],
-            "results": results}
+    report = {"concept": asdict(concept), "settings": settings, "prompts": [asdict(p) for p in prompts],
+              "results": results}
+    return report, comparison_grid(images, prompts, args.n_samples) if args.grid else None
 
 
 def markdown_table(report: dict) -> str:
@@ -268,10 +273,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        report = evaluate(args)
+        check_outputs(args)
+        report, grid = evaluate(args)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
+        if grid is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
+            tensor_to_pil(grid).save(args.grid)
     except (ValueError, OSError) as error:
         print(f"evaluate_toy: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from ldm.checkpoint import ema_state_dict, load_checkpoint
+from ldm.checkpoint import check_output, ema_state_dict, load_checkpoint
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 EMA_PREFIX = "model_ema."
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         print(f"error: --out '{args.out}' must end in .safetensors", file=sys.stderr)
         return 2
     try:
+        check_output(args.out, "--out")
         checkpoint = load_checkpoint(args.ckpt)
         state = exported_state(checkpoint.state_dict, DTYPES[args.dtype], args.ckpt)
     except (OSError, ValueError) as error:

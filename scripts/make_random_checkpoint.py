@@ -7,7 +7,8 @@ The images such a model makes are noise; the commands, files and formats are the
 import argparse
 import sys
 
-from ldm.checkpoint import write_random_checkpoint
+from ldm.checkpoint import check_output, write_random_checkpoint
+from ldm.generate import read_config
 
 
 def main(argv=None) -> int:
@@ -17,6 +18,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
+        read_config(args.config)
+        check_output(args.out, "--out")
         path = write_random_checkpoint(args.config, args.out, args.seed)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -16,6 +16,7 @@ Example:
 import argparse
 import sys
 
+from ldm.checkpoint import check_output
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings, width_label
 from ldm.modules.encoders.tokenizers import bert_tokenizer, clean_clip_text, clip_tokenizer
 
@@ -167,6 +168,7 @@ def merge(paths: list[str], renames: dict[tuple[int, str], str], stable_diffusio
 def main(argv=None, input_fn=input) -> int:
     args = parse_args(argv)
     try:
+        check_output(args.output_path, "--output_path")
         renames = parse_renames(args.rename, len(args.manager_ckpts))
         embeddings, old_names = merge(args.manager_ckpts, renames, args.stable_diffusion, sys.stdin.isatty(),
                                       input_fn)

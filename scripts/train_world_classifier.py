@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ldm.checkpoint import check_output
 from ldm.evaluation.world_classifier import evaluate_accuracy, save_classifier, train_classifier
 
 
@@ -31,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.eval_seed == args.seed:
         parser.error("--eval_seed equals --seed; evaluate on scenes the classifier never saw")
+    try:
+        check_output(args.out, "--out")  # now, not after minutes of training
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 

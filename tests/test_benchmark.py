@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -157,7 +158,8 @@ def test_cuda_graphs_are_refused_on_the_cpu_with_the_reason(benchmark, capsys):
     (["--combined", "--channels_last"], "give at least two of"),
     (["--combined", "--compile", "--channels_last", "--cuda_graphs"], "cannot join --compile and --cuda_graphs"),
 ])
-def test_combined_levers_need_two_that_the_model_accepts_together(benchmark, capsys, flags, reason):
+def test_combined_levers_need_two_that_the_model_accepts_together(benchmark, capsys, monkeypatch, flags, reason):
+    monkeypatch.setattr(benchmark, "parse_device", torch.device)  # as if the machine had a GPU
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(["--device", "cuda", *flags])
     assert exit_info.value.code == 2
@@ -171,3 +173,17 @@ def test_combined_levers_are_those_given_compile_for_training_only(benchmark):
                                                "compile_unet": "max-autotune"}
     assert benchmark.combined_label(args) == "combined: channels last, cudnn attention, compiled max-autotune"
     assert benchmark.combined_levers(args, sampling=True) == {"channels_last": True, "attention_backend": "cudnn"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--json", "{tmp}"], "--json '.*' is a folder"),
+    (["--json", "{tmp}/notes.txt/bench.json"], "--json .*: its folder '.*notes.txt' is a file"),
+    (["--device", "cuda:9"], "--device 'cuda:9': "),
+])
+def test_paths_and_devices_are_checked_before_the_first_measurement(benchmark, tmp_path, capsys, flags, message):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(["--device", "cpu", *(flag.format(tmp=tmp_path) for flag in flags)])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert benchmark.parse_args(["--device", "cpu", "--json", str(tmp_path / "new" / "b.json")])

@@ -1,4 +1,6 @@
 """Checkpoint reading: Lightning-era pickles load without running code, bad files give one-line errors."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -9,10 +11,14 @@ from safetensors.torch import save_file
 from ldm.checkpoint import (
     CheckpointError,
     PickledLightningObject,
+    build_random_model,
     ema_state_dict,
     load_checkpoint,
+    check_output,
     restore,
 )
+from scripts import make_random_checkpoint
+from tests.conftest import TINY_SD
 
 
 def tiny_state():
@@ -141,3 +147,98 @@ def test_restore_reports_and_refuses_ldm_checkpoint_in_sd_config(tmp_path, capsy
         restore(model_with_context(768), path)
     message = str(info.value)
     assert "txt2img-large.ckpt" in message and "LDM text2img-large" in message and "configs/latent-diffusion" in message
+
+
+def latent_diffusion_like():
+    """The three parts of a LatentDiffusion under their real key prefixes, one small layer each."""
+    root = torch.nn.Module()
+    root.model = torch.nn.Module()
+    root.model.diffusion_model = torch.nn.Linear(2, 2)
+    root.cond_stage_model = torch.nn.Module()
+    root.cond_stage_model.transformer = torch.nn.Linear(2, 2)
+    root.first_stage_model = torch.nn.Module()
+    root.first_stage_model.encoder = torch.nn.Linear(2, 2)
+    return root
+
+
+def test_a_checkpoint_of_another_model_is_refused_and_described(tmp_path):
+    source = latent_diffusion_like()
+    sd_like = tmp_path / "sd.ckpt"  # SD v1 releases also carry the UNet's EMA copies, which are dropped
+    torch.save({"state_dict": {**source.state_dict(), "model_ema.decay": torch.tensor(0.9999),
+                               "model_ema.diffusion_modelweight": torch.zeros(2, 2)}}, sd_like)
+    summary = restore(latent_diffusion_like(), sd_like, verbose=False)
+    assert summary.loaded == 6 and summary.missing == [] and summary.unexpected == []
+
+    vae = tmp_path / "autoencoder.safetensors"
+    save_file({"encoder.conv_in.weight": torch.zeros(2), "decoder.conv_out.weight": torch.zeros(2)}, vae)
+    embeddings = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"embedding_manager.string_to_param_dict.*": torch.zeros(1, 2)}}, embeddings)
+    other_encoder = tmp_path / "other-encoder.ckpt"
+    state = {k.replace("transformer", "bert"): v for k, v in source.state_dict().items()}
+    torch.save({"state_dict": state}, other_encoder)
+    no_vae = tmp_path / "no-vae.ckpt"
+    torch.save({"state_dict": {k: v for k, v in source.state_dict().items() if not k.startswith("first")}}, no_vae)
+    for path, expected in [
+        (vae, "shares no tensor with the model .*standalone autoencoder"),
+        (embeddings, "shares no tensor .*learned embeddings .*--embedding_path"),
+        (other_encoder, "none of the model's 2 cond_stage_model.* tensors .*other names, e.g. cond_stage_model.bert"),
+        (no_vae, "none of the model's 2 first_stage_model.* tensors"),
+    ]:
+        with pytest.raises(CheckpointError, match=expected) as info:
+            restore(latent_diffusion_like(), path, verbose=False)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert restore(latent_diffusion_like(), no_vae, ignore_keys=["first_stage_model"], verbose=False).loaded == 4
+
+
+def test_an_ldm_checkpoint_in_the_sd_config_is_refused_before_training(tiny_ldm_ckpt):
+    with pytest.raises(CheckpointError, match="none of the model's .* cond_stage_model"):
+        restore(build_random_model(TINY_SD), tiny_ldm_ckpt, verbose=False)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"hello world\nthis is text\n", "not a PyTorch/safetensors checkpoint"),
+    (b"abc", "not a PyTorch/safetensors checkpoint"),
+    (b"\x80\x02h\x05.", "not a PyTorch/safetensors checkpoint"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 4\n", "Git LFS pointer.*git lfs pull"),
+])
+@pytest.mark.parametrize("name", ["model.ckpt", "model.safetensors"])
+def test_text_and_garbage_files_are_one_line_checkpoint_errors(tmp_path, content, expected, name):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=expected) as info:
+        load_checkpoint(path)
+    assert name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_folder_is_named_as_one(tmp_path):
+    with pytest.raises(ValueError, match="is a folder: pass the file inside it"):
+        load_checkpoint(tmp_path)
+
+
+def test_output_paths_are_checked_before_any_work_and_nothing_is_created(tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("x")
+    assert check_output(tmp_path / "a" / "b" / "out.json", "--out") == str(tmp_path / "a" / "b" / "out.json")
+    assert check_output(tmp_path / "samples", "--outdir", folder=True) and check_output("rel.json", "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    for path, folder, expected in [
+        (tmp_path, False, "--x '.*' is a folder"),
+        (blocker / "out.json", False, "its folder '.*notes.txt' is a file"),
+        (blocker, True, "it is a file, not a folder"),
+        (blocker / "sub", True, "its folder '.*notes.txt' is a file"),
+    ]:
+        with pytest.raises(ValueError, match=expected):
+            check_output(path, "--x", folder=folder)
+
+
+def test_make_random_checkpoint_reports_bad_configs_and_outputs_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for argv, expected in [(["--config", str(bad), "--out", str(tmp_path / "m.ckpt")], "is not valid YAML"),
+                           (["--config", str(tmp_path), "--out", str(tmp_path / "m.ckpt")], "is a folder"),
+                           (["--config", TINY_SD, "--out", str(blocker / "m.ckpt")], "--out .* is a file")]:
+        assert make_random_checkpoint.main(argv) == 1
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and re.search(expected, error)

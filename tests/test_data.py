@@ -1,12 +1,15 @@
 """Textual-inversion datasets: file discovery, image preprocessing, captions and per-item randomness."""
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldm.data import personalized, personalized_style
+from ldm.data.datamodule import DataModuleFromConfig, PositionSampler
 from ldm.data.personalized import PersonalizedBase, caption_from_filename
 from ldm.data.templates import (
     imagenet_dual_style_templates_small,
@@ -16,6 +19,7 @@ from ldm.data.templates import (
     per_img_token_list,
     read_template_file,
 )
+from ldm.util import BatchPositions, channels_first
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -55,11 +59,13 @@ def test_length_values_and_cached_pixels(tmp_path):
     assert (len(train), len(val), train.num_images) == (14, 2, 2)
     (tmp_path / "a.png").unlink()  # decoded once at construction, so items no longer need the file
     item = train[2]
-    assert item["image"].shape == (6, 6, 3) and item["image"].dtype == np.float32
+    assert item["image"].shape == (6, 6, 3) and item["image"].dtype == np.uint8
     assert item["image_index"] == 0
-    np.testing.assert_array_equal(item["image"][..., 0], 1.0)
-    np.testing.assert_array_equal(item["image"][..., 1:], -1.0)
-    assert train[3]["image"][..., 2].min() == 1.0
+    np.testing.assert_array_equal(item["image"][..., 0], 255)
+    np.testing.assert_array_equal(item["image"][..., 1:], 0)
+    assert train[3]["image"][..., 2].min() == 255
+    item["image"][:] = 7  # a copy: the dataset's pixels stay as they were
+    np.testing.assert_array_equal(train[2]["image"][..., 0], 255)
     with pytest.raises(IndexError):
         train[14]
 
@@ -148,7 +154,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
     image = PersonalizedBase(tmp_path, size=None, center_crop=False, flip_p=0.0)[0]["image"]
     assert image.shape == (32, 16, 3)  # upright portrait
-    red = (image[..., 0] > 0.6) & (image[..., 1] < -0.6)
+    red = (image[..., 0] > 204) & (image[..., 1] < 51)
     assert red[1:7, 13:15].all()  # the marker is now top-right
     assert red.sum() < 40 and not red[:, :10].any()
 
@@ -160,12 +166,12 @@ def test_center_crop_keeps_the_middle_and_squash_keeps_everything(tmp_path):
     bands.save(tmp_path / "wide.png")
 
     cropped = PersonalizedBase(tmp_path, size=10, flip_p=0.0)[0]["image"]
-    np.testing.assert_array_equal(cropped, np.broadcast_to(np.array([-1.0, 1.0, -1.0], np.float32), (10, 10, 3)))
+    np.testing.assert_array_equal(cropped, np.broadcast_to(np.array([0, 255, 0], np.uint8), (10, 10, 3)))
 
     squashed = PersonalizedBase(tmp_path, size=10, center_crop=False, flip_p=0.0, interpolation="bilinear")[0]["image"]
-    np.testing.assert_allclose(squashed[:, 0], np.tile([1.0, -1.0, -1.0], (10, 1)), atol=0.05)
-    np.testing.assert_allclose(squashed[:, 5], np.tile([-1.0, 1.0, -1.0], (10, 1)), atol=0.05)
-    np.testing.assert_allclose(squashed[:, 9], np.tile([-1.0, -1.0, 1.0], (10, 1)), atol=0.05)
+    np.testing.assert_allclose(squashed[:, 0], np.tile([255, 0, 0], (10, 1)), atol=7)
+    np.testing.assert_allclose(squashed[:, 5], np.tile([0, 255, 0], (10, 1)), atol=7)
+    np.testing.assert_allclose(squashed[:, 9], np.tile([0, 0, 255], (10, 1)), atol=7)
 
 
 def test_transparency_is_composited_on_white(tmp_path):
@@ -173,9 +179,9 @@ def test_transparency_is_composited_on_white(tmp_path):
     rgba.paste((255, 0, 0, 255), (0, 0, 2, 4))
     rgba.save(tmp_path / "cutout.png")
     image = PersonalizedBase(tmp_path, size=None, flip_p=0.0)[0]["image"]
-    np.testing.assert_array_equal(image[:, 2:], 1.0)
-    np.testing.assert_array_equal(image[:, :2, 0], 1.0)
-    np.testing.assert_array_equal(image[:, :2, 1:], -1.0)
+    np.testing.assert_array_equal(image[:, 2:], 255)
+    np.testing.assert_array_equal(image[:, :2, 0], 255)
+    np.testing.assert_array_equal(image[:, :2, 1:], 0)
 
 
 def test_only_image_files_are_read(tmp_path):
@@ -216,8 +222,76 @@ def test_flip(tmp_path):
     mirrored = PersonalizedBase(tmp_path, size=6, flip_p=1.0)
     assert not plain[0]["flipped"] and mirrored[0]["flipped"]
     np.testing.assert_array_equal(mirrored[0]["image"], plain[0]["image"][:, ::-1])
-    assert mirrored[0]["image"][0, -1, 0] == 1.0 and plain[0]["image"][0, 0, 0] == 1.0
+    assert mirrored[0]["image"][0, -1, 0] == 255 and plain[0]["image"][0, 0, 0] == 255
 
     half = PersonalizedBase(tmp_path, size=6, repeats=200)
     flips = [item["flipped"] for item in draw_captions(half, 200)]
     assert 60 < sum(flips) < 140
+
+
+def test_uint8_items_become_the_same_floats_the_networks_always_took():
+    """Items are uint8; the model's conversion gives bit for bit what the dataset's float32 arithmetic gave."""
+    pixels = np.arange(256, dtype=np.uint8).reshape(2, 4, 32).repeat(3, axis=0).reshape(2, 4, 32, 3)
+    expected = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+    converted = channels_first(torch.from_numpy(pixels))
+    assert converted.dtype == torch.float32 and converted.is_contiguous()
+    assert torch.equal(converted, expected)
+    assert converted.min() == -1.0 and converted.max() == 1.0
+    assert torch.equal(channels_first(expected.permute(0, 2, 3, 1)), expected)  # float images pass unchanged
+
+
+def test_default_workers_are_twice_the_batch_but_no_more_than_the_cores():
+    assert DataModuleFromConfig(batch_size=1).num_workers == min(2, os.cpu_count())
+    assert DataModuleFromConfig(batch_size=4096).num_workers == os.cpu_count()
+    assert DataModuleFromConfig(batch_size=4096, num_workers=3).num_workers == 3
+
+
+def stream(sampler_of, batches: int, batches_per_step: int, resume_at_step: int | None = None):
+    """What a run reads, batch by batch, when Lightning restarts the sampler at every epoch (and at a resume)."""
+    read, batch = [], 0
+    while batch < batches:
+        if resume_at_step is not None and batch >= resume_at_step * batches_per_step:
+            read, batch = read[: resume_at_step * batches_per_step], resume_at_step * batches_per_step
+            resume_at_step = None  # the resumed run's sampler starts at its step's first batch
+        sampler = sampler_of(lambda: batch)
+        items = list(sampler)
+        for first in range(0, len(items), sampler.batch_size):
+            read.append(items[first:first + sampler.batch_size])
+            batch += 1
+    return read[:batches]
+
+
+@pytest.mark.parametrize("batches_per_step", [1, 2, 3])
+def test_epochs_are_whole_optimizer_steps_and_a_resume_reads_on_where_it_stopped(batches_per_step):
+    def sampler_of(current_batch):
+        return PositionSampler(10, batch_size=2, seed=5, current_batch=current_batch, batches_per_step=batches_per_step)
+
+    assert sampler_of(lambda: 0).batches_per_epoch % batches_per_step == 0
+    uninterrupted = stream(sampler_of, 24, batches_per_step)
+    seeds = [seed for batch in uninterrupted for _, seed in batch]
+    assert len(set(seeds)) == len(seeds)  # every item of the run has its own position: nothing is read twice
+    epoch = sampler_of(lambda: 0).batches_per_epoch
+    for start in range(0, 24 - epoch + 1, epoch):  # each epoch draws distinct images
+        indices = [index for batch in uninterrupted[start:start + epoch] for index, _ in batch]
+        assert len(set(indices)) == len(indices)
+    assert stream(sampler_of, 24, batches_per_step, resume_at_step=7) == uninterrupted
+
+
+def test_each_accumulated_batch_has_its_own_position():
+    positions = BatchPositions()
+    assert [positions.next(step, 3) for step in (0, 0, 0, 1, 1, 1, 2)] == [0, 1, 2, 3, 4, 5, 6]
+    assert BatchPositions().next(7, 3) == 21  # a resumed run starts at its step's first batch
+    plain = BatchPositions()
+    assert [plain.next(step, 1) for step in range(4)] == [0, 1, 2, 3]  # without accumulation: the step itself
+
+
+def test_image_folder_errors_name_the_flag_and_what_belongs_there(tmp_path):
+    with pytest.raises(ValueError, match="data_root '.*' holds no images .*point data_root at a folder of 3-5 images"):
+        personalized.list_images(tmp_path)
+    flag, content = "--images_dir", "generated images to score"
+    missing = f"^{flag} '.*none' does not exist; point {flag} at a folder of {content}$"
+    with pytest.raises(FileNotFoundError, match=missing):
+        personalized.list_images(tmp_path / "none", flag, content)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=f"^{flag} '.*notes.txt' is not a folder"):
+        personalized.list_images(tmp_path / "notes.txt", flag, content)

@@ -3,6 +3,8 @@
 Most tests use a tiny conditioner with an 8-wide table and a 22-word WordPiece vocabulary, so which strings are
 single tokens is under the test's control; the last ones run the real tiny CLIP and LDM-BERT conditioners.
 """
+import shlex
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from ldm.modules.encoders.modules import (
     FrozenCLIPEmbedder,
     TextConditioner,
 )
+from scripts import convert_embedding
 
 TINY_VOCAB = [
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "*", "@", "&", "leav", "##anny", "sculpture",
@@ -359,3 +362,19 @@ def test_real_conditioners_read_the_learned_vectors(name, request):
 
     expected_family = {"clip": None, "bert": "ldm"}[name]
     assert manager.model_family == expected_family
+
+
+def test_a_file_whose_placeholder_is_several_tokens_gets_the_command_that_converts_it(tiny, tmp_path):
+    path = tmp_path / "learned_embeds.bin"  # diffusers' layout: {token: vector}
+    torch.save({"cat dog": torch.randn(8)}, path)
+    manager = EmbeddingManager(tiny)
+    with pytest.raises(ValueError) as error:
+        manager.load(path)
+    message = str(error.value)
+    command = (f"python scripts/convert_embedding.py --input {path} --output {tmp_path / 'learned_embeds-converted.pt'}"
+               " --format original --token '*'")
+    assert message.startswith(f"embedding file '{path}': placeholder 'cat dog' is split") and message.endswith(command)
+
+    assert convert_embedding.main(shlex.split(command)[2:]) == 0
+    converted = EmbeddingManager(tiny, embedding_manager_ckpt=str(tmp_path / "learned_embeds-converted.pt"))
+    assert list(converted.string_to_token_dict) == ["*"]

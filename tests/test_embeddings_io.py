@@ -242,6 +242,10 @@ def write_truncated_safetensors(path):
         ("tensor.pt", lambda p: torch.save(torch.zeros(2, 768), p), r"tensor of shape \(2, 768\) rather than a dict"),
         ("plain.pkl", write_plain_pickle, "weights-only loader cannot read .*Unsupported operand"),
         ("bad.pt", lambda p: torch.save({"string_to_param": {"*": torch.zeros(1, 2, 3)}}, p), r"shape \(1, 2, 3\)"),
+        ("garbled.pt", lambda p: p.write_bytes(b"\x80\x02h\x05."), "truncated or corrupt PyTorch file .*KeyError"),
+        ("stackless.pt", lambda p: p.write_bytes(b"\x80\x02."), "truncated or corrupt PyTorch file .*IndexError"),
+        ("lfs.safetensors", lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n"),
+         "a Git LFS pointer, not the file itself: fetch the real file with git lfs pull"),
     ],
 )
 def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, file_name, write, expected):

@@ -192,10 +192,9 @@ def test_bert_tokenize(bert):
     assert len(bert.text_to_token_ids("zyzzogeton")) > 1
 
 
-def test_bert_tokenizer_module_interfaces():
-    tokens = BERTTokenizer(vq_interface=False)(["a photo of *"])
-    quant, loss, (_, _, indices) = BERTTokenizer(vq_interface=True).encode(["a photo of *"])
-    assert quant is None and loss is None and torch.equal(indices, tokens)
+def test_bert_tokenizer_module_pads_to_its_length():
+    tokens = BERTTokenizer(max_length=8)(["a photo of *", "a"])
+    assert tokens.tolist() == [[101, 1037, 6302, 1997, 1008, 102, 0, 0], [101, 1037, 102, 0, 0, 0, 0, 0]]
 
 
 # LDM-BERT transformer ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import copy
 import importlib.util
 import json
 import math
+import re
 import warnings
 
 import open_clip
@@ -120,8 +121,10 @@ def test_openai_torchscript_archive_gives_the_same_features(clip_files, evaluato
 
 def test_bad_clip_weights_are_clear_errors(clip_files, tmp_path):
     _, weights, _ = clip_files
-    with pytest.raises(FileNotFoundError, match="is not a file"):
+    with pytest.raises(FileNotFoundError, match="--clip_weights '.*missing.pt' does not exist"):
         load_clip(str(tmp_path / "missing.pt"), TINY_CLIP)
+    with pytest.raises(ValueError, match="is a folder"):
+        load_clip(str(tmp_path), TINY_CLIP)
     with pytest.raises(ValueError, match="'no-such-clip' is not an open_clip architecture"):
         load_clip(weights, "no-such-clip")
     torch.save({"visual.proj": torch.zeros(2, 2)}, tmp_path / "other.pt")
@@ -181,3 +184,37 @@ def test_generation_without_embeddings_is_a_one_line_error(script, clip_files, t
     assert script.main(argv) == 1
     assert "pass --embedding_path" in capsys.readouterr().err
     assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"hello world\n", r"cannot be read \(KeyError.*pass OpenAI's ViT-B-32.pt or an open_clip state dict"),
+    (b"abc", r"cannot be read \(IndexError: pop from empty list\)"),
+    (b"version https://git-lfs.github.com/spec/v1\n", "a Git LFS pointer.*git lfs pull"),
+])
+def test_clip_weights_that_are_not_weights_are_one_line_errors(tmp_path, content, expected):
+    path = tmp_path / "ViT-B-32.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=expected) as info:
+        load_clip(str(path), TINY_CLIP)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--data_dir", "{empty}", "--images_dir", "{images}"],
+     "--data_dir '.*empty' holds no images .*point --data_dir at a folder of the concept's training images"),
+    (["--images_dir", "{empty}/none"], "--images_dir '.*none' does not exist; point --images_dir at a folder of "
+                                       "generated images"),
+    (["--images_dir", "{images}", "--out", "{empty}"], "--out '.*empty' is a folder"),
+    (["--embedding_path", "e.pt", "--outdir", "{images}/img_0.png"], "--outdir .*: it is a file"),
+    (["--embedding_path", "e.pt", "--ddim_steps", "0"], "--ddim_steps must be at least 1"),
+    (["--device", "cuda:9"], "--device 'cuda:9': "),
+])
+def test_evaluation_mistakes_fail_before_clip_loads(script, tmp_path, monkeypatch, capsys, flags, expected):
+    images, empty = draw_images(tmp_path / "images", count=2), tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(script, "load_clip", lambda *args: pytest.fail("CLIP was loaded"))
+    argv = ["--data_dir", str(images), "--clip_weights", "unused.pt", "--device", "cpu",
+            "--out", str(tmp_path / "s.json")]
+    assert script.main(argv + [flag.format(empty=empty, images=images) for flag in flags]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and re.search(expected, error), error

@@ -3,6 +3,7 @@ scripts/evaluate_toy.py end to end on a random-weight toy model, random embeddin
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -177,3 +178,34 @@ def test_markdown_table_has_a_row_per_condition_and_a_column_per_metric():
     assert lines[2] == "| ours | 0.750 | 0.500 (0.250) | 1.000 (0.000) | 0.125 (0.000) |"
     assert lines[3].startswith("| init word (circle) | 0.500 |")
     assert lines[4].startswith("| random | 0.000 |")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--grid", "{tmp}/grid.txt"], "--grid '.*grid.txt' has no image file extension: end it in .png"),
+    (["--grid", "{tmp}/notes.txt/grid.png"], "--grid .*: its folder '.*notes.txt' is a file"),
+    (["--out", "{tmp}"], "--out '.*' is a folder"),
+    (["--ddim_steps", "0"], "--ddim_steps must be at least 1"),
+    (["--device", "cuda:9"], "--device 'cuda:9': "),
+])
+def test_mistakes_fail_before_any_image_is_made(tmp_path, monkeypatch, capsys, flags, expected):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    monkeypatch.setattr(evaluate_toy, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    argv = ["--embedding_path", "unused.pt", "--concept", "heart", "--out", str(tmp_path / "results.json"),
+            "--device", "cpu"]
+    assert evaluate_toy.main(argv + [flag.format(tmp=tmp_path) for flag in flags]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and re.search(expected, error), error
+
+
+def test_the_results_are_written_before_the_grid(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate_toy, "evaluate", lambda args: ({"results": "kept"}, torch.zeros(3, 4, 4)))
+
+    def full_disk(image):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(evaluate_toy, "tensor_to_pil", full_disk)
+    out = tmp_path / "results.json"
+    argv = ["--embedding_path", "e.pt", "--concept", "heart", "--out", str(out), "--grid", str(tmp_path / "g.png")]
+    assert evaluate_toy.main(argv) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == {"results": "kept"}

@@ -1,6 +1,7 @@
 """The generation core and its scripts on tiny random models: seeded reproducibility, output files, several
 embedding files at once, img2img's strength endpoints, PLMS, --from-file and the command lines' errors."""
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.embeddings import Embeddings, save_embeddings
-from ldm.generate import generate, load_model, sampling_weights_dtype, save_outputs
+from ldm import generate as generate_module
+from ldm.generate import generate, load_model, parse_device, read_config, sampling_weights_dtype, save_outputs
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from scripts import img2img, stable_txt2img, txt2img
@@ -90,6 +92,7 @@ def test_autocast_on_the_cpu_stays_full_precision(sd_model):
     (dict(height=30), "--H 30 must be a positive multiple of 4"),
     (dict(sampler="euler"), "sampler 'euler' is unknown"),
     (dict(strength=0.5), "strength applies only to img2img"),
+    (dict(steps=600), "--ddim_steps 600 does not suit this model: .*at most 500"),
 ])
 def test_bad_settings_fail_before_sampling(sd_model, override, message):
     with pytest.raises(ValueError, match=message):
@@ -307,7 +310,79 @@ def test_a_missing_checkpoint_is_a_one_line_error(script, tmp_path, capsys):
     missing = str(tmp_path / "nowhere.ckpt")
     argv = ["--config", TINY_SD, "--ckpt", missing, *TINY_FLAGS]
     if script is img2img:
-        argv += ["--init_img", "unused.png"]
+        Image.new("RGB", (32, 32)).save(tmp_path / "init.png")
+        argv += ["--init_img", str(tmp_path / "init.png")]
     assert script.main(argv) == 1
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and missing in error and "does not exist" in error
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--outdir", "{file}"], "--outdir '.*notes.txt': it is a file, not a folder"),
+    (["--outdir", "{file}/out"], "--outdir .*: its folder '.*notes.txt' is a file"),
+    (["--ddim_steps", "0"], "--ddim_steps must be at least 1, got 0"),
+    (["--n_iter", "0"], "--n_iter must be at least 1"),
+    (["--n_rows", "-1"], "--n_rows must be at least 0"),
+    (["--H", "-32"], "--H must be at least 1"),
+    (["--device", "cuda:7"], "--device 'cuda:7': "),
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
+])
+def test_command_line_mistakes_fail_before_the_model_loads(tiny_sd_ckpt, tmp_path, monkeypatch, capsys, flags,
+                                                           expected):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    monkeypatch.setattr(generate_module, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    flags = [flag.format(file=tmp_path / "notes.txt", folder=tmp_path) for flag in flags]
+    argv = ["--config", TINY_SD, "--ckpt", tiny_sd_ckpt, "--outdir", str(tmp_path / "out"), *TINY_FLAGS, *flags]
+    assert stable_txt2img.main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and re.search(expected, error), error
+
+
+def test_img2img_checks_its_init_image_and_strength_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(generate_module, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    for flags, expected in [(["--init_img", str(tmp_path / "none.png")], "--init_img '.*none.png' does not exist"),
+                            (["--init_img", str(tmp_path)], "--init_img '.*' is a folder"),
+                            (["--init_img", "x.png", "--strength", "1.5"], "--strength must be between 0 and 1")]:
+        assert img2img.main(["--outdir", str(tmp_path / "out"), *flags]) == 1
+        assert re.search(expected, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag", ["--ckpt", "--config", "--embedding_path"])
+def test_a_folder_given_as_a_file_is_named_as_one(tmp_path, capsys, flag):
+    """Config and embedding files are checked before the checkpoint (missing here) is read."""
+    argv = ["--config", TINY_SD, "--ckpt", str(tmp_path / "none.ckpt"), "--outdir", str(tmp_path / "out")]
+    assert stable_txt2img.main(argv + [flag, str(tmp_path)]) == 1
+    assert f"'{tmp_path}' is a folder: pass the file inside it" in capsys.readouterr().err
+
+
+def test_cuda_graphs_on_the_cpu_say_they_do_nothing_and_sampling_goes_on(tiny_sd_ckpt, tmp_path, capsys):
+    argv = ["--config", TINY_SD, "--ckpt", tiny_sd_ckpt, "--outdir", str(tmp_path), "--n_samples", "1", "--n_iter", "1",
+            "--skip_grid", "--cuda_graphs", "--device", "cpu", *TINY_FLAGS, "--ddim_steps", "2"]
+    assert stable_txt2img.main(argv) == 0
+    assert "--cuda_graphs has no effect with --device cpu" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "samples") == ["00000.png"]
+
+
+def test_devices_are_checked_against_the_machine(monkeypatch):
+    assert parse_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    assert parse_device("cuda:1") == torch.device("cuda:1") and parse_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match="--device 'cuda:2': this machine's cuda devices are cuda:0 to cuda:1"):
+        parse_device("cuda:2")
+    with pytest.raises(ValueError, match="--device 'mps': this machine has no usable mps device: use --device cuda"):
+        parse_device("mps")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
+    with pytest.raises(ValueError, match="--gpu 'cuda': this machine has no usable cuda device: use --gpu cpu"):
+        parse_device("cuda", flag="--gpu")
+
+
+def test_config_mistakes_are_one_line_errors(tmp_path, tiny_sd_ckpt):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    for path, expected in [(tmp_path / "bad.yaml", "is not valid YAML"),
+                           (tiny_sd_ckpt, "is not a text file .*a checkpoint"),
+                           (tmp_path, "is a folder"),
+                           (tmp_path / "none.yaml", "does not exist")]:
+        with pytest.raises(ValueError if expected != "does not exist" else FileNotFoundError, match=expected) as info:
+            read_config(str(path), flag="--base")
+        assert "\n" not in str(info.value)

@@ -11,6 +11,7 @@ import torch
 import main as main_module
 from ldm.checkpoint import build_random_model
 from ldm.embeddings import load_embeddings
+from ldm.util import channels_first
 from tests.conftest import TINY_SD
 
 
@@ -19,7 +20,7 @@ def denoising_loss(model, images, vector, draws=48):
     manager = model.embedding_manager
     with torch.no_grad():
         manager.vectors("*").copy_(vector)
-        x = torch.stack([torch.from_numpy(images[i]["image"]) for i in range(len(images))]).permute(0, 3, 1, 2)
+        x = channels_first(torch.stack([torch.from_numpy(images[i]["image"]) for i in range(len(images))]))
         z = model.get_first_stage_encoding(model.encode_first_stage(x).mode())
         cond = model.get_learned_conditioning(["a photo of *"] * len(z))
         generator = torch.Generator().manual_seed(1234)

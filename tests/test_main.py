@@ -64,10 +64,27 @@ def test_cli_end_to_end_sd(tmp_path, images, tiny_sd_ckpt):
     assert not torch.equal(learned.vectors["*"][0], table[cat_id]), "the learned vector never moved from its init word"
 
 
+def test_gradient_accumulation_trains_across_epochs(tmp_path, images, tiny_sd_ckpt):
+    """4 images in batches of 2, two batches per step: one step per epoch. The data stream once counted steps as
+    batches, replayed data at each epoch and finally stalled (an epoch of one batch never completes a step)."""
+    result = run_cli(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images),
+                      "-l", str(tmp_path / "logs"), "--accumulate_grad_batches", "2", "data.params.train.params.repeats=1",
+                      "lightning.trainer.max_steps=6", "lightning.modelcheckpoint.params.every_n_train_steps=2", *QUIET],
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = set(os.listdir(os.path.join(only_run(tmp_path / "logs"), "checkpoints")))
+    assert {"embeddings_gs-2.pt", "embeddings_gs-4.pt", "embeddings_gs-6.pt"} <= checkpoints
+    assert "embeddings_gs-0.pt" not in checkpoints
+    learned = load_embeddings(os.path.join(only_run(tmp_path / "logs"), "checkpoints", "embeddings.pt"))
+    assert learned.metadata["step"] == 6
+
+
 def train_in_process(tmp_path, images, ckpt, *extra, config=TINY_SD, steps=20):
     argv = ["--base", config, "-t", "--actual_resume", ckpt, "--data_root", str(images), "-l", str(tmp_path / "logs"),
             f"lightning.trainer.max_steps={steps}", *QUIET, *extra]
+    handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
     trainer = main_module.main(argv)
+    assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers  # ours were restored
     return trainer, only_run(tmp_path / "logs")
 
 
@@ -165,6 +182,55 @@ def test_usage_errors_are_one_line(tmp_path, images, tiny_sd_ckpt):
     assert nothing.returncode == 2 and str(empty) in nothing.stderr
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--max_steps", "0"], "max_steps 0 is not a count of at least 1: set --max_steps"),
+    (["--accumulate_grad_batches", "0"], "accumulate_grad_batches 0 is not a count of at least 1"),
+    (["lightning.trainer.max_step=3"], "trainer settings .* are refused: .*max_step"),
+    (["--gpus", "a,b"], "--gpus 'a,b' names no GPU"),
+])
+def test_trainer_setting_mistakes_are_named(tmp_path, images, tiny_sd_ckpt, extra, message):
+    argv = ["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images),
+            "-l", str(tmp_path / "logs"), *extra]
+    with pytest.raises(main_module.UsageError, match=message):
+        main_module.main(argv)
+
+
+def test_command_line_mistakes_fail_before_any_model_loads(tmp_path, images, tiny_sd_ckpt):
+    def fails(argv, message, error=main_module.UsageError):
+        with pytest.raises(error, match=message):
+            main_module.main(argv)
+
+    inversion = ["--actual_resume", tiny_sd_ckpt, "--data_root", str(images)]
+    fails(["--base", TINY_SD, *inversion, "-l", str(tmp_path)], "nothing to do without -t")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  params: [unclosed\n")
+    fails(["--base", str(broken), "-t", *inversion, "-l", str(tmp_path)], "broken.yaml' is not valid YAML", ValueError)
+    toy_pretraining = os.path.join(REPO, "configs", "toy", "txt2img.yaml")
+    fails(["--base", toy_pretraining, "-t", "--data_root", str(images), "-l", str(tmp_path)],
+          "--data_root is for textual inversion, but the configs train a model from scratch")
+    inference = os.path.join(REPO, "configs", "stable-diffusion", "v1-inference.yaml")
+    fails(["--base", inference, "-t", *inversion, "-l", str(tmp_path)], "no data in the configs.*v1-finetune.yaml")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    fails(["--base", TINY_SD, "-t", *inversion, "-l", str(a_file / "logs")], "-l/--logdir .* is a file")
+    (tmp_path / "not_a_run").mkdir()
+    fails(["-r", str(tmp_path / "not_a_run")], "is not a run folder")
+    fails(["--base", TINY_SD, "-t", "--actual_resume", str(tmp_path / "nope.ckpt"), "--data_root", str(images),
+           "-l", str(tmp_path)], "--actual_resume .*nope.ckpt' does not exist")
+    fails(["--base", TINY_SD, "-t", "--actual_resume", str(tmp_path), "--data_root", str(images), "-l", str(tmp_path)],
+          "is a folder: pass the checkpoint file inside it")
+
+
+def test_resume_from_a_file_that_is_not_a_training_checkpoint_is_refused(tmp_path, images, tiny_sd_ckpt):
+    _, run = train_in_process(tmp_path, images, tiny_sd_ckpt, steps=2)
+    with pytest.raises(main_module.UsageError, match="embeddings.pt': it is not a training checkpoint"):
+        main_module.main(["-r", os.path.join(run, "checkpoints", "embeddings.pt")])
+    with open(os.path.join(run, "checkpoints", "last.ckpt"), "r+b") as last:
+        last.truncate(100)
+    with pytest.raises(main_module.UsageError, match="last.ckpt': it is unreadable"):
+        main_module.main(["-r", run])
+
+
 @pytest.mark.parametrize("gpus, expected", [("0,", ("gpu", [0])), ("0,1", ("gpu", [0, 1])), ("2", ("gpu", 2)), ("0", ("cpu", 1)), (None, (None, None))])
 def test_gpus_flag_forms(gpus, expected):
     assert main_module.parse_gpus(gpus) == expected
@@ -183,6 +249,34 @@ def test_a_gpu_trains_in_bf16_mixed_precision_unless_told_otherwise(monkeypatch,
     opt, _ = main_module.get_parser().parse_known_args(argv)
     settings, _ = main_module.trainer_settings(opt, OmegaConf.create({"trainer": yaml}))
     assert settings.get("precision") == expected
+
+
+@pytest.mark.parametrize("devices, cuda_count, expected", [
+    ("2", 0, (2, 2)), ("0,1", 2, ([0, 1], 2)), ("1,", 2, ([1], 1)), ("auto", 3, ("auto", 3)), ("-1", 4, (-1, 4)),
+    ("auto", 0, ("auto", 1)),  # no GPU: Lightning's one CPU process
+])
+def test_devices_flag_forms_and_their_count(monkeypatch, devices, cuda_count, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_count)
+    assert main_module.parse_devices("gpu" if cuda_count else "cpu", devices) == expected
+
+
+@pytest.mark.parametrize("devices", ["0", "-2", "two", "0,x"])
+def test_devices_that_name_no_device_are_refused(devices):
+    with pytest.raises(main_module.UsageError, match=f"--devices '{devices}' is not understood"):
+        main_module.parse_devices("gpu", devices)
+
+
+@pytest.mark.parametrize("argv, saved_seed, expected", [([], None, 23), (["-s", "7"], None, 7), ([], 42, 42),
+                                                        (["-s", "7"], 42, 7)])
+def test_a_resumed_run_keeps_its_seed_unless_told_otherwise(tmp_path, argv, saved_seed, expected):
+    config = OmegaConf.load(TINY_SD)
+    if saved_seed is not None:  # a run's saved project config
+        config.model.params.seed = config.data.params.seed = saved_seed
+    OmegaConf.save(config, tmp_path / "project.yaml")
+    opt, unknown = main_module.get_parser().parse_known_args(argv)
+    built = main_module.build_config(opt, unknown, [str(tmp_path / "project.yaml")])
+    assert built.model.params.seed == built.data.params.seed == expected
 
 
 def test_two_process_ddp_on_cpu_writes_one_set_of_embeddings(tmp_path, images, tiny_sd_ckpt):

@@ -193,3 +193,22 @@ def test_bad_renames_are_one_line_errors(script, tmp_path, no_terminal, capsys, 
     assert script.main(argv) == 1
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
+
+
+def test_an_output_path_under_a_file_names_the_flag(script, tmp_path, no_terminal, capsys):
+    first, _ = write(tmp_path / "cat.pt", {"*": (1, 32)})
+    (tmp_path / "notes.txt").write_text("not a folder")
+    argv = ["--manager_ckpts", first, "--output_path", str(tmp_path / "notes.txt" / "merged.pt")]
+    assert script.main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert "--output_path" in error and f"its folder '{tmp_path / 'notes.txt'}' is a file" in error
+
+
+def test_build_bert_vocab_has_help_without_blingfire_and_says_how_to_install_it(monkeypatch, capsys):
+    build_bert_vocab = importlib.import_module("scripts.build_bert_vocab")
+    with pytest.raises(SystemExit) as exit_info:
+        build_bert_vocab.main(["--help"])
+    assert exit_info.value.code == 0 and "blingfire" in capsys.readouterr().out
+    monkeypatch.setattr(build_bert_vocab.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match="pip install blingfire"):
+        build_bert_vocab.main(["vocab.txt"])

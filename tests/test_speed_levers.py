@@ -237,6 +237,25 @@ def test_preparation_casts_frozen_weights_to_the_trainer_precision():
     assert model.embedding_manager.vectors("*").dtype == torch.float32
 
 
+def test_logged_images_run_in_the_stored_half_precision(dataset):
+    """The image logger calls `log_images` from a callback, outside the trainer's autocast: float32 pixels and
+    half weights must still meet (a GPU run with the bf16 default used to fail at its first logging step)."""
+    model = build_random_model(TINY_SD)
+    model.prepare_for_training("bf16-mixed")
+    logs = model.log_images(batch_of(dataset, [0, 1], [False, True]), N=2, ddim_steps=2)
+    assert set(logs) == {"inputs", "reconstruction", "conditioning", "samples", "samples_scaled"}
+    assert all(torch.isfinite(images.float()).all() for images in logs.values())
+
+
+def test_a_half_frozen_weights_dtype_needs_a_mixed_precision():
+    model = build_random_model(TINY_SD)
+    model.frozen_weights_dtype = "bfloat16"
+    with pytest.raises(ValueError, match="frozen_weights_dtype: bfloat16 needs a mixed precision"):
+        model.prepare_for_training("32-true")
+    model.prepare_for_training("bf16-mixed")
+    assert next(model.model.parameters()).dtype == torch.bfloat16
+
+
 def test_compile_unet_takes_true_or_a_torch_compile_mode(monkeypatch):
     modes = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, mode=None: modes.append(mode))

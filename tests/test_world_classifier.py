@@ -98,3 +98,19 @@ def test_missing_files_and_bad_sizes_say_what_to_do(tmp_path):
         load_classifier(tmp_path / "judge.safetensors")
     with pytest.raises(ValueError, match="multiple of 8"):
         WorldClassifier(size=20)
+
+
+def test_the_label_file_or_a_damaged_file_as_weights_says_which_file_to_pass(tmp_path):
+    weights = tmp_path / "judge.safetensors"
+    save_classifier(WorldClassifier(), weights)
+    with pytest.raises(ValueError, match="'.*judge.json' is the classifier's label file: pass its weights, "
+                                         "'.*judge.safetensors'"):
+        load_classifier(label_file(weights))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="classifier '.*judge.safetensors' .* cannot be loaded .*"
+                                         "scripts/train_world_classifier.py") as info:
+        load_classifier(weights)
+    assert "\n" not in str(info.value)
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 501792\n")
+    with pytest.raises(ValueError, match="git lfs pull"):
+        load_classifier(weights)

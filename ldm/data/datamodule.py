@@ -1,9 +1,11 @@
-"""Lightning data module whose training stream is a pure function of (seed, step).
+"""Lightning data module whose training stream is a pure function of (seed, batch position).
 
-Every training item is drawn from a position p = step * global_batch + rank * batch + j. The epoch of p picks a
-seeded permutation and the item's own randomness (template, flip) is seeded by p, so a run resumed at step k
-sees exactly the batches an uninterrupted run would have seen, whatever the number of workers.
+A run's training batches are numbered b = step * accumulate_grad_batches + (index within the step). Every item is
+drawn from a position p = b * global_batch + rank * batch + j. The epoch of p picks a seeded permutation and the
+item's own randomness (template, flip) is seeded by p, so a run resumed at step k sees exactly the batches an
+uninterrupted run would have seen, whatever the number of workers.
 """
+import os
 import random
 import signal
 import warnings
@@ -45,45 +47,53 @@ class SeededItems(Dataset):
             np.random.set_state(np_state)
 
 
-class StepSampler(Sampler):
-    """Yields (index, item_seed) for this rank's share of each training step, from the step `current_step()`
-    returns when iteration begins (after Lightning has restored a resumed run's step)."""
+class PositionSampler(Sampler):
+    """Yields (index, item_seed) for this rank's share of each training batch, from the batch `current_batch()`
+    returns when iteration begins (after Lightning has restored a resumed run's step).
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, current_step=lambda: 0):
+    An epoch is a whole number of optimizer steps (`batches_per_step` batches each): Lightning steps at an epoch's
+    end whether or not the step's batches are complete, and a short step would shift every later batch."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 current_batch=lambda: 0, batches_per_step: int = 1):
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.current_step = current_step
+        self.current_batch = current_batch
+        self.batches_per_step = batches_per_step
 
     @property
-    def steps_per_epoch(self) -> int:
-        return max(1, self.num_items // (self.batch_size * self.world_size))
+    def batches_per_epoch(self) -> int:
+        distinct = self.num_items // (self.batch_size * self.world_size)
+        return max(1, distinct // self.batches_per_step) * self.batches_per_step
 
     def __len__(self):
-        return self.steps_per_epoch * self.batch_size
+        return self.batches_per_epoch * self.batch_size
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.num_items, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
 
     def __iter__(self):
-        start = self.current_step()
-        epoch = start // self.steps_per_epoch
+        start = self.current_batch()
+        epoch = start // self.batches_per_epoch
         order = self._permutation(epoch)
         global_batch = self.batch_size * self.world_size
-        for step in range(start, (epoch + 1) * self.steps_per_epoch):
+        for batch in range(start, (epoch + 1) * self.batches_per_epoch):
             for j in range(self.batch_size):
-                within_epoch = (step - epoch * self.steps_per_epoch) * global_batch + self.rank * self.batch_size + j
-                position = step * global_batch + self.rank * self.batch_size + j
-                yield int(order[within_epoch]), _mix(self.seed, position)
+                within_epoch = (batch - epoch * self.batches_per_epoch) * global_batch + self.rank * self.batch_size + j
+                position = batch * global_batch + self.rank * self.batch_size + j
+                yield int(order[within_epoch % self.num_items]), _mix(self.seed, position)
 
 
 def init_worker(worker_id: int):
-    """Let a worker take SIGTERM as it takes Ctrl-C: PyTorch's worker loop ends quietly on KeyboardInterrupt.
-    `timeout`, SLURM and terminals signal the whole process group, and a worker killed outright by SIGTERM makes
-    the main process fail in the middle of its last save. Then seed the worker as Lightning would have (it adds
-    its own init function only to loaders that have none)."""
+    """Let a worker take SIGTERM as it takes Ctrl-C, and Ctrl-C as Python does (not with the training process's
+    handler, which it inherits and which would announce the stop once per worker): PyTorch's worker loop ends
+    quietly on KeyboardInterrupt. `timeout`, SLURM and terminals signal the whole process group, and a worker
+    killed outright by SIGTERM makes the main process fail in the middle of its last save. Then seed the worker
+    as Lightning would have (it adds its own init function only to loaders that have none)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     pl_worker_init_function(worker_id)
 
@@ -96,11 +106,11 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if ignored:
             warnings.warn(f"DataModuleFromConfig ignores config keys {sorted(ignored)}", stacklevel=2)
         self.batch_size = batch_size
-        self.num_workers = num_workers if num_workers is not None else batch_size * 2
+        # The original's batch_size * 2, but no more processes than cores: items are pre-decoded and cheap.
+        self.num_workers = num_workers if num_workers is not None else min(batch_size * 2, os.cpu_count() or 1)
         self.seed = seed
         self.dataset_configs = {name: cfg for name, cfg in (("train", train), ("validation", validation)) if cfg is not None}
         self.datasets = {}
-        self.train_sampler = None
 
     def setup(self, stage=None):
         for name, cfg in self.dataset_configs.items():
@@ -110,13 +120,15 @@ class DataModuleFromConfig(pl.LightningDataModule):
     def train_dataloader(self):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self.train_sampler = StepSampler(
-            len(self.datasets["train"]), self.batch_size, self.seed, rank, world, current_step=lambda: trainer.global_step if trainer else 0
+        batches_per_step = trainer.accumulate_grad_batches if trainer is not None else 1
+        sampler = PositionSampler(
+            len(self.datasets["train"]), self.batch_size, self.seed, rank, world, batches_per_step=batches_per_step,
+            current_batch=lambda: trainer.global_step * batches_per_step if trainer is not None else 0,
         )
         return DataLoader(
             SeededItems(self.datasets["train"]),
             batch_size=self.batch_size,
-            sampler=self.train_sampler,
+            sampler=sampler,
             num_workers=self.num_workers,
             drop_last=True,
             persistent_workers=self.num_workers > 0,

@@ -30,22 +30,24 @@ INTERPOLATIONS = {
 SPLITS = ("train", "val")
 
 
-def list_images(data_root) -> list:
+def list_images(data_root, name: str = "data_root", content: str = "3-5 images of your concept") -> list:
     """Image files directly inside `data_root`, sorted by name so runs see the same order on every system.
 
     Hidden files (`.DS_Store`, `._x.jpg` from macOS), caption `.txt` files and subfolders are not images.
+    Errors call the folder `name` (the config key or flag it came from) and say it should hold `content`.
     """
     root = Path(data_root)
     if not root.exists():
-        raise FileNotFoundError(f"data_root '{root}' does not exist; point data_root at a folder of 3-5 images of your concept")
+        raise FileNotFoundError(f"{name} '{root}' does not exist; point {name} at a folder of {content}")
     if not root.is_dir():
-        raise ValueError(f"data_root '{root}' is not a folder; point data_root at a folder of 3-5 images of your concept")
+        raise ValueError(f"{name} '{root}' is not a folder; point {name} at a folder of {content}")
     paths = sorted(
         path for path in root.iterdir()
         if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
     )
     if not paths:
-        raise ValueError(f"data_root '{root}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); put 3-5 images of your concept there")
+        raise ValueError(f"{name} '{root}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); point {name} at a folder "
+                         f"of {content}")
     return paths
 
 
@@ -163,7 +165,7 @@ class PersonalizedBase(Dataset):
         flipped = random.random() < self.flip_p
         pixels = self.pixels[image_index][:, ::-1] if flipped else self.pixels[image_index]
         return {
-            "image": pixels.astype(np.float32) / 127.5 - 1.0,
+            "image": np.array(pixels),  # a contiguous copy: the dataset's own pixels are never handed out
             "caption": self.caption(image_index),
             "image_index": image_index,
             "flipped": flipped,

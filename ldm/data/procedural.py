@@ -319,7 +319,7 @@ class ProceduralCaptions(Dataset):
         scene = sample_scene(rng, self.held_out)
         omit = [name for name, drop in zip(OMITTABLE, rng.random(len(OMITTABLE)) < self.omit_p) if drop]
         return {
-            "image": scene.render(self.size).astype(np.float32) / 127.5 - 1.0,
+            "image": scene.render(self.size),
             "caption": scene.caption(omit),
             "labels": scene.labels(),
         }

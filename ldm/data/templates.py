@@ -141,7 +141,8 @@ imagenet_dual_style_templates_small = [
     "a large painting in the style of {} with {}",
 ]
 
-# One extra pseudo-word per training image (the 22 Hebrew letters): rare single tokens in both tokenizers.
+# One extra pseudo-word per training image (the 22 Hebrew letters): rare single tokens in BERT's tokenizer (CLIP's
+# splits each in two, so per-image tokens work with LDM only).
 per_img_token_list = [
     "א", "ב", "ג", "ד", "ה", "ו", "ז", "ח", "ט", "י", "כ",
     "ל", "מ", "נ", "ס", "ע", "פ", "צ", "ק", "ר", "ש", "ת",

@@ -11,6 +11,7 @@ named by `model_name`. OpenAI's weights as an open_clip state dict need QuickGEL
 import os
 import pickle
 import re
+import struct
 import zipfile
 
 import open_clip
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+
+from ldm.checkpoint import GIT_LFS_FIX, is_git_lfs_pointer, require_file
 
 
 def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,8 +52,9 @@ def is_torchscript_archive(path: str) -> bool:
 
 def load_clip(weights_path: str, model_name: str = "ViT-B-32", device="cpu"):
     """(model, tokenizer) from a local weights file; never downloads, so a model that needs the hub is refused."""
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"--clip_weights '{weights_path}' is not a file; pass a local CLIP ViT-B/32 checkpoint")
+    require_file(weights_path, "--clip_weights", "pass a local CLIP ViT-B/32 checkpoint")
+    if is_git_lfs_pointer(weights_path):
+        raise ValueError(f"--clip_weights '{weights_path}' is {GIT_LFS_FIX}")
     if model_name not in open_clip.list_models():
         raise ValueError(f"--clip_model '{model_name}' is not an open_clip architecture; e.g. ViT-B-32")
     text_config = open_clip.get_model_config(model_name).get("text_cfg", {})
@@ -63,7 +67,12 @@ def load_clip(weights_path: str, model_name: str = "ViT-B-32", device="cpu"):
         try:
             model = open_clip.create_model(model_name, pretrained=os.path.abspath(weights_path),
                                            require_pretrained=True)
-        except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:
+        except (pickle.UnpicklingError, EOFError, IndexError, KeyError, struct.error) as error:
+            reason = str(error).rpartition("WeightsUnpickler error:")[2].strip().split("\n")[0]
+            raise ValueError(f"--clip_weights '{weights_path}' cannot be read ({type(error).__name__}: {reason}): "
+                             "pass OpenAI's ViT-B-32.pt or an open_clip state dict (.bin, .pt, .safetensors)"
+                             ) from error
+        except (RuntimeError, ValueError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"--clip_weights '{weights_path}' are not {model_name} weights ({reason}); "
                              "pass the matching --clip_model") from error

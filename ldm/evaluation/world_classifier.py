@@ -10,10 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ldm.checkpoint import GIT_LFS_FIX, is_git_lfs_pointer, require_file
 from ldm.data.procedural import LABEL_NAMES, sample_scene
+from ldm.util import channels_first
+
+TRAINED_BY = "scripts/train_world_classifier.py"
 
 
 def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -72,8 +77,7 @@ def render_batch(rng: np.random.Generator, count: int, size: int, render_size: i
     """`count` fresh scenes of the whole world (held-out concepts included) rendered at `render_size` (default
     `size`) and resized to `size`: (B, 3, size, size) float in [-1, 1] and {attribute: (B,) long labels}."""
     scenes = [sample_scene(rng, held_out=False) for _ in range(count)]
-    pixels = np.ascontiguousarray(np.stack([scene.render(render_size or size) for scene in scenes]).transpose(0, 3, 1, 2))
-    images = torch.from_numpy(pixels).float() / 127.5 - 1.0
+    images = channels_first(torch.from_numpy(np.stack([scene.render(render_size or size) for scene in scenes])))
     scene_labels = [scene.labels() for scene in scenes]
     labels = {name: torch.tensor([each[name] for each in scene_labels]) for name in LABEL_NAMES}
     return resize_square(images, size), labels
@@ -147,14 +151,23 @@ def save_classifier(model: WorldClassifier, path) -> None:
 
 
 def load_classifier(path, device="cpu") -> WorldClassifier:
-    """A classifier saved by `save_classifier`, in eval mode, on `device`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier weights '{path}' not found; train them with scripts/train_world_classifier.py")
+    """A classifier saved by `save_classifier` (scripts/train_world_classifier.py), in eval mode, on `device`."""
+    path = Path(require_file(path, "classifier weights", f"train them with {TRAINED_BY}"))
     labels_path = label_file(path)
+    if path == labels_path:
+        raise ValueError(f"'{path}' is the classifier's label file: pass its weights, "
+                         f"'{path.with_suffix('.safetensors')}'")
     if not labels_path.is_file():
-        raise FileNotFoundError(f"label file '{labels_path}' not found beside '{path}'; save with save_classifier")
-    description = json.loads(labels_path.read_text(encoding="utf-8"))
-    model = WorldClassifier(description["labels"], description["size"], description["width"], description["hidden"])
-    model.load_state_dict(load_file(str(path)))
+        raise FileNotFoundError(f"label file '{labels_path}' not found beside '{path}'; {TRAINED_BY} writes both")
+    if is_git_lfs_pointer(path):
+        raise ValueError(f"classifier weights '{path}' are {GIT_LFS_FIX}")
+    try:
+        description = json.loads(labels_path.read_text(encoding="utf-8"))
+        model = WorldClassifier(description["labels"], description["size"], description["width"],
+                                description["hidden"])
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ValueError(f"classifier '{path}' with labels '{labels_path}' cannot be loaded ({reason}): pass the "
+                         f".safetensors weights {TRAINED_BY} writes") from None
     return model.to(device).eval()

@@ -13,7 +13,7 @@ from taming.modules.vqvae.quantize import VectorQuantizer2
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config, step_generator
+from ldm.util import BatchPositions, batches_per_step, channels_first, instantiate_from_config, step_generator
 
 
 def _restore(model, ckpt_path, ignore_keys):
@@ -43,6 +43,7 @@ class AutoencoderKL(pl.LightningModule):
         self.embed_dim = embed_dim
         self.monitor = monitor
         self.seed = seed
+        self.batch_positions = BatchPositions()
         self.learning_rate = 4.5e-6  # LDM's base rate; main.py replaces it with the scaled one
         if colorize_nlabels is not None:
             self.register_buffer("colorize", torch.randn(3, colorize_nlabels, 1, 1))
@@ -62,15 +63,12 @@ class AutoencoderKL(pl.LightningModule):
 
     # --- training ---------------------------------------------------------------------------------
     def get_input(self, batch, key):
-        """Dataset images are (B, H, W, C) in [-1, 1]; the networks take (B, C, H, W)."""
-        x = batch[key]
-        if x.ndim == 3:
-            x = x[..., None]
-        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+        return channels_first(batch[key])
 
     def training_step(self, batch, batch_idx):
         inputs = self.get_input(batch, self.image_key)
-        generator = step_generator(self.seed, self.global_step, self.device, self.global_rank)
+        position = self.batch_positions.next(self.global_step, batches_per_step(self))
+        generator = step_generator(self.seed, position, self.device, self.global_rank)
         reconstructions, posterior = self(inputs, generator=generator)
         loss, logs = self.loss(inputs, reconstructions, posterior, split="train")
         self.log("aeloss", loss, prog_bar=True, logger=False, on_step=True)

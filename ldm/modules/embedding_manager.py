@@ -16,6 +16,8 @@ Deliberate departures from the original code (rinongal/textual_inversion):
 - Per-image tokens are added to a copy of the placeholder list; the caller's config list is left alone.
 """
 import functools
+import os
+import shlex
 import warnings
 
 import torch
@@ -152,8 +154,9 @@ class EmbeddingManager(nn.Module):
         ids = self._text_to_token_ids(text)
         return len(ids) == 1 and ids[0] not in self.tokenizer.all_special_ids
 
-    def _single_token_id(self, text: str, role: str) -> int:
-        """The one token id of `text`, or a ValueError that shows the split and names strings that would work."""
+    def _single_token_id(self, text: str, role: str, path: str | None = None) -> int:
+        """The one token id of `text`, or a ValueError that shows the split and names strings that would work;
+        for a placeholder read from embedding file `path`, the command that renames it there."""
         if self._is_single_token(text):
             return self._text_to_token_ids(text)[0]
         ids = list(self._text_to_token_ids(text))
@@ -170,6 +173,12 @@ class EmbeddingManager(nn.Module):
             taken = set(self.string_to_token_dict) | {text}
             usable = [c for c in PLACEHOLDER_CANDIDATES if c not in taken and self._is_single_token(c)]
             hint = f"try one of {' '.join(usable)}" if usable else "try a single symbol or a short rare word"
+            if path is not None and usable:
+                path = os.fspath(path)
+                converted = shlex.quote(os.path.splitext(path)[0] + "-converted.pt")
+                hint = (f"convert the file and write {usable[0]} in prompts: python scripts/convert_embedding.py "
+                        f"--input {shlex.quote(path)} --output {converted} --format original "
+                        f"--token {shlex.quote(usable[0])}")
         else:
             words = dict.fromkeys(piece.removeprefix("##") for piece in pieces)
             usable = [word for word in words if word and word != text and self._is_single_token(word)]
@@ -284,15 +293,16 @@ class EmbeddingManager(nn.Module):
 
     def load(self, path: str):
         """Replace all placeholders and vectors with those of an embedding file (see `set_embeddings`)."""
-        self.set_embeddings(load_embeddings(path, expected_dim=self.token_dim), source=f"embedding file '{path}'")
+        self.set_embeddings(load_embeddings(path, expected_dim=self.token_dim), source=f"embedding file '{path}'",
+                            path=path)
 
-    def set_embeddings(self, embeddings: Embeddings, source: str = "the embeddings"):
+    def set_embeddings(self, embeddings: Embeddings, source: str = "the embeddings", path: str | None = None):
         """Replace all placeholders and vectors with those of `embeddings`, e.g. several files merged in memory.
 
         Token ids come from this tokenizer (recorded ids are only compared), the vector count from the embeddings,
         and the training step from their metadata when recorded, so a progressive-words config uses exactly the
-        vectors that were active when the file was written. `source` names them in errors. Optimizers built before
-        this call hold stale tensors.
+        vectors that were active when the file was written. `source` names them in errors; `path`, the one file they
+        come from, lets an error say how to convert it. Optimizers built before this call hold stale tensors.
         """
         if not embeddings.vectors:
             raise ValueError(f"{source} holds no vectors")
@@ -306,9 +316,10 @@ class EmbeddingManager(nn.Module):
         device = self.embedding_parameters()[0].device
         self.string_to_token_dict, self.initializer_words = {}, {}
         self.string_to_param_dict, self.initial_embeddings = nn.ParameterDict(), nn.ParameterDict()
+        convertible = path if len(embeddings.vectors) == 1 else None  # convert_embedding.py renames one placeholder
         for placeholder, vectors in embeddings.vectors.items():
             try:
-                token = self._single_token_id(placeholder, "placeholder")
+                token = self._single_token_id(placeholder, "placeholder", convertible)
                 self._claim_token(placeholder, token)
             except ValueError as error:
                 raise ValueError(f"{source}: {error}") from None

@@ -22,6 +22,9 @@ from ldm.modules.encoders.modules import TextConditioner
 from ldm.modules.ema import LitEma
 from ldm.modules.weight_offload import WeightOffload, unet_blocks
 from ldm.util import (
+    BatchPositions,
+    batches_per_step,
+    channels_first,
     count_params,
     instantiate_from_config,
     log_txt_as_img,
@@ -32,13 +35,6 @@ FROZEN_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloa
 # `compile_unet`: false, true (torch.compile's default mode) or a mode; "reduce-overhead" adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPHS_WITH_OFFLOAD = "cuda_graphs cannot replay an offloaded UNet (its weights move every step): set {}: false"
-
-
-def channels_first(images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, C) images, as datasets give them ((B, H, W) for one channel), as contiguous float (B, C, H, W)."""
-    if images.ndim == 3:
-        images = images[..., None]
-    return images.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
 
 
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -149,7 +145,7 @@ class DDPM(pl.LightningModule):
         self.channels = channels
         self.log_every_t = log_every_t
         self.monitor = monitor
-        self.use_ema = use_ema  # means: restore the EMA copy of the UNet from the checkpoint
+        self.use_ema = use_ema  # restore the UNet's EMA copy from the checkpoint; in pretraining, also keep one
         self.original_elbo_weight = original_elbo_weight
         self.v_posterior = v_posterior
         self.l_simple_weight = l_simple_weight
@@ -157,6 +153,7 @@ class DDPM(pl.LightningModule):
         self.unfreeze_model = unfreeze_model
         self.model_lr = model_lr
         self.seed = seed
+        self.batch_positions = BatchPositions()
         self.learning_rate = 1.0e-4
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         print(f"{type(self.model).__name__} has {count_params(self.model) * 1e-6:.2f} M params.")
@@ -199,12 +196,6 @@ class DDPM(pl.LightningModule):
         return (
             extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
             + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
-        )
-
-    def predict_start_from_noise(self, x_t, t, noise):
-        return (
-            extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
         )
 
     def get_loss(self, pred, target):
@@ -385,7 +376,8 @@ class LatentDiffusion(DDPM):
         return channels_first(batch[key])
 
     def training_generator(self):
-        return step_generator(self.seed, self.global_step, self.device, self.global_rank)
+        position = self.batch_positions.next(self.global_step, batches_per_step(self))
+        return step_generator(self.seed, position, self.device, self.global_rank)
 
     def p_losses(self, x_start, cond, t, noise):
         x_noisy = self.q_sample(x_start, t, noise)
@@ -417,7 +409,7 @@ class LatentDiffusion(DDPM):
                 for i in missing:
                     # One image at a time, so a cached latent never depends on which batch first met the image
                     # (a resumed run then reproduces an uninterrupted one bit for bit).
-                    x = channels_first(pixels[i : i + 1]).to(self.device)
+                    x = channels_first(pixels[i : i + 1].to(self.device))
                     self._latent_cache[keys[i]] = self.encode_first_stage(x).parameters[0]
         return DiagonalGaussianDistribution(torch.stack([self._latent_cache[key] for key in keys]))
 
@@ -449,7 +441,12 @@ class LatentDiffusion(DDPM):
     def prepare_for_training(self, precision: str):
         """Store the frozen weights in the trainer's half precision (autocast runs in it anyway): half the memory
         and no per-step weight casts; the learned vectors stay float32. Compile the UNet if asked."""
-        dtype = FROZEN_DTYPES[self.frozen_weights_dtype] or {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        dtype = FROZEN_DTYPES[self.frozen_weights_dtype] or mixed
+        if dtype not in (None, torch.float32) and mixed is None:
+            raise ValueError(f"frozen_weights_dtype: {self.frozen_weights_dtype} needs a mixed precision (half weights "
+                             f"meet float32 inputs only under autocast): pass --precision bf16-mixed or 16-mixed, or set "
+                             f"frozen_weights_dtype: auto")
         if dtype is not None and not self.unfreeze_model:
             self.store_frozen_weights(dtype)
         if self.compile_unet:  # in place: weights and state-dict names stay those of the plain module
@@ -550,11 +547,19 @@ class LatentDiffusion(DDPM):
 
     # --- images for the logger --------------------------------------------------------------------
     @torch.no_grad()
-    def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=50, ddim_eta=1.0, unconditional_guidance_scale=5.0, seed=0, **ignored):
+    def log_images(self, batch, N=8, sample=True, ddim_steps=50, ddim_eta=1.0, unconditional_guidance_scale=5.0, seed=0, **ignored):
         """Inputs, reconstructions, the captions as images, and samples without and with guidance (drawn with
         the EMA weights when the model keeps an EMA)."""
-        with self.first_stage_on_device():
+        with self.first_stage_on_device(), self.autocast_to_stored_weights():
             return self._log_images(batch, N, sample, ddim_steps, ddim_eta, unconditional_guidance_scale, seed)
+
+    def autocast_to_stored_weights(self):
+        """Autocast to the half dtype the frozen weights are stored in (none for float32): callbacks such as the image
+        logger run outside the trainer's autocast, and float32 inputs cannot meet half weights without it."""
+        dtype = next(self.model.parameters()).dtype
+        if dtype == torch.float32 or not torch.amp.is_autocast_available(self.device.type):
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def _log_images(self, batch, N, sample, ddim_steps, ddim_eta, unconditional_guidance_scale, seed):
         from ldm.models.diffusion.ddim import DDIMSampler

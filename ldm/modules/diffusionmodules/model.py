@@ -2,7 +2,6 @@
 
 Module and parameter names follow CompVis latent-diffusion / stable-diffusion v1 so that the
 `first_stage_model.encoder.*` and `first_stage_model.decoder.*` weights of real checkpoints load key for key.
-Neither network uses a timestep embedding; `ResnetBlock` keeps the option because the names are shared.
 """
 import torch
 import torch.nn as nn
@@ -54,7 +53,7 @@ class Downsample(nn.Module):
 class ResnetBlock(nn.Module):
     """Pre-activation residual block; a 1x1 (or 3x3) shortcut convolution matches channel counts."""
 
-    def __init__(self, *, in_channels, out_channels=None, conv_shortcut=False, dropout, temb_channels=512):
+    def __init__(self, *, in_channels, out_channels=None, conv_shortcut=False, dropout):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels = in_channels
@@ -63,8 +62,6 @@ class ResnetBlock(nn.Module):
 
         self.norm1 = Normalize(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        if temb_channels > 0:
-            self.temb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
@@ -79,10 +76,8 @@ class ResnetBlock(nn.Module):
             return x
         return self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
 
-    def forward(self, x, temb=None):
+    def forward(self, x):
         h = self.conv1(nonlinearity(self.norm1(x)))
-        if temb is not None:
-            h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
         h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
         return self.shortcut(x) + h
 
@@ -141,9 +136,9 @@ def _run_blocks(level, h):
 def _middle(channels, dropout, attn_type):
     """ResNet - attention - ResNet at the lowest resolution, present in every encoder and decoder."""
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, temb_channels=0, dropout=dropout)
+    mid.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout)
     mid.attn_1 = make_attn(channels, attn_type)
-    mid.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, temb_channels=0, dropout=dropout)
+    mid.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout)
     return mid
 
 
@@ -169,7 +164,7 @@ class Encoder(nn.Module):
             block_out = ch * ch_mult[i_level]
             blocks, attentions = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=0,
+                blocks.append(ResnetBlock(in_channels=block_in, out_channels=block_out,
                                           dropout=dropout))
                 block_in = block_out
                 if current_resolution in attn_resolutions:
@@ -216,7 +211,7 @@ class Decoder(nn.Module):
             block_out = ch * ch_mult[i_level]
             blocks, attentions = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=0,
+                blocks.append(ResnetBlock(in_channels=block_in, out_channels=block_out,
                                           dropout=dropout))
                 block_in = block_out
                 if current_resolution in attn_resolutions:

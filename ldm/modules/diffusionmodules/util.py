@@ -47,13 +47,8 @@ def extract_into_tensor(a, t, x_shape):
     return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
 
 
-def timestep_embedding(timesteps, dim, max_period=10000, repeat_only=False):
-    """Sinusoidal embedding of (possibly fractional) timesteps, shape (B, dim): cosines first, then sines.
-
-    `repeat_only` returns the raw timestep repeated `dim` times, as LDM allows for ablations.
-    """
-    if repeat_only:
-        return timesteps[:, None].expand(-1, dim)
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps, shape (B, dim): cosines first, then sines."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     args = timesteps[:, None].float() * freqs[None]

@@ -187,7 +187,8 @@ class FrozenCLIPEmbedder(TextConditioner):
     output = the final-LayerNorm'ed last hidden state (B, 77, 768).
 
     The model sits at `transformer.text_model` so state-dict keys read `transformer.text_model.*`, the names in SD
-    checkpoints. As in Textual Inversion, construction does not freeze; the diffusion model calls `freeze()`.
+    checkpoints. As in Textual Inversion, construction does not freeze: the diffusion model freezes what it keeps
+    frozen, and `freeze()` does it for the conditioner used alone.
     """
 
     POSITION_IDS_KEY = "transformer.text_model.embeddings.position_ids"
@@ -231,38 +232,25 @@ class FrozenCLIPEmbedder(TextConditioner):
 class BERTTokenizer(nn.Module):
     """LDM's bert-base-uncased tokenizer as a module: [CLS] text [SEP], padded with 0 to `max_length` ids."""
 
-    def __init__(self, device=None, vq_interface: bool = True, max_length: int = 77, vocab_path: str | None = None):
+    def __init__(self, max_length: int = 77, vocab_path: str | None = None):
         super().__init__()
         self.tokenizer = bert_tokenizer(vocab_path, max_length)
-        self.device = device
-        self.vq_interface = vq_interface
         self.max_length = max_length
 
     def forward(self, texts) -> torch.Tensor:
         batch = self.tokenizer(_as_batch(texts), truncation=True, max_length=self.max_length, padding="max_length",
                                return_tensors="pt")
-        return batch.input_ids if self.device is None else batch.input_ids.to(self.device)
-
-    @torch.no_grad()
-    def encode(self, texts):
-        """Token ids, wrapped as a VQ model's `(quant, loss, (_, _, indices))` when `vq_interface` is set."""
-        tokens = self(texts)
-        return (None, None, [None, None, tokens]) if self.vq_interface else tokens
+        return batch.input_ids
 
 
 class BERTEmbedder(TextConditioner):
-    """LDM-BERT: the BERT tokenizer followed by a transformer trained from scratch with the diffusion model.
-
-    With `use_tokenizer=False` the inputs are already token ids.
-    """
+    """LDM-BERT: the BERT tokenizer followed by a transformer trained from scratch with the diffusion model."""
 
     def __init__(self, n_embed: int, n_layer: int, vocab_size: int = 30522, max_seq_len: int = 77, device=None,
-                 use_tokenizer: bool = True, embedding_dropout: float = 0.0, tokenizer_path: str | None = None):
+                 embedding_dropout: float = 0.0, tokenizer_path: str | None = None):
         super().__init__()
         self.max_length = max_seq_len
-        self.use_tknz_fn = use_tokenizer
-        if use_tokenizer:
-            self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len, vocab_path=tokenizer_path)
+        self.tknz_fn = BERTTokenizer(max_length=max_seq_len, vocab_path=tokenizer_path)
         self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
                                               attn_layers=Encoder(dim=n_embed, depth=n_layer),
                                               emb_dropout=embedding_dropout)
@@ -271,20 +259,16 @@ class BERTEmbedder(TextConditioner):
 
     @property
     def tokenizer(self):
-        return self.tknz_fn.tokenizer if self.use_tknz_fn else None
+        return self.tknz_fn.tokenizer
 
     @property
     def token_embedding(self) -> nn.Embedding:
         return self.transformer.token_emb
 
     def tokenize(self, texts) -> torch.Tensor:
-        if not self.use_tknz_fn:
-            return torch.as_tensor(texts, dtype=torch.long, device=self.device)
         return self.tknz_fn(texts).to(self.device)
 
     def text_to_token_ids(self, text: str) -> list[int]:
-        if not self.use_tknz_fn:
-            raise ValueError("this BERTEmbedder was built with use_tokenizer=False, so it cannot tokenize text")
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def encode_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
