@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.checkpoint import load_checkpoint, check_output, require_file
+from ldm.checkpoint import check_output, load_checkpoint, require_file
 from ldm.embeddings import Embeddings, load_embeddings
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
