@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from ldm.callbacks import ImageLogger, SetupCallback, TrainingCheckpoint
+from ldm.checkpoint import check_output, require_file
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.util import instantiate_from_config, load_yaml
 
@@ -88,16 +89,22 @@ def get_parser():
     return parser
 
 
+def gpu_indices(text: str) -> list[int] | None:
+    """'0,' -> [0], '0,1' -> [0, 1]; None where the text names no GPU index."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    return [int(part) for part in parts] if parts and all(part.isdigit() for part in parts) else None
+
+
 def parse_gpus(gpus: str | None):
     """Lightning-1.x style `--gpus` to (accelerator, devices): '0,' -> [0]; '0,1' -> [0, 1]; '2' -> 2 GPUs; '0' -> CPU."""
     if gpus is None:
         return None, None
     text = str(gpus).strip()
     if "," in text:
-        parts = [part.strip() for part in text.split(",") if part.strip()]
-        if not parts or not all(part.isdigit() for part in parts):
+        indices = gpu_indices(text)
+        if indices is None:
             raise UsageError(f"--gpus '{gpus}' names no GPU: use GPU indices such as --gpus 0, or --gpus 0,1")
-        return "gpu", [int(part) for part in parts]
+        return "gpu", indices
     if not text.isdigit():
         raise UsageError(f"--gpus '{gpus}' is not understood: use GPU indices with a comma (--gpus 0, or --gpus 0,1) or a count (--gpus 2)")
     count = int(text)
@@ -115,25 +122,13 @@ def parse_devices(accelerator: str, devices) -> tuple:
     if text in ("auto", "-1"):
         on_cuda = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
         return text if text == "auto" else -1, torch.cuda.device_count() if on_cuda else 1
-    if "," in text and all(part.strip().isdigit() for part in text.split(",") if part.strip()):
-        indices = [int(part) for part in text.split(",") if part.strip()]
-        if indices:
-            return indices, len(indices)
+    indices = gpu_indices(text) if "," in text else None
+    if indices is not None:
+        return indices, len(indices)
     if text.isdigit() and int(text) > 0:
         return int(text), int(text)
     raise UsageError(f"--devices '{devices}' is not understood: use a count (--devices 2), GPU indices (--devices 0,1) "
                      "or all of them (--devices auto)")
-
-
-def check_folder_can_be_made(path: str, flag: str):
-    """Fail now, not after loading the model, where `path` cannot become a writable folder."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"{flag} '{path}': '{existing}' is a file, so no folder can be made there; choose another")
-    if not os.access(existing, os.W_OK):
-        raise UsageError(f"{flag} '{path}': '{existing}' is not writable; choose a folder you can write to")
 
 
 def resolve_resume(opt):
@@ -271,7 +266,7 @@ def main(argv=None):
         base_configs = saved + base_configs  # oldest first: the saved configs' names start with their time
         opt.train = True  # resuming only makes sense to train further
     else:
-        check_folder_can_be_made(opt.logdir, "-l/--logdir")
+        check_output(opt.logdir, "-l/--logdir", folder=True)  # now, not after loading the model
         logdir = os.path.join(opt.logdir, "debug_runs" if opt.debug else "", nowname)
     if not base_configs:
         raise UsageError("no config given: pass one with --base (e.g. configs/stable-diffusion/v1-finetune.yaml)")
@@ -288,9 +283,8 @@ def main(argv=None):
     if textual_inversion and not config.model.params.get("ckpt_path"):
         raise UsageError("--actual_resume is required: the pretrained model checkpoint (e.g. models/ldm/stable-diffusion-v1/model.ckpt)")
     pretrained = config.model.params.get("ckpt_path")
-    if pretrained and not os.path.isfile(pretrained):  # now, not after building a model of gigabytes
-        problem = "is a folder: pass the checkpoint file inside it" if os.path.isdir(pretrained) else "does not exist"
-        raise UsageError(f"--actual_resume '{pretrained}' {problem}")
+    if pretrained:  # now, not after building a model of gigabytes
+        require_file(pretrained, "--actual_resume", "check the path (models/README.md says which file goes where)")
     if textual_inversion and not config.data.params.train.params.get("data_root"):
         raise UsageError("--data_root is required: the folder with your 3-5 training images")
     settings, world = trainer_settings(opt, lightning_config)

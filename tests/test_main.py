@@ -212,13 +212,13 @@ def test_command_line_mistakes_fail_before_any_model_loads(tmp_path, images, tin
     fails(["--base", inference, "-t", *inversion, "-l", str(tmp_path)], "no data in the configs.*v1-finetune.yaml")
     a_file = tmp_path / "notes.txt"
     a_file.write_text("")
-    fails(["--base", TINY_SD, "-t", *inversion, "-l", str(a_file / "logs")], "-l/--logdir .* is a file")
+    fails(["--base", TINY_SD, "-t", *inversion, "-l", str(a_file / "logs")], "-l/--logdir .* is a file", ValueError)
     (tmp_path / "not_a_run").mkdir()
     fails(["-r", str(tmp_path / "not_a_run")], "is not a run folder")
     fails(["--base", TINY_SD, "-t", "--actual_resume", str(tmp_path / "nope.ckpt"), "--data_root", str(images),
-           "-l", str(tmp_path)], "--actual_resume .*nope.ckpt' does not exist")
+           "-l", str(tmp_path)], "--actual_resume .*nope.ckpt' does not exist", FileNotFoundError)
     fails(["--base", TINY_SD, "-t", "--actual_resume", str(tmp_path), "--data_root", str(images), "-l", str(tmp_path)],
-          "is a folder: pass the checkpoint file inside it")
+          "is a folder: pass the file inside it", ValueError)
 
 
 def test_resume_from_a_file_that_is_not_a_training_checkpoint_is_refused(tmp_path, images, tiny_sd_ckpt):
