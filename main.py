@@ -24,8 +24,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from ldm.callbacks import ImageLogger, SetupCallback, TrainingCheckpoint
-from ldm.checkpoint import check_output, require_file
 from ldm.data.datamodule import DataModuleFromConfig
+from ldm.paths import check_output, require_file
 from ldm.util import instantiate_from_config, load_yaml
 
 __all__ = ["DataModuleFromConfig", "ImageLogger"]  # old configs name them `main.DataModuleFromConfig` / `main.ImageLogger`

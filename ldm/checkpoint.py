@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ldm.paths import GIT_LFS_FIX, GIT_LFS_POINTER, require_file
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 LIGHTNING_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 # numpy's data constructors (scalars and arrays in callback state); they build values, never run code.
@@ -22,9 +24,6 @@ NUMPY_DATA_GLOBALS = {"multiarray.scalar", "multiarray._reconstruct", "numpy.dty
 MODEL_PARTS = ("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")
 # The top-level modules of a standalone AutoencoderKL / VQModel checkpoint (`loss.` when saved with its loss).
 AUTOENCODER_KEYS = {"encoder", "decoder", "quant_conv", "post_quant_conv", "quantize", "loss"}
-# How a Git LFS pointer starts: what a clone made without `git lfs pull` holds in place of a large file.
-GIT_LFS_POINTER = b"version https://git-lfs"
-GIT_LFS_FIX = "a Git LFS pointer, not the file itself: fetch the real file with git lfs pull"
 
 
 class CheckpointError(ValueError):
@@ -67,41 +66,6 @@ def _safe_global(name: str):
 
         return argparse.Namespace
     return None
-
-
-def require_file(path, what: str, fix: str) -> str:
-    """`path` as a string when it is a file; otherwise the one-line error, which tells a folder from a typo."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"{what} '{path}' is a folder: pass the file inside it")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} '{path}' does not exist: {fix}")
-    return path
-
-
-def check_output(path, flag: str, folder: bool = False) -> str:
-    """Fail now, naming `flag`, when output file `path` (with `folder`, output folder `path`) cannot be written
-    once the work is done: a folder where the file goes, a file where a folder goes, a folder not writable.
-    Nothing is created; missing folders are made when the output is written."""
-    path = os.fspath(path)
-    if not folder and os.path.isdir(path):
-        raise ValueError(f"{flag} '{path}' is a folder: pass a file path, e.g. one inside it")
-    target = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
-    existing = target
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = "it" if existing == os.path.abspath(path) else f"its folder '{existing}'"
-        raise ValueError(f"{flag} '{path}': {where} is a file, not a folder: choose another path")
-    if not os.access(existing, os.W_OK):
-        raise ValueError(f"{flag} '{path}': the folder '{existing}' is not writable")
-    return path
-
-
-def is_git_lfs_pointer(path) -> bool:
-    """Whether the file at `path` is a Git LFS pointer (a small text file) instead of the large file it names."""
-    with open(path, "rb") as handle:
-        return handle.read(len(GIT_LFS_POINTER)) == GIT_LFS_POINTER
 
 
 def _describe_bad_file(path: str) -> str:

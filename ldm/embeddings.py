@@ -27,7 +27,8 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from ldm.checkpoint import GIT_LFS_FIX, GIT_LFS_POINTER, UnsafePickleError, require_file, safe_torch_load
+from ldm.checkpoint import UnsafePickleError, safe_torch_load
+from ldm.paths import GIT_LFS_FIX, GIT_LFS_POINTER, require_file
 
 FORMATS = ("original", "diffusers", "a1111")
 

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.checkpoint import check_output, load_checkpoint, require_file
+from ldm.checkpoint import load_checkpoint
 from ldm.embeddings import Embeddings, load_embeddings
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
@@ -35,6 +35,7 @@ from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.modules.diffusionmodules.openaimodel import Downsample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.embedding_manager import EmbeddingManager
+from ldm.paths import check_output, require_file
 from ldm.util import channels_first, instantiate_from_config, load_yaml, make_grid, tensor_to_pil
 
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler}

@@ -71,13 +71,13 @@ from diffusers.utils import logging as diffusers_logging
 from omegaconf import OmegaConf
 from transformers import CLIPTextModel
 
-from ldm.checkpoint import check_output
 from ldm.generate import first_stage_factor, generate, parse_device, sampling_weights_dtype
 from ldm.measure import CudaAutocastOnCPU
 from ldm.models.diffusion.ddpm import COMPILE_MODES
 from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import clip_tokenizer
+from ldm.paths import check_output
 from ldm.util import NAMED_CONFIGS, channels_first, instantiate_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from ldm.checkpoint import check_output
+from ldm.paths import check_output
 
 VOCAB_SIZE = 30522
 ID_OF_A = 1037

@@ -12,8 +12,8 @@ Example:
 import argparse
 import sys
 
-from ldm.checkpoint import check_output
 from ldm.embeddings import FORMATS, Embeddings, load_embeddings, save_embeddings
+from ldm.paths import check_output
 
 # diffusers refuses to add a token its tokenizer already has, and "*" is one of CLIP's words.
 CLIP_WORD_PLACEHOLDER = "*"

@@ -22,12 +22,12 @@ import sys
 
 import torch
 
-from ldm.checkpoint import check_output
 from ldm.data.personalized import PersonalizedBase, list_images
 from ldm.embeddings import load_embeddings
 from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, remove_placeholders
 from ldm.generate import (PRECISIONS, default_device, first_stage_factor, generate, load_model, parse_device,
                           require_at_least, sampling_weights_dtype, save_outputs)
+from ldm.paths import check_output
 from ldm.util import channels_first
 
 SCORE_FILE = "clip_scores.json"

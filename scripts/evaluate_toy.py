@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
-from ldm.checkpoint import check_output
 from ldm.data.procedural import HELD_OUT_CONCEPTS, HeldOutConcept, held_out_concept
 from ldm.embeddings import Embeddings, load_embeddings
 from ldm.evaluation.world_classifier import load_classifier
 from ldm.generate import default_device, first_stage_factor, generate, load_model, parse_device, require_at_least
+from ldm.paths import check_output
 from ldm.util import log_txt_as_img, make_grid, tensor_to_pil
 
 FIDELITY_TEMPLATES = ("a photo of {}", "a {}")

@@ -19,7 +19,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from ldm.checkpoint import check_output, ema_state_dict, load_checkpoint
+from ldm.checkpoint import ema_state_dict, load_checkpoint
+from ldm.paths import check_output
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 EMA_PREFIX = "model_ema."

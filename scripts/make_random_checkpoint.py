@@ -7,8 +7,9 @@ The images such a model makes are noise; the commands, files and formats are the
 import argparse
 import sys
 
-from ldm.checkpoint import check_output, write_random_checkpoint
+from ldm.checkpoint import write_random_checkpoint
 from ldm.generate import read_config
+from ldm.paths import check_output
 
 
 def main(argv=None) -> int:

@@ -16,9 +16,9 @@ Example:
 import argparse
 import sys
 
-from ldm.checkpoint import check_output
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings, width_label
 from ldm.modules.encoders.tokenizers import bert_tokenizer, clean_clip_text, clip_tokenizer
+from ldm.paths import check_output
 
 FAMILY_BY_WIDTH = {768: "sd-v1", 1280: "ldm"}
 TOKENIZER_NAMES = {"sd-v1": "CLIP (SD v1)", "ldm": "BERT (LDM)"}

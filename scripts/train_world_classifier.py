@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from ldm.checkpoint import check_output
 from ldm.evaluation.world_classifier import evaluate_accuracy, save_classifier, train_classifier
+from ldm.paths import check_output
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -8,15 +8,8 @@ from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
 from pytorch_lightning.utilities.parsing import AttributeDict
 from safetensors.torch import save_file
 
-from ldm.checkpoint import (
-    CheckpointError,
-    PickledLightningObject,
-    build_random_model,
-    ema_state_dict,
-    load_checkpoint,
-    check_output,
-    restore,
-)
+from ldm.checkpoint import (CheckpointError, PickledLightningObject, build_random_model, ema_state_dict, load_checkpoint,
+                            restore)
 from scripts import make_random_checkpoint
 from tests.conftest import TINY_SD
 
@@ -202,22 +195,6 @@ def test_an_ldm_checkpoint_in_the_sd_config_is_refused_before_training(tiny_ldm_
 def test_a_folder_is_named_as_one(tmp_path):
     with pytest.raises(ValueError, match="is a folder: pass the file inside it"):
         load_checkpoint(tmp_path)
-
-
-def test_output_paths_are_checked_before_any_work_and_nothing_is_created(tmp_path):
-    blocker = tmp_path / "notes.txt"
-    blocker.write_text("x")
-    assert check_output(tmp_path / "a" / "b" / "out.json", "--out") == str(tmp_path / "a" / "b" / "out.json")
-    assert check_output(tmp_path / "samples", "--outdir", folder=True) and check_output("rel.json", "--out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-    for path, folder, expected in [
-        (tmp_path, False, "--x '.*' is a folder"),
-        (blocker / "out.json", False, "its folder '.*notes.txt' is a file"),
-        (blocker, True, "it is a file, not a folder"),
-        (blocker / "sub", True, "its folder '.*notes.txt' is a file"),
-    ]:
-        with pytest.raises(ValueError, match=expected):
-            check_output(path, "--x", folder=folder)
 
 
 def test_make_random_checkpoint_reports_bad_configs_and_outputs_in_one_line(tmp_path, capsys):

@@ -21,7 +21,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from ldm.checkpoint import GIT_LFS_FIX, is_git_lfs_pointer, require_file
+from ldm.paths import GIT_LFS_FIX, is_git_lfs_pointer, require_file
 
 
 def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
