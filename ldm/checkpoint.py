@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ldm.paths import GIT_LFS_FIX, GIT_LFS_POINTER, require_file
+from ldm.text_encoders import configs_for_width, width_label
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 LIGHTNING_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
@@ -184,13 +185,10 @@ def ema_state_dict(state_dict: dict, path: str = "checkpoint") -> dict:
 def _context_width_hint(mismatches, path):
     for key, ckpt_shape, model_shape in mismatches:
         if "attn2.to_k" in key:
-            widths = {768: "SD v1 (CLIP ViT-L/14, 768)", 1280: "LDM text2img-large (BERT, 1280)", 1024: "SD 2.x (OpenCLIP, 1024)"}
             have, want = ckpt_shape[1], model_shape[1]
-            configs = {768: "configs/stable-diffusion/", 1280: "configs/latent-diffusion/txt2img-1p4B-*.yaml"}
             return (
-                f"'{path}' is a {widths.get(have, f'{have}-wide')} checkpoint but the config builds a "
-                f"{widths.get(want, f'{want}-wide')} model ({key} {tuple(ckpt_shape)} vs {tuple(model_shape)}): "
-                f"use a config from {configs.get(have, 'the matching model family')}"
+                f"'{path}' is a {width_label(have)} checkpoint but the config builds a {width_label(want)} model "
+                f"({key} {tuple(ckpt_shape)} vs {tuple(model_shape)}): use a config from {configs_for_width(have)}"
             )
     key, ckpt_shape, model_shape = mismatches[0]
     return (

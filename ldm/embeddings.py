@@ -29,12 +29,12 @@ from PIL import Image
 
 from ldm.checkpoint import UnsafePickleError, safe_torch_load
 from ldm.paths import GIT_LFS_FIX, GIT_LFS_POINTER, require_file
+from ldm.text_encoders import width_label
 
 FORMATS = ("original", "diffusers", "a1111")
 
 # A prompt holds at most 75 tokens, so no real embedding has more vectors; bigger 2-D tensors are model weights.
 MAX_VECTORS_PER_TOKEN = 75
-TEXT_ENCODER_FAMILIES = {768: "SD v1 CLIP ViT-L/14", 1024: "SD 2.x OpenCLIP ViT-H", 1280: "LDM-BERT"}
 ACCEPTED = (
     "accepted: original .pt (string_to_token + string_to_param), AUTOMATIC1111 .pt / PNG (sd-ti-embedding chunk), "
     "diffusers learned_embeds .bin / .safetensors, emb_params .pt / .safetensors"
@@ -61,12 +61,6 @@ _SUFFIXES = {
     "a1111": _PICKLE_SUFFIXES + (_SAFETENSORS_SUFFIX,),
 }
 _SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit; a larger length prefix means "not safetensors"
-
-
-def width_label(width: int) -> str:
-    """'768-wide (SD v1 CLIP ViT-L/14)', so a width mismatch says which model each side was made for."""
-    family = TEXT_ENCODER_FAMILIES.get(width)
-    return f"{width}-wide ({family})" if family else f"{width}-wide"
 
 
 def _as_vectors(placeholder, value) -> torch.Tensor:

@@ -16,11 +16,11 @@ Example:
 import argparse
 import sys
 
-from ldm.embeddings import Embeddings, load_embeddings, save_embeddings, width_label
-from ldm.modules.encoders.tokenizers import bert_tokenizer, clean_clip_text, clip_tokenizer
+from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
+from ldm.modules.encoders.tokenizers import bert_tokenizer, clip_tokenizer, ordinary_token_id, text_token_ids
 from ldm.paths import check_output
+from ldm.text_encoders import model_family_of_width, width_label
 
-FAMILY_BY_WIDTH = {768: "sd-v1", 1280: "ldm"}
 TOKENIZER_NAMES = {"sd-v1": "CLIP (SD v1)", "ldm": "BERT (LDM)"}
 
 
@@ -62,15 +62,14 @@ def common_width(paths: list[str], files: list[Embeddings]) -> int:
 
 def choose_family(width: int, files: list[Embeddings], stable_diffusion: bool) -> str:
     """The family ("sd-v1" or "ldm") from the width, else from the files' recorded model family, else from -sd."""
-    recorded = {embeddings.metadata.get("model_family") for embeddings in files} - {None}
-    if width in FAMILY_BY_WIDTH:
-        family = FAMILY_BY_WIDTH[width]
-    elif len(recorded) > 1:
-        raise ValueError(f"the files record different model families ({', '.join(sorted(recorded))}); merge one kind")
-    elif recorded:
+    family = model_family_of_width(width)
+    if family is None:
+        recorded = {embeddings.metadata.get("model_family") for embeddings in files} - {None}
+        if len(recorded) > 1:
+            raise ValueError(f"the files record different model families ({', '.join(sorted(recorded))}); merge one kind")
+        if not recorded:
+            return "sd-v1" if stable_diffusion else "ldm"
         family = recorded.pop()
-    else:
-        return "sd-v1" if stable_diffusion else "ldm"
     if stable_diffusion and family != "sd-v1":
         raise ValueError(
             f"-sd asks for the CLIP tokenizer, but the files are {width_label(width)} embeddings for "
@@ -88,25 +87,22 @@ class MergedPlaceholders:
         self.token_ids: dict[str, int] = {}
         self.sources: dict[str, str] = {}
 
-    def _ids(self, text: str) -> list[int]:
-        cleaned = clean_clip_text(text) if self.family == "sd-v1" else text
-        return self.tokenizer(cleaned, add_special_tokens=False).input_ids
-
     def problem(self, name: str) -> str | None:
         """Why `name` cannot join the merged placeholders, or None when it can."""
-        ids = self._ids(name)
-        if len(ids) != 1 or ids[0] in self.tokenizer.all_special_ids:
+        token = ordinary_token_id(self.tokenizer, name)
+        if token is None:
+            ids = text_token_ids(self.tokenizer, name)
             pieces = [piece.removesuffix("</w>") for piece in self.tokenizer.convert_ids_to_tokens(ids)]
             return f"is not one {TOKENIZER_NAMES[self.family]} token (it becomes {pieces})"
         if name in self.sources:
             return f"is already taken by '{self.sources[name]}'"
         for other, token_id in self.token_ids.items():
-            if token_id == ids[0]:
+            if token_id == token:
                 return f"is the same token as '{other}' from '{self.sources[other]}'"
         return None
 
     def add(self, name: str, source: str):
-        (self.token_ids[name],) = self._ids(name)
+        self.token_ids[name] = ordinary_token_id(self.tokenizer, name)
         self.sources[name] = source
 
 

@@ -143,7 +143,7 @@ def test_restore_reports_and_refuses_ldm_checkpoint_in_sd_config(tmp_path, capsy
     with pytest.raises(CheckpointError) as info:
         restore(model_with_context(768), path)
     message = str(info.value)
-    assert "txt2img-large.ckpt" in message and "LDM text2img-large" in message and "configs/latent-diffusion" in message
+    assert "txt2img-large.ckpt" in message and "1280-wide (LDM-BERT) checkpoint" in message and "configs/latent-diffusion" in message
 
 
 def latent_diffusion_like():

@@ -45,9 +45,6 @@ class TinyConditioner(TextConditioner):
         return self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
                               return_tensors="pt").input_ids
 
-    def text_to_token_ids(self, text):
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
     def encode_embeddings(self, embeds):
         return embeds + self.positions
 
@@ -378,3 +375,16 @@ def test_a_file_whose_placeholder_is_several_tokens_gets_the_command_that_conver
     assert convert_embedding.main(shlex.split(command)[2:]) == 0
     converted = EmbeddingManager(tiny, embedding_manager_ckpt=str(tmp_path / "learned_embeds-converted.pt"))
     assert list(converted.string_to_token_dict) == ["*"]
+
+
+def test_refused_embeddings_leave_the_manager_as_it_was(tiny):
+    manager = EmbeddingManager(tiny, placeholder_strings=["*"], initializer_words=["cat"])
+    before = manager.vectors("*").detach().clone()
+    for refused in [Embeddings({"@": torch.randn(1, 8), "cat dog": torch.randn(1, 8)}),
+                    Embeddings({"@": torch.randn(1, 8), "*": torch.randn(1, 8), "[PAD]": torch.randn(1, 8)})]:
+        with pytest.raises(ValueError, match="placeholder"):
+            manager.set_embeddings(refused)
+        assert list(manager.string_to_token_dict) == ["*"] and torch.equal(manager.vectors("*"), before)
+        assert manager.initializer_words == {"*": "cat"}
+    manager.set_embeddings(Embeddings({"@": torch.ones(2, 8)}))
+    assert list(manager.string_to_token_dict) == ["@"] and torch.equal(manager.vectors("@"), torch.ones(2, 8))

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from ldm.data.templates import per_img_token_list
-from ldm.embeddings import Embeddings, load_embeddings, save_embeddings, width_label
+from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
+from ldm.modules.encoders.tokenizers import is_clip, ordinary_token_id, text_token_ids
+from ldm.text_encoders import SD_V1_WIDTH, width_label
 
 PROGRESSIVE_STEPS_PER_VECTOR = 2000
 PLACEHOLDER_CANDIDATES = ("*", "@", "&", "$", "§", "~")
@@ -57,12 +59,9 @@ def _device_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 def model_family(tokenizer, token_dim: int) -> str | None:
     """Which base model an embedding file is for: "sd-v1" (CLIP, 768-d) or "ldm" (LDM-BERT); None otherwise."""
-    name = type(tokenizer).__name__
-    if name.startswith("CLIP"):
-        return "sd-v1" if token_dim == 768 else None
-    if name.startswith("Bert"):
-        return "ldm"
-    return None
+    if is_clip(tokenizer):
+        return "sd-v1" if token_dim == SD_V1_WIDTH else None
+    return "ldm" if type(tokenizer).__name__.startswith("Bert") else None
 
 
 class EmbeddingManager(nn.Module):
@@ -70,7 +69,7 @@ class EmbeddingManager(nn.Module):
 
     With k > 1 each occurrence expands to the active number of vectors, pushing the rest of the prompt to the right
     and truncating to the prompt length, as the original did. From the conditioner it uses `tokenizer`,
-    `text_to_token_ids`, `token_dim` and `token_embedding` (the table that supplies initial vectors).
+    `token_dim` and `token_embedding` (the table that supplies initial vectors).
     """
 
     def __init__(
@@ -103,7 +102,6 @@ class EmbeddingManager(nn.Module):
             raise ValueError(f"max_vector_norm must be positive or None, got {max_vector_norm}")
 
         self.tokenizer = embedder.tokenizer
-        self._text_to_token_ids = embedder.text_to_token_ids
         self.token_dim = int(embedder.token_dim)
         self.model_family = model_family(self.tokenizer, self.token_dim)
         self.num_vectors_per_token = int(num_vectors_per_token)
@@ -120,8 +118,8 @@ class EmbeddingManager(nn.Module):
         table = embedder.token_embedding.weight.detach().float()
         table_mean, table_std = table.mean(dim=0), table.std(dim=0)
         for index, placeholder in enumerate(placeholders):
-            token = self._single_token_id(placeholder, "placeholder")
-            self._claim_token(placeholder, token)
+            token = self._single_token_id(placeholder, "placeholder", taken=self.string_to_token_dict)
+            self._claim_token(placeholder, token, self.string_to_token_dict)
             word = initializer_words[index] if index < len(initializer_words) else None
             if word:
                 row = table[self._single_token_id(word, "initializer word")]
@@ -150,16 +148,16 @@ class EmbeddingManager(nn.Module):
         return list(per_img_token_list)
 
     def _is_single_token(self, text: str) -> bool:
-        """One ordinary token: not split, not [UNK] (every unknown string shares it), not [PAD]/[CLS]/EOS."""
-        ids = self._text_to_token_ids(text)
-        return len(ids) == 1 and ids[0] not in self.tokenizer.all_special_ids
+        return ordinary_token_id(self.tokenizer, text) is not None
 
-    def _single_token_id(self, text: str, role: str, path: str | None = None) -> int:
-        """The one token id of `text`, or a ValueError that shows the split and names strings that would work;
-        for a placeholder read from embedding file `path`, the command that renames it there."""
-        if self._is_single_token(text):
-            return self._text_to_token_ids(text)[0]
-        ids = list(self._text_to_token_ids(text))
+    def _single_token_id(self, text: str, role: str, path: str | None = None, taken=()) -> int:
+        """The one token id of `text`, or a ValueError that shows the split and names strings that would work
+        (other than the placeholders `taken`); for a placeholder read from embedding file `path`, the command that
+        renames it there."""
+        token = ordinary_token_id(self.tokenizer, text)
+        if token is not None:
+            return token
+        ids = text_token_ids(self.tokenizer, text)
         pieces = [piece.removesuffix("</w>") for piece in self.tokenizer.convert_ids_to_tokens(ids)]
         if not ids:
             problem = "maps to no token"
@@ -170,7 +168,7 @@ class EmbeddingManager(nn.Module):
         else:
             problem = f"is split by the tokenizer into {len(ids)} tokens {pieces}"
         if role == "placeholder":
-            taken = set(self.string_to_token_dict) | {text}
+            taken = set(taken) | {text}
             usable = [c for c in PLACEHOLDER_CANDIDATES if c not in taken and self._is_single_token(c)]
             hint = f"try one of {' '.join(usable)}" if usable else "try a single symbol or a short rare word"
             if path is not None and usable:
@@ -186,14 +184,16 @@ class EmbeddingManager(nn.Module):
             hint = f"use one of its single-token pieces ({', '.join(usable)}) or {shorter}" if usable else f"use {shorter}"
         raise ValueError(f"{role} '{text}' {problem}; it must be exactly one token: {hint}")
 
-    def _claim_token(self, placeholder: str, token: int):
-        for other, other_token in self.string_to_token_dict.items():
+    @staticmethod
+    def _claim_token(placeholder: str, token: int, claimed: dict[str, int]):
+        """Add `placeholder` to `claimed` ({placeholder: token id}) unless another placeholder has its token."""
+        for other, other_token in claimed.items():
             if other_token == token:
                 raise ValueError(
                     f"placeholders '{other}' and '{placeholder}' are the same token (id {token}) for this tokenizer; "
                     "give each placeholder a distinct string"
                 )
-        self.string_to_token_dict[placeholder] = token
+        claimed[placeholder] = token
 
     def vectors(self, placeholder: str) -> nn.Parameter:
         """The learned (k, D) vectors of one placeholder."""
@@ -311,18 +311,21 @@ class EmbeddingManager(nn.Module):
                 f"{source} holds {width_label(embeddings.dim)} vectors; this model's text encoder is "
                 f"{width_label(self.token_dim)}: use embeddings trained for this model"
             )
+        convertible = path if len(embeddings.vectors) == 1 else None  # convert_embedding.py renames one placeholder
+        tokens = {}  # checked in full before anything is replaced, so a refused file leaves the manager as it was
+        for placeholder in embeddings.vectors:
+            try:
+                token = self._single_token_id(placeholder, "placeholder", convertible, taken=tokens)
+                self._claim_token(placeholder, token, tokens)
+            except ValueError as error:
+                raise ValueError(f"{source}: {error}") from None
         previous_initial = {p: self.initial_embeddings[parameter_key(p)] for p in self.initializer_words}
         previous_words = self.initializer_words
         device = self.embedding_parameters()[0].device
-        self.string_to_token_dict, self.initializer_words = {}, {}
+        self.string_to_token_dict, self.initializer_words = tokens, {}
         self.string_to_param_dict, self.initial_embeddings = nn.ParameterDict(), nn.ParameterDict()
-        convertible = path if len(embeddings.vectors) == 1 else None  # convert_embedding.py renames one placeholder
         for placeholder, vectors in embeddings.vectors.items():
-            try:
-                token = self._single_token_id(placeholder, "placeholder", convertible)
-                self._claim_token(placeholder, token)
-            except ValueError as error:
-                raise ValueError(f"{source}: {error}") from None
+            token = tokens[placeholder]
             recorded = embeddings.token_ids.get(placeholder)
             if recorded is not None and int(recorded) != token:
                 warnings.warn(

@@ -15,7 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.masking_utils import create_causal_mask
 
 from ldm.modules.cuda_graphs import GraphedTextEncoder
-from ldm.modules.encoders.tokenizers import bert_tokenizer, clean_clip_text, clip_tokenizer
+from ldm.modules.encoders.tokenizers import bert_tokenizer, clean_clip_text, clip_tokenizer, text_token_ids
 from ldm.modules.lean_ops import native_layer_norms
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
@@ -82,9 +82,9 @@ class TextConditioner(nn.Module, abc.ABC):
     def tokenize(self, texts) -> torch.Tensor:
         """(B, max_length) ids, padded and truncated as the original model was trained, on `self.device`."""
 
-    @abc.abstractmethod
     def text_to_token_ids(self, text: str) -> list[int]:
-        """Ids of `text` without special tokens or padding, e.g. to check that a word is a single token."""
+        """Ids of `text` without special tokens or padding, e.g. to find a word's row in the token table."""
+        return text_token_ids(self.tokenizer, text)
 
     @abc.abstractmethod
     def encode_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -213,9 +213,6 @@ class FrozenCLIPEmbedder(TextConditioner):
                                return_tensors="pt")
         return batch.input_ids.to(self.device)
 
-    def text_to_token_ids(self, text: str) -> list[int]:
-        return self.tokenizer(clean_clip_text(text), add_special_tokens=False).input_ids
-
     def encode_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
         text_model = self.transformer.text_model
         hidden = text_model.embeddings(inputs_embeds=embeds)
@@ -267,9 +264,6 @@ class BERTEmbedder(TextConditioner):
 
     def tokenize(self, texts) -> torch.Tensor:
         return self.tknz_fn(texts).to(self.device)
-
-    def text_to_token_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def encode_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
         return self.transformer(embeds)

@@ -29,6 +29,22 @@ def clean_clip_text(text: str) -> str:
     return regex.sub(r"\s+", " ", ftfy.fix_text(text)).strip()
 
 
+def is_clip(tokenizer) -> bool:
+    return type(tokenizer).__name__.startswith("CLIP")
+
+
+def text_token_ids(tokenizer, text: str) -> list[int]:
+    """Ids of `text` without special tokens or padding; CLIP text is cleaned first, as SD v1's tokenizer did."""
+    return tokenizer(clean_clip_text(text) if is_clip(tokenizer) else text, add_special_tokens=False).input_ids
+
+
+def ordinary_token_id(tokenizer, text: str) -> int | None:
+    """The id of `text` when it is one ordinary token, the only kind a placeholder or initializer word can be:
+    not split, not unknown (every unknown string shares [UNK]), not special ([PAD], [CLS], CLIP's EOS)."""
+    ids = text_token_ids(tokenizer, text)
+    return ids[0] if len(ids) == 1 and ids[0] not in tokenizer.all_special_ids else None
+
+
 def _byte_symbols() -> list[str]:
     """CLIP's byte-level alphabet in id order: printable bytes as themselves, then the others as chr(256 + i)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

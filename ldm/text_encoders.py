@@ -1,0 +1,39 @@
+"""The text encoders whose files users bring, told apart by the width of their token vectors.
+
+Embedding files and checkpoints name no model, only tensor shapes, so every "which model is this for?" guess and
+message starts from this one table.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TextEncoderFamily:
+    name: str
+    model_family: str | None  # what embedding files record as "model_family"; None where this project cannot train
+    configs: str | None  # where this project's configs for it are
+
+
+FAMILIES_BY_WIDTH = {
+    768: TextEncoderFamily("SD v1 CLIP ViT-L/14", "sd-v1", "configs/stable-diffusion/"),
+    1024: TextEncoderFamily("SD 2.x OpenCLIP ViT-H", None, None),
+    1280: TextEncoderFamily("LDM-BERT", "ldm", "configs/latent-diffusion/txt2img-1p4B-*.yaml"),
+}
+SD_V1_WIDTH = 768
+
+
+def width_label(width: int) -> str:
+    """'768-wide (SD v1 CLIP ViT-L/14)', so a width mismatch says which model each side was made for."""
+    family = FAMILIES_BY_WIDTH.get(width)
+    return f"{width}-wide ({family.name})" if family else f"{width}-wide"
+
+
+def model_family_of_width(width: int) -> str | None:
+    """"sd-v1" or "ldm" when the width alone says which model a file is for, else None."""
+    family = FAMILIES_BY_WIDTH.get(width)
+    return family.model_family if family else None
+
+
+def configs_for_width(width: int) -> str:
+    """Where the configs for a model of this width are, for the message that a config does not fit a checkpoint."""
+    family = FAMILIES_BY_WIDTH.get(width)
+    return family.configs if family and family.configs else "the matching model family"
