@@ -21,14 +21,13 @@ from functools import partial
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
 from ldm.checkpoint import load_checkpoint
 from ldm.embeddings import Embeddings, load_embeddings
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.ddpm import DEFAULT_TIMESTEPS, LatentDiffusion
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling_util import make_ddim_timesteps
 from ldm.modules.attention import ATTENTION_BACKENDS
@@ -89,6 +88,20 @@ def sampling_weights_dtype(device, precision: str) -> torch.dtype:
     if precision == "autocast" and device.type != "cpu":
         return torch.get_autocast_dtype(device.type)
     return torch.float32
+
+
+def check_ddim_steps(steps: int, num_timesteps: int):
+    """A one-line error when no `steps`-step sampling schedule can be cut from the model's `num_timesteps`."""
+    require_at_least(1, ddim_steps=steps)
+    try:
+        make_ddim_timesteps("uniform", steps, num_timesteps)
+    except ValueError as error:
+        raise ValueError(f"--ddim_steps {steps} does not suit this model: {error}") from None
+
+
+def check_ddim_steps_for_config(steps: int, config_path):
+    """`check_ddim_steps` against the timesteps the config's model will have, before the checkpoint loads."""
+    check_ddim_steps(steps, int(read_config(config_path).model.params.get("timesteps", DEFAULT_TIMESTEPS)))
 
 
 def read_config(config_path, flag: str = "--config"):
@@ -272,11 +285,8 @@ def generate(model: LatentDiffusion, prompts, *, n_samples: int, n_iter: int, st
         raise ValueError(f"sampler '{sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision '{precision}' is unknown: use one of {', '.join(PRECISIONS)}")
-    require_at_least(1, n_iter=n_iter, n_samples=n_samples, ddim_steps=steps)
-    try:
-        make_ddim_timesteps("uniform", steps, model.num_timesteps)
-    except ValueError as error:
-        raise ValueError(f"--ddim_steps {steps} does not suit this model: {error}") from None
+    require_at_least(1, n_iter=n_iter, n_samples=n_samples)
+    check_ddim_steps(steps, model.num_timesteps)
     batches = _prompt_batches(prompts, n_samples)
     _check_latent_format(model, latent_channels, downsampling_factor)
     device = model.device
@@ -462,9 +472,10 @@ def parse_device(name: str, flag: str = "--device") -> torch.device:
 
 
 def _check_arguments(args) -> None:
-    """What can be checked before the model loads: the numbers, the init image and the output folder."""
-    require_at_least(1, ddim_steps=args.ddim_steps, n_samples=args.n_samples, n_iter=args.n_iter, H=args.H, W=args.W)
+    """What can be checked before the model loads: the numbers, the config, the init image and the output folder."""
+    require_at_least(1, n_samples=args.n_samples, n_iter=args.n_iter, H=args.H, W=args.W)
     require_at_least(0, n_rows=args.n_rows, ddim_eta=args.ddim_eta)
+    check_ddim_steps_for_config(args.ddim_steps, args.config)
     if args.init_img is not None:
         _check_strength(args.strength)
         require_file(args.init_img, "--init_img", "check the path")

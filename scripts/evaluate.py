@@ -25,8 +25,8 @@ import torch
 from ldm.data.personalized import PersonalizedBase, list_images
 from ldm.embeddings import load_embeddings
 from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, remove_placeholders
-from ldm.generate import (PRECISIONS, default_device, first_stage_factor, generate, load_model, parse_device,
-                          require_at_least, sampling_weights_dtype, save_outputs)
+from ldm.generate import (PRECISIONS, check_ddim_steps_for_config, default_device, first_stage_factor, generate,
+                          load_model, parse_device, require_at_least, sampling_weights_dtype, save_outputs)
 from ldm.paths import check_output
 from ldm.util import channels_first
 
@@ -87,7 +87,8 @@ def check_inputs(args) -> None:
     if not args.embedding_path:
         raise ValueError("pass --embedding_path with the learned words to generate, or --images_dir to score saved "
                          "images")
-    require_at_least(1, n_samples=args.n_samples, batch_size=args.batch_size, ddim_steps=args.ddim_steps)
+    require_at_least(1, n_samples=args.n_samples, batch_size=args.batch_size)
+    check_ddim_steps_for_config(args.ddim_steps, args.config)
     check_output(args.outdir, "--outdir", folder=True)
 
 

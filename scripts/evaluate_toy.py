@@ -30,7 +30,9 @@ from PIL import Image
 from ldm.data.procedural import HELD_OUT_CONCEPTS, HeldOutConcept, held_out_concept
 from ldm.embeddings import Embeddings, load_embeddings
 from ldm.evaluation.world_classifier import load_classifier
-from ldm.generate import default_device, first_stage_factor, generate, load_model, parse_device, require_at_least
+from ldm.generate import (check_ddim_steps_for_config, default_device, first_stage_factor, generate, load_model,
+                          parse_device, require_at_least)
+from ldm.modules.encoders.tokenizers import ordinary_token_id
 from ldm.paths import check_output
 from ldm.util import log_txt_as_img, make_grid, tensor_to_pil
 
@@ -123,10 +125,10 @@ def score_condition(prompts: list[EvalPrompt], predictions: list[dict], concept:
 
 def init_word_vector(embedder, word: str) -> torch.Tensor:
     """(1, D): the init word's raw token-embedding row, so the placeholder reads exactly as the word itself."""
-    ids = embedder.text_to_token_ids(word)
-    if len(ids) != 1 or ids[0] in embedder.tokenizer.all_special_ids:
+    token = ordinary_token_id(embedder.tokenizer, word)
+    if token is None:
         raise ValueError(f"--init_word '{word}' is not one ordinary token of this tokenizer: pass a single known word")
-    return embedder.token_embedding.weight[ids[0]].detach().float().cpu().unsqueeze(0)
+    return embedder.token_embedding.weight[token].detach().float().cpu().unsqueeze(0)
 
 
 def random_vectors(table: torch.Tensor, count: int, seed: int) -> torch.Tensor:
@@ -199,7 +201,8 @@ def check_outputs(args) -> None:
 def evaluate(args) -> tuple[dict, torch.Tensor | None]:
     """Generate and score every condition: the JSON-able results with the settings, and the --grid picture
     (None without --grid)."""
-    require_at_least(1, n_samples=args.n_samples, batch_size=args.batch_size, ddim_steps=args.ddim_steps)
+    require_at_least(1, n_samples=args.n_samples, batch_size=args.batch_size)
+    check_ddim_steps_for_config(args.ddim_steps, args.config)
     device = parse_device(args.device)
     concept = held_out_concept(args.concept)
     embeddings = load_embeddings(args.embedding_path)
@@ -214,6 +217,7 @@ def evaluate(args) -> tuple[dict, torch.Tensor | None]:
     texts = [prompt.text for prompt in prompts for _ in range(args.n_samples)]
     results, images = {}, {}
     for condition, vectors in condition_vectors(model, embeddings, args.placeholder, init_word, args.seed).items():
+        print(f"evaluate_toy: {condition}: generating and classifying {len(texts)} images", file=sys.stderr, flush=True)
         model.embedding_manager.set_embeddings(Embeddings({**embeddings.vectors, args.placeholder: vectors}),
                                                source=f"the {condition} condition")
         images[condition] = generate(model, texts, n_samples=args.batch_size, n_iter=1, steps=args.ddim_steps,

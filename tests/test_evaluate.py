@@ -207,6 +207,7 @@ def test_clip_weights_that_are_not_weights_are_one_line_errors(tmp_path, content
     (["--images_dir", "{images}", "--out", "{empty}"], "--out '.*empty' is a folder"),
     (["--embedding_path", "e.pt", "--outdir", "{images}/img_0.png"], "--outdir .*: it is a file"),
     (["--embedding_path", "e.pt", "--ddim_steps", "0"], "--ddim_steps must be at least 1"),
+    (["--embedding_path", "e.pt", "--ddim_steps", "900"], "--ddim_steps 900 does not suit this model"),
     (["--device", "cuda:9"], "--device 'cuda:9': "),
 ])
 def test_evaluation_mistakes_fail_before_clip_loads(script, tmp_path, monkeypatch, capsys, flags, expected):

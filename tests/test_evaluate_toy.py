@@ -154,7 +154,9 @@ def test_script_runs_end_to_end_on_a_tiny_random_toy_model(tmp_path, capsys, mon
         numbers = [scores["fidelity"]] + [value for kind in edit_kinds for value in scores[kind].values()]
         assert all(math.isfinite(x) and 0.0 <= x <= 1.0 for x in numbers)
         assert all(x * 24 == pytest.approx(round(x * 24)) for x in numbers)  # pools of 4, 6 or 8 images
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
+    assert [line.split(":")[1].strip() for line in captured.err.splitlines()] == list(evaluate_toy.CONDITIONS)
     assert "| init word (circle) |" in table and "count edit" in table
     assert ("colour edit" in table) == ("color" in edit_kinds)
     n_prompts = len(evaluate_toy.evaluation_prompts(HELD_OUT_CONCEPTS[concept]))
@@ -185,6 +187,7 @@ def test_markdown_table_has_a_row_per_condition_and_a_column_per_metric():
     (["--grid", "{tmp}/notes.txt/grid.png"], "--grid .*: its folder '.*notes.txt' is a file"),
     (["--out", "{tmp}"], "--out '.*' is a folder"),
     (["--ddim_steps", "0"], "--ddim_steps must be at least 1"),
+    (["--ddim_steps", "501"], "--ddim_steps 501 does not suit this model: .*at most 500"),
     (["--device", "cuda:9"], "--device 'cuda:9': "),
 ])
 def test_mistakes_fail_before_any_image_is_made(tmp_path, monkeypatch, capsys, flags, expected):

@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.embeddings import Embeddings, save_embeddings
 from ldm import generate as generate_module
+from ldm.embeddings import Embeddings, save_embeddings
 from ldm.generate import generate, load_model, parse_device, read_config, sampling_weights_dtype, save_outputs
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
@@ -321,6 +321,7 @@ def test_a_missing_checkpoint_is_a_one_line_error(script, tmp_path, capsys):
     (["--outdir", "{file}"], "--outdir '.*notes.txt': it is a file, not a folder"),
     (["--outdir", "{file}/out"], "--outdir .*: its folder '.*notes.txt' is a file"),
     (["--ddim_steps", "0"], "--ddim_steps must be at least 1, got 0"),
+    (["--ddim_steps", "600"], "--ddim_steps 600 does not suit this model: .*at most 500"),
     (["--n_iter", "0"], "--n_iter must be at least 1"),
     (["--n_rows", "-1"], "--n_rows must be at least 0"),
     (["--H", "-32"], "--H must be at least 1"),

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
@@ -107,6 +108,31 @@ def test_ldm_multi_placeholder_multi_vector_and_captions(tmp_path, images, tiny_
     encoder = trainer.lightning_module.cond_stage_model
     assert torch.equal(encoder.embed_tokens(torch.arange(table.shape[0])[None])[0], table)
     assert not torch.equal(learned.vectors["@"][0], table[encoder.text_to_token_ids("@")[0]])
+
+
+class CtrlCTwice(pl.Callback):
+    """Presses Ctrl-C twice at the end of step `step`, as an impatient user does: the second stops at once."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert trainer.should_stop and trainer.stop_signal == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)  # raises KeyboardInterrupt here, inside the training loop
+
+
+def test_a_second_ctrl_c_stops_at_once_and_still_saves(tmp_path, images, tiny_sd_ckpt, capsys):
+    trainer, run = train_in_process(tmp_path, images, tiny_sd_ckpt, "--init_word", "cat",
+                                    f"lightning.callbacks.ctrl_c.target={__name__}.CtrlCTwice",
+                                    "lightning.callbacks.ctrl_c.params.step=3")
+    assert trainer.stop_signal == signal.SIGINT and trainer.global_step == 3
+    assert load_embeddings(os.path.join(run, "checkpoints", "embeddings.pt")).metadata["step"] == 3
+    assert torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)["global_step"] == 3
+    output = capsys.readouterr().out
+    assert "Training stopped (SIGINT); saving at step 3" in output  # the training loop was left by the exception
+    assert f"Continue with: python main.py -r {run}" in output
 
 
 def test_interrupt_then_resume_reaches_the_uninterrupted_result(tmp_path, images, tiny_sd_ckpt):

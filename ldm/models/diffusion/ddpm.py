@@ -18,8 +18,8 @@ import torch
 from ldm.modules.cuda_graphs import GraphedUNet
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.encoders.modules import TextConditioner
 from ldm.modules.ema import LitEma
+from ldm.modules.encoders.modules import TextConditioner
 from ldm.modules.weight_offload import WeightOffload, unet_blocks
 from ldm.util import (
     BatchPositions,
@@ -100,13 +100,16 @@ class DiffusionWrapper(torch.nn.Module):
         return unet(x, t, context=context)
 
 
+DEFAULT_TIMESTEPS = 1000
+
+
 class DDPM(pl.LightningModule):
     """Noise schedule, forward noising and the epsilon-prediction loss."""
 
     def __init__(
         self,
         unet_config,
-        timesteps=1000,
+        timesteps=DEFAULT_TIMESTEPS,
         beta_schedule="linear",
         loss_type="l2",
         ckpt_path=None,
