@@ -165,6 +165,11 @@ class OursStep:
         self.update(loss)
         return loss.detach()
 
+    def graph_recorders(self) -> list:
+        """The CUDA-graph recorders of the UNet and the text encoder that `cuda_graphs` switched on."""
+        recorders = (self.model.model.graphed_unet, self.model.cond_stage_model.graphed_encoder)
+        return [recorder for recorder in recorders if recorder is not None]
+
 
 # --- diffusers ---------------------------------------------------------------------------------------------------
 @dataclass
@@ -237,11 +242,11 @@ def set_diffusers_gradient_checkpointing(parts: DiffusersParts, enabled: bool):
     else:
         parts.unet.disable_gradient_checkpointing()
     parts.unet.train(enabled)
-    if hasattr(parts.text_encoder, "activation_checkpointing_enable"):  # transformers 5's gradient_checkpointing_*
-        if enabled:
-            parts.text_encoder.activation_checkpointing_enable()
-        else:
-            parts.text_encoder.activation_checkpointing_disable()
+    action = "enable" if enabled else "disable"
+    for name in (f"activation_checkpointing_{action}", f"gradient_checkpointing_{action}"):  # newer, older transformers
+        if hasattr(parts.text_encoder, name):
+            getattr(parts.text_encoder, name)()
+            break
 
 
 class DiffusersStep:
@@ -347,8 +352,10 @@ def synchronize(device: torch.device):
         torch.accelerator.synchronize(device)
 
 
-def measure(device: torch.device, run: Callable[[], object]) -> tuple[float, float | None]:
-    """Seconds `run()` takes, and the peak GiB allocated meanwhile where the device reports it (CUDA)."""
+def measure(device: torch.device, run: Callable[[], object]) -> tuple[float, float | None, float | None]:
+    """Seconds `run()` takes, and the peak GiB allocated and reserved meanwhile where the device reports them
+    (CUDA). Reserved counts what CUDA graphs' private pools hold: a replay allocates nothing, so a graphed step's
+    allocated peak leaves out the memory its recording keeps."""
     synchronize(device)
     if device.type == "cuda":
         with torch.cuda.device(device):  # events record on the current device's stream
@@ -358,11 +365,12 @@ def measure(device: torch.device, run: Callable[[], object]) -> tuple[float, flo
             run()
             end.record()
             end.synchronize()
-        return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated(device) / 2**30
+        return (start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated(device) / 2**30,
+                torch.cuda.max_memory_reserved(device) / 2**30)
     start = time.perf_counter()
     run()
     synchronize(device)
-    return time.perf_counter() - start, None
+    return time.perf_counter() - start, None, None
 
 
 @contextlib.contextmanager
@@ -465,18 +473,25 @@ def milliseconds_by_kind(events, on_cuda: bool) -> dict[str, float]:
     return milliseconds
 
 
-def time_training(step, batches: list[dict], device: torch.device, warmup: int, steps: int, seed: int = 0) -> dict:
+def warm_up(step, batches: list[dict], device: torch.device, warmup: int, seed: int = 0):
+    """The untimed first steps: cuDNN's algorithm search, cuBLAS's workspace, CUDA graphs' recording."""
     generator = torch.Generator(device=device).manual_seed(seed)
     for index in range(warmup):
         step(batches[index % len(batches)], generator)
+
+
+def time_training(step, batches: list[dict], device: torch.device, warmup: int, steps: int, seed: int = 1) -> dict:
+    """Times `steps` steps on the batches that follow the `warmup` warm-up steps'."""
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     def timed_steps():
         for index in range(warmup, warmup + steps):
             step(batches[index % len(batches)], generator)
 
-    seconds, peak = measure(device, timed_steps)
+    seconds, peak, reserved = measure(device, timed_steps)
     batch_size = len(batches[0]["caption"])
-    return {"ms_per_step": 1e3 * seconds / steps, "images_per_s": batch_size * steps / seconds, "peak_memory_gib": peak}
+    return {"ms_per_step": 1e3 * seconds / steps, "images_per_s": batch_size * steps / seconds,
+            "peak_memory_gib": peak, "peak_reserved_gib": reserved}
 
 
 def release_memory(device: torch.device):
@@ -494,12 +509,19 @@ def floor_fraction(model_name: str, device: torch.device, images_per_s: float, p
 
 def train_rows(step, label: str, variant: str, images: dict, args) -> list[dict]:
     rows = []
+    recorders = step.graph_recorders() if isinstance(step, OursStep) else []
     for batch_size in args.batch_sizes:
         batches = batches_of(images, batch_size)
-        held, step_peak = memory_of_step(step, batches[0], args.device)
+        warm_up(step, batches, args.device, max(args.warmup, 1 if recorders else 0))
+        if recorders:  # a replay allocates nothing: its memory is the recording's pool, in the reserved peak
+            held = step_peak = None
+        else:
+            held, step_peak = memory_of_step(step, batches[0], args.device)
         timing = time_training(step, batches, args.device, args.warmup, args.steps)
         fraction = floor_fraction(args.model, args.device, timing["images_per_s"], args.peak_tflops)
-        rows.append({"implementation": label, "batch_size": batch_size, "variant": variant, **timing,
+        failed = [recorder.name for recorder in recorders if recorder.failed]
+        shown = f"{variant} (recording {' and '.join(failed)} failed: eager)" if failed else variant
+        rows.append({"implementation": label, "batch_size": batch_size, "variant": shown, **timing,
                      "held_for_backward_mib": held, "step_peak_mib": step_peak, "floor_fraction": fraction})
         if args.profile:
             rows[-1]["ms_by_kind"] = time_by_kind(step, batches[0], args.device)
@@ -572,8 +594,10 @@ def sampling_rows(model, parts: DiffusersParts | None, args, rows: list, attempt
         model.model.use_cuda_graphs(levers.get("cuda_graphs", False))  # the untimed call records the graphs
         run = runners["ours" if label in ours_variants else label]
         run(n, min(2, args.sampling_steps))
-        seconds, _ = measure(device, partial(run, n, args.sampling_steps))
-        measured.append({"implementation": label, "images_per_prompt": n, "s_per_call": seconds,
+        seconds, _, _ = measure(device, partial(run, n, args.sampling_steps))
+        recorder = model.model.graphed_unet
+        shown = f"{label} (recording failed: eager)" if recorder is not None and recorder.failed else label
+        measured.append({"implementation": shown, "images_per_prompt": n, "s_per_call": seconds,
                          "images_per_s": n / seconds, "ratio": None})
         rows.append(measured[-1])
 
@@ -583,7 +607,7 @@ def sampling_rows(model, parts: DiffusersParts | None, args, rows: list, attempt
             attempt(f"sampling {label}, {n} per prompt", partial(time_call, label, n, measured))
         theirs = next((row["s_per_call"] for row in measured if row["implementation"] == "diffusers"), None)
         for row in measured:
-            if row["implementation"] in ours_variants and theirs is not None:
+            if row["implementation"] != "diffusers" and theirs is not None:
                 row["ratio"] = theirs / row["s_per_call"]
     model.model.use_channels_last(False)
     model.model.diffusion_model.use_attention_backend("auto")
@@ -632,32 +656,34 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
     model = build_ours(args.model, device, args.precision)
     images = training_images(model)
     parts = None if args.skip_diffusers else convert_to_diffusers(model, args.model, args.precision)
-    variants = [("eager", {})]
+    # Ours eager and diffusers first, so a run cut short still has the comparison; the levers least tried last,
+    # so a kernel that fails in a way that poisons the CUDA context costs only the rows after it.
+    variants = []
     if args.gradient_checkpointing:
         variants.append(("checkpointing", {"use_checkpoint": True}))
-    if args.compile:
-        variants.append(("compiled" if args.compile == "default" else f"compiled {args.compile}",
-                         {"compile_unet": args.compile}))
-        notes.append(f"compiled: ours with compile_unet: {args.compile}; its ratio is against diffusers' eager step "
-                     "(the example script does not compile).")
     if args.recompute_feedforward:
         variants.append(("recomputed feed-forward", {"recompute_feedforward": True}))
+    if args.channels_last:
+        variants.append(("channels last", {"channels_last": True}))
+    if args.cuda_graphs:
+        variants.append(("cuda graphs", {"cuda_graphs": True}))
+        notes.append("cuda graphs: ours with cuda_graphs: true (the UNet's and the text encoder's passes replayed as "
+                     "CUDA graphs); a replay allocates nothing, so its memory, the recordings' pool, shows in the "
+                     "reserved peak, and held and step peak are n/a; its ratio is against diffusers' eager step.")
     if args.offload_unet:
         variants.append(("offloaded", {"offload_unet": True}))
         if args.gradient_checkpointing:
             variants.append(("offloaded, checkpointing", {"offload_unet": True, "use_checkpoint": True}))
         notes.append("offloaded: ours with offload_unet (UNet weights in CPU memory, streamed block by block).")
-    if args.channels_last:
-        variants.append(("channels last", {"channels_last": True}))
     for backend in args.attention_backend:
         variants.append((f"{backend} attention", {"attention_backend": backend}))
-    if args.cuda_graphs:
-        variants.append(("cuda graphs", {"cuda_graphs": True}))
-        notes.append("cuda graphs: ours with cuda_graphs: true (the UNet's and the text encoder's passes replayed as "
-                     "CUDA graphs); its held memory is the recorded graphs' pool; its ratio is against diffusers' eager "
-                     "step.")
     if args.combined:
         variants.append((combined_label(args), combined_levers(args)))
+    if args.compile:
+        variants.append(("compiled" if args.compile == "default" else f"compiled {args.compile}",
+                         {"compile_unet": args.compile}))
+        notes.append(f"compiled: ours with compile_unet: {args.compile}; its ratio is against diffusers' eager step "
+                     "(the example script does not compile).")
 
     def time_ours(variant: str, levers: dict):
         ours = build_ours(args.model, device, args.precision, **levers) if levers else model
@@ -668,8 +694,7 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
         finally:
             ours.cpu()
 
-    for variant, levers in variants:
-        attempt(f"ours {variant}", partial(time_ours, variant, levers))
+    attempt("ours eager", partial(time_ours, "eager", {}))
     if parts is not None:
         parts.to(device)
         label = f"diffusers ({parts.text_encoder_label})"
@@ -680,7 +705,12 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
                 diffusers_step_for(parts, model, args.precision, gradient_checkpointing=variant != "eager"),
                 label, variant, images, args)))
         set_diffusers_gradient_checkpointing(parts, False)
+        parts.to("cpu")
+    for variant, levers in variants:
+        attempt(f"ours {variant}", partial(time_ours, variant, levers))
     model.to(device)
+    if parts is not None:
+        parts.to(device)
     add_ratios(rows)
     if args.sampling:
         if parts is not None and parts.text_encoder_label != "CLIPTextModel":
@@ -722,17 +752,18 @@ def format_report(report: dict) -> str:
                f"{report['steps']} timed steps after {report['warmup']} warm-up steps")
     lines = [f"# Textual-inversion benchmark: {report['model']}, {report['precision']}", setting, ""]
     lines.append(_table(
-        ["implementation", "batch", "variant", "images/s", "ms/step", "peak GiB", "held for backward MiB",
-         "step peak MiB", "FLOP-floor fraction", "ours/diffusers"],
+        ["implementation", "batch", "variant", "images/s", "ms/step", "peak GiB", "peak reserved GiB",
+         "held for backward MiB", "step peak MiB", "FLOP-floor fraction", "ours/diffusers"],
         [[row["implementation"], row["batch_size"], row["variant"], row["images_per_s"], row["ms_per_step"],
-          row["peak_memory_gib"], row["held_for_backward_mib"], row["step_peak_mib"], row["floor_fraction"],
-          row["ratio"]]
+          row["peak_memory_gib"], row["peak_reserved_gib"], row["held_for_backward_mib"], row["step_peak_mib"],
+          row["floor_fraction"], row["ratio"]]
          for row in report["training"]]))
     lines.append("")
     floors = ", ".join(f"{name} {gflop:g}" for name, gflop in FLOOR_GFLOP_PER_IMAGE.items())
-    lines.append(f"Peak memory: torch.cuda.max_memory_allocated over the timed steps (n/a off CUDA). Held for "
-                 f"backward: what one forward leaves allocated for its backward (activations); step peak: the most "
-                 f"allocated during one step above what was allocated before it (CUDA allocator, or the CPU "
+    lines.append(f"Peak memory: torch.cuda.max_memory_allocated over the timed steps, and max_memory_reserved "
+                 f"(the allocator's cache and CUDA graphs' pools too; n/a off CUDA). Held for backward: what one "
+                 f"forward leaves allocated for its backward (activations); step peak: the most allocated during one "
+                 f"step after the warm-up above what was allocated before it (CUDA allocator, or the CPU "
                  f"profiler's allocations with CUDA's autocast policy emulated). FLOP-floor "
                  f"fraction: GFLOP/image of UNet forward + input-gradient backward + text encoder ({floors}) "
                  f"x images/s / {report['peak_tflops']:g} TFLOP/s (CUDA, full-size models only).")
@@ -835,8 +866,9 @@ def parse_args(argv=None):
 def write_json(report: dict, path: str | None):
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
+        os.replace(path + ".tmp", path)  # a run stopped mid-write keeps the previous measurement's file
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.test_cuda_graphs import Recorder
 
 SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
 
@@ -145,6 +146,49 @@ def test_both_training_steps_compute_the_same_loss_gradient_and_update(benchmark
     assert torch.allclose(vector[0], table[row], rtol=1e-5, atol=1e-7)
     others = torch.arange(table.shape[0]) != row
     assert torch.equal(table[others], table_before[others])
+
+
+class OlderTextEncoder:
+    """A text encoder of transformers before `activation_checkpointing_*` (5.17 on the GPU machine): only the
+    `gradient_checkpointing_*` names."""
+
+    is_gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self):
+        self.is_gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.is_gradient_checkpointing = False
+
+
+@pytest.mark.parametrize("transformers_names", ["newer", "older"])
+def test_the_diffusers_checkpointing_baseline_checkpoints_the_text_encoder_too(benchmark, transformers_names):
+    model = benchmark.build_ours("tiny-sd", torch.device("cpu"), "fp32")
+    parts = benchmark.convert_to_diffusers(model, "tiny-sd", "fp32")
+    if transformers_names == "older":
+        parts.text_encoder = OlderTextEncoder()
+    benchmark.set_diffusers_gradient_checkpointing(parts, True)
+    assert parts.unet.is_gradient_checkpointing and parts.text_encoder.is_gradient_checkpointing
+    benchmark.set_diffusers_gradient_checkpointing(parts, False)
+    assert not parts.unet.is_gradient_checkpointing and not parts.text_encoder.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_graphed_rows_report_no_allocated_step_memory_and_say_when_recording_failed(benchmark, fail):
+    """A replay allocates nothing (its memory is the recording's pool, in the reserved peak), and a recording that
+    failed runs eagerly: the row must not pass for a graphed one."""
+    recorder = Recorder(fail=fail)
+    model = benchmark.build_ours("tiny-sd", torch.device("cpu"), "fp32")
+    model.model.use_cuda_graphs(make_graphed=recorder, device_type="cpu")
+    step = benchmark.OursStep(model, "fp32")
+    images = benchmark.training_images(model)
+    step.fill_latent_cache(images)
+    args = SimpleNamespace(batch_sizes=[2], device=torch.device("cpu"), warmup=0, steps=1, model="tiny-sd",
+                           peak_tflops=790.0, profile=False)
+    (row,) = benchmark.train_rows(step, "ours", "cuda graphs", images, args)
+    assert row["held_for_backward_mib"] is None and row["step_peak_mib"] is None
+    assert row["variant"] == ("cuda graphs (recording the UNet failed: eager)" if fail else "cuda graphs")
+    assert len(recorder.recorded) == (0 if fail else 1)
 
 
 def test_cuda_graphs_are_refused_on_the_cpu_with_the_reason(benchmark, capsys):
