@@ -19,11 +19,11 @@ import sys
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from ldm.callbacks import ImageLogger, SetupCallback, TrainingCheckpoint
+from ldm.callbacks import ImageLogger, LossProgressBar, SetupCallback, TrainingCheckpoint
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.paths import check_output, require_file
 from ldm.util import instantiate_from_config, load_yaml
@@ -45,7 +45,7 @@ TRAINER_FLAGS = {  # Lightning Trainer flags we accept on the command line, as t
 DEFAULT_SEED = 23  # the original's
 
 # The progress bar reads the logged loss from the GPU, which waits for the GPU's queued work: every 10 steps, not
-# at every step, so that the CPU can queue the next step while the GPU runs this one.
+# at every step, so that the CPU can queue the next step while the GPU runs this one (ldm.callbacks.LossProgressBar).
 PROGRESS_BAR_REFRESH_STEPS = 10
 
 
@@ -320,7 +320,7 @@ def main(argv=None):
     for callback_config in lightning_config.get("callbacks", {}).values():
         callbacks.append(instantiate_from_config(callback_config))
     if not any(isinstance(callback, ProgressBar) for callback in callbacks):
-        callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS))
+        callbacks.append(LossProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS))
     logger = TensorBoardLogger(save_dir=logdir, name="tensorboard", version=0, default_hp_metric=False)
     try:
         trainer = pl.Trainer(

@@ -5,7 +5,7 @@ import time
 
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
 from ldm.util import make_grid, tensor_to_pil
 
@@ -24,6 +24,19 @@ class SetupCallback(Callback):
                 os.makedirs(folder, exist_ok=True)
             OmegaConf.save(self.config, os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
             OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}), os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+
+
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's progress bar showing the training loss, read only when the bar redraws. Reading a number from
+    the GPU waits for all its queued work; Lightning reads a metric logged with `prog_bar=True` at every step,
+    whatever the refresh rate, so the model logs its loss without it and the bar fetches it here."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("loss")
+        if loss is not None:
+            metrics["loss"] = f"{loss.item():.3g}"
+        return metrics
 
 
 class TrainingCheckpoint(Callback):

@@ -5,6 +5,7 @@ Recording needs CUDA, so these tests put a stand-in for `torch.cuda.make_graphed
 what it was given and returns the function itself, except that without gradients it hands out one output buffer
 that every call overwrites, as a replayed graph does. So the values must be the eager ones."""
 import collections
+import inspect
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.checkpoint import build_random_model
 from ldm.generate import generate
+from ldm.modules import cuda_graphs
 from ldm.modules.cuda_graphs import GraphedTextEncoder, GraphedUNet
 from ldm.util import instantiate_from_config
 from tests.conftest import TINY_SD
@@ -228,3 +230,33 @@ def test_a_graphed_training_step_launches_under_a_hundred_ops_outside_its_replay
         counts[graphed] = sum(counted.ops.values())
     assert counts[False] > 700  # the tiny model's eager step (SD v1's: about 2,000)
     assert counts[True] <= 100, counts  # 91 at the time of writing
+
+
+def test_torch_without_a_capture_mode_argument_records_thread_local_too(dataset, monkeypatch):
+    """torch 2.11's make_graphed_callables takes no capture mode and records with torch.cuda.graph's default
+    ("global"), where the data loader's pin-memory thread calling CUDA would break the recording."""
+    monkeypatch.setattr(cuda_graphs, "_CAPTURE_OPTIONS", {})
+    modes = []
+
+    def recorder(function, samples, **options):
+        assert options == {}
+        modes.append(inspect.signature(torch.cuda.graph.__init__).parameters["capture_error_mode"].default)
+        return function
+
+    vector_gradient(graphed_model(recorder), batch_of(dataset, [0, 1], [False, True]), torch.float32)
+    assert modes == ["thread_local"]
+    assert inspect.signature(torch.cuda.graph.__init__).parameters["capture_error_mode"].default == "global"
+
+
+def test_inference_mode_gets_its_own_recording():
+    """Lightning validates (and logs images) under inference mode; a recording made there holds inference
+    tensors that a replay under no_grad could not refill."""
+    recorder = Recorder()
+    model = graphed_model(recorder)
+    unet = model.model.graphed_unet
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 77, 32)
+    with torch.inference_mode():
+        unet(x, t, context)
+    with torch.no_grad():
+        unet(x, t, context)
+    assert len(recorder.recorded) == 2

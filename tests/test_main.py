@@ -110,6 +110,16 @@ def test_ldm_multi_placeholder_multi_vector_and_captions(tmp_path, images, tiny_
     assert not torch.equal(learned.vectors["@"][0], table[encoder.text_to_token_ids("@")[0]])
 
 
+def test_the_progress_bar_reads_the_loss_only_when_it_redraws(tmp_path, images, tiny_sd_ckpt):
+    """Reading a number from the GPU waits for its queued work. Lightning reads every metric logged with
+    prog_bar=True at every step, whatever the refresh rate, so none may be: the bar fetches the loss itself when it
+    redraws (every PROGRESS_BAR_REFRESH_STEPS)."""
+    trainer, _ = train_in_process(tmp_path, images, tiny_sd_ckpt, steps=4)
+    assert trainer.progress_bar_metrics == {}
+    shown = trainer.progress_bar_callback.get_metrics(trainer, trainer.lightning_module)
+    assert float(shown["loss"]) == pytest.approx(trainer.callback_metrics["loss"].item(), rel=1e-2)
+
+
 class CtrlCTwice(pl.Callback):
     """Presses Ctrl-C twice at the end of step `step`, as an impatient user does: the second stops at once."""
 

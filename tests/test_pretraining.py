@@ -224,3 +224,16 @@ def test_reconstruction_kl_loss_sums_per_image_and_averages_over_the_batch():
     torch.testing.assert_close(loss, per_pixel.sum() / 2 + 0.01 * kl)
     torch.testing.assert_close(logs["val/rec_loss"], per_pixel.mean())
     torch.testing.assert_close(logs["val/kl_loss"], kl)
+
+
+def test_lit_ema_without_the_ramp_keeps_it_off_after_a_reload():
+    model = torch.nn.Linear(2, 2)
+    fixed = LitEma(model, decay=0.5, use_num_updates=False)
+    ramped = LitEma(model, decay=0.5)
+    ramped.load_state_dict(fixed.state_dict())
+    assert not ramped.ramps_up and ramped.num_updates.item() == -1
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ramped(model)
+    assert ramped.num_updates.item() == -1  # decay 0.5 as stored, no ramp
+    assert torch.allclose(ramped.state_dict()["weight"], model.weight - 0.5)

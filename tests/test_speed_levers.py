@@ -3,6 +3,7 @@ UNet layers, half-precision frozen weights, the channels-last layout, torch.comp
 
 The compile test takes about a minute on a CPU (inductor builds C++ kernels), so it is marked slow."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 
 import ldm.modules.attention
 from ldm.checkpoint import build_random_model
+from ldm.models.diffusion.ddpm import fused_adamw
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.modules.lean_ops import LayerNorm, LeanConv
 from ldm.util import instantiate_from_config
@@ -345,3 +347,11 @@ def test_compiled_unet_equals_eager(dataset):
     grad_eager = torch.autograd.grad(loss_eager, eager.embedding_manager.vectors("*"))[0]
     grad_compiled = torch.autograd.grad(loss_compiled, compiled.embedding_manager.vectors("*"))[0]
     assert torch.allclose(grad_eager, grad_compiled, rtol=1e-3, atol=1e-7)
+
+
+def test_adamw_is_fused_on_a_gpu_unless_gradients_are_clipped():
+    """Lightning's mixed precision refuses gradient clipping for a fused optimizer, at the first step."""
+    on_gpu = [SimpleNamespace(is_cuda=True)] * 2
+    assert fused_adamw(on_gpu, None) and fused_adamw(on_gpu, SimpleNamespace(gradient_clip_val=None))
+    assert not fused_adamw(on_gpu, SimpleNamespace(gradient_clip_val=1.0))
+    assert not fused_adamw([SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)], None)

@@ -97,7 +97,8 @@ def test_sampling_and_a_cast_keep_the_weights_in_cpu_memory_and_the_values():
 
 
 @pytest.mark.parametrize("other, message", [("cuda_graphs", "cuda_graphs cannot replay an offloaded UNet"),
-                                            ("compile_unet", "offload_unet and compile_unet cannot be combined")])
+                                            ("compile_unet", "offload_unet and compile_unet cannot be combined"),
+                                            ("unfreeze_model", "unfreeze_model trains them")])
 def test_the_config_switch_refuses_levers_that_need_resident_weights(other, message):
     config = OmegaConf.load(TINY_SD)
     config.model.params.offload_unet = True

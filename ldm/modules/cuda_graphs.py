@@ -12,15 +12,32 @@ gradient of the learned words' path through the network); anything else, and the
 casting a network drops its recorded graphs, whose kernels read the old weights.
 """
 import abc
+import contextlib
 import inspect
 
 import torch
 
-_CAPTURE_OPTIONS = (
-    # Other threads (the data loader pins memory) may call CUDA while a graph is being recorded.
-    {"capture_error_mode": "thread_local"}
-    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters else {}
-)
+# Other threads (the data loader's pin-memory thread) may call CUDA while a graph records; in the default "global"
+# mode such a call breaks the recording, in "thread_local" mode only this thread's calls are checked.
+_TAKES_CAPTURE_MODE = "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters
+_CAPTURE_OPTIONS = {"capture_error_mode": "thread_local"} if _TAKES_CAPTURE_MODE else {}
+
+
+@contextlib.contextmanager
+def thread_local_capture():
+    """For the moment, `torch.cuda.graph` records in "thread_local" mode unless told otherwise: torch versions
+    whose make_graphed_callables takes no capture mode (2.11) always record with the class's default."""
+    original = torch.cuda.graph
+
+    class ThreadLocalGraph(original):
+        def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="thread_local", **kwargs):
+            super().__init__(cuda_graph, pool=pool, stream=stream, capture_error_mode=capture_error_mode, **kwargs)
+
+    torch.cuda.graph = ThreadLocalGraph
+    try:
+        yield
+    finally:
+        torch.cuda.graph = original
 
 
 def uses_checkpointing(module: torch.nn.Module) -> bool:
@@ -30,8 +47,9 @@ def uses_checkpointing(module: torch.nn.Module) -> bool:
 
 class GraphedPasses(abc.ABC):
     """Calls `_forward(*inputs)` through recorded CUDA graphs where `applies(*inputs)`, once per input signature
-    (shapes, dtypes, grad mode, autocast state). `make_graphed` and `device_type` are there for tests on machines
-    without CUDA."""
+    (shapes, dtypes, grad and inference mode, autocast state; a recording made in inference mode holds inference
+    tensors, which a replay outside it cannot refill). `make_graphed` and `device_type` are there for tests on
+    machines without CUDA."""
 
     name = "the network"  # in the one line a failed recording prints
 
@@ -59,7 +77,7 @@ class GraphedPasses(abc.ABC):
             return self._forward(*inputs)
         device = inputs[0].device.type
         key = (*((tuple(t.shape), t.dtype, t.requires_grad) for t in inputs), torch.is_grad_enabled(),
-               torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+               torch.is_inference_mode_enabled(), torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         if key not in self.graphed:
             try:
                 self.graphed[key] = self._record(*inputs)
@@ -83,7 +101,8 @@ class GraphedPasses(abc.ABC):
         device = inputs[0].device.type
         with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device),
                             cache_enabled=False):
-            return self.make_graphed(self._forward, samples, **_CAPTURE_OPTIONS)
+            with contextlib.nullcontext() if _CAPTURE_OPTIONS else thread_local_capture():
+                return self.make_graphed(self._forward, samples, **_CAPTURE_OPTIONS)
 
 
 class GraphedUNet(GraphedPasses):

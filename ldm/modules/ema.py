@@ -15,6 +15,8 @@ class LitEma(torch.nn.Module):
             raise ValueError(f"EMA decay must be between 0 and 1, got {decay}")
         self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
         self.register_buffer("num_updates", torch.tensor(0 if use_num_updates else -1, dtype=torch.int))
+        # num_updates >= 0 on the host: reading the buffer at every step would wait for the GPU's queued work.
+        self.ramps_up = use_num_updates
         self.shadow_names = {name: name.replace(".", "") for name, p in model.named_parameters() if p.requires_grad}
         for name, p in model.named_parameters():
             if name in self.shadow_names:
@@ -27,11 +29,15 @@ class LitEma(torch.nn.Module):
     def forward(self, model: torch.nn.Module):
         """Move every shadow weight a step (1 - decay) towards the model's current weight."""
         decay = self.decay
-        if self.num_updates >= 0:
+        if self.ramps_up:
             self.num_updates += 1
             decay = torch.minimum(decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
         for p, shadow in self._pairs(model):
             shadow.lerp_(p.detach().to(shadow.dtype), (1.0 - decay).to(shadow.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.ramps_up = bool(self.num_updates >= 0)
 
     @contextmanager
     def applied_to(self, model: torch.nn.Module):

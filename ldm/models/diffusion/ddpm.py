@@ -103,6 +103,14 @@ class DiffusionWrapper(torch.nn.Module):
 DEFAULT_TIMESTEPS = 1000
 
 
+def fused_adamw(params, trainer) -> bool:
+    """AdamW as one fused kernel per step on a GPU instead of a dozen (at batch 1 a step is bound by launches),
+    unless gradients are clipped (`gradient_clip_val`): Lightning's mixed precision refuses to clip for a fused
+    optimizer."""
+    clipping = trainer is not None and bool(trainer.gradient_clip_val)
+    return not clipping and all(p.is_cuda for p in params)
+
+
 class DDPM(pl.LightningModule):
     """Noise schedule, forward noising and the epsilon-prediction loss."""
 
@@ -247,6 +255,9 @@ class LatentDiffusion(DDPM):
         if offload_unet and compile_unet:
             raise ValueError("offload_unet and compile_unet cannot be combined (the compiled UNet would read weights "
                              "that move every step): set compile_unet: false")
+        if offload_unet and kwargs.get("unfreeze_model"):
+            raise ValueError("offload_unet streams frozen UNet weights from CPU memory, and unfreeze_model trains them "
+                             "(their optimizer state and gradients live on the GPU): set offload_unet: false")
         if cuda_graphs and compile_unet:
             raise ValueError("cuda_graphs and compile_unet are alternatives: for CUDA graphs of the compiled UNet "
                              "set compile_unet: reduce-overhead and cuda_graphs: false")
@@ -480,9 +491,11 @@ class LatentDiffusion(DDPM):
         if not self.ucg_training:
             return batch
         batch = dict(batch)
+        # Drawn on the host from the step's seed: reading draws made on the GPU would wait for its queued work.
+        host_generator = torch.Generator().manual_seed(generator.initial_seed())
         for key, setting in self.ucg_training.items():
             values = list(batch[key])
-            dropped = torch.rand(len(values), generator=generator, device=generator.device) < float(setting["p"])
+            dropped = torch.rand(len(values), generator=host_generator) < float(setting["p"])
             batch[key] = [setting["val"] if drop else value for drop, value in zip(dropped.tolist(), values)]
         return batch
 
@@ -490,7 +503,7 @@ class LatentDiffusion(DDPM):
         generator = self.training_generator()
         loss, logs = self.shared_step(self.drop_conditioning(batch, generator), generator)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, on_epoch=False)
-        self.log("loss", loss, prog_bar=True, logger=False, on_step=True)
+        self.log("loss", loss, logger=False, on_step=True)  # shown by the progress bar (ldm.callbacks.LossProgressBar)
         if self.embedding_manager is not None:
             norms = {f"train/norm/{name}": n.detach().max() for name, n in self.embedding_manager.vector_norms().items()}
             self.log_dict(norms, on_step=True, on_epoch=False)
@@ -536,8 +549,7 @@ class LatentDiffusion(DDPM):
         if self.unfreeze_model:
             model_params = list(self.model.parameters()) + list(self.cond_stage_model.parameters())
             groups.append({"params": model_params, "lr": self.model_lr})
-        # On a GPU, one fused kernel per step instead of a dozen (at batch 1 a step is bound by launches).
-        fused = all(p.is_cuda for group in groups for p in group["params"])
+        fused = fused_adamw([p for group in groups for p in group["params"]], self._trainer)
         return torch.optim.AdamW(groups, lr=self.learning_rate, fused=fused)
 
     def on_save_checkpoint(self, checkpoint):

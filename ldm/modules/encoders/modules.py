@@ -26,8 +26,12 @@ CAPTION_MEMO_SIZE = 256
 
 
 def _causal_mask(config, hidden: torch.Tensor):
-    """CLIPTextModel.forward's mask (None plus is_causal under SDPA, an explicit mask otherwise) through
-    `create_causal_mask`, whose cache arguments were renamed within transformers 5 (past_key_values -> cache)."""
+    """CLIPTextModel.forward's mask: under SDPA none (the text has no padding mask, and is_causal says the rest,
+    which lets SDPA pick FlashAttention); otherwise `create_causal_mask`'s, whose cache arguments were renamed within
+    transformers 5 (past_key_values -> cache). SDPA's None is given here, not left to `create_causal_mask`: in
+    transformers 5.17 it builds an explicit mask while a CUDA graph records, so the graph would run other kernels."""
+    if config._attn_implementation == "sdpa":
+        return None
     arguments = {"cache" if "cache" in _CAUSAL_MASK_PARAMETERS else "past_key_values": None}
     if "cache_position" in _CAUSAL_MASK_PARAMETERS:
         arguments["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
