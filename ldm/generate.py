@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import sys
+import warnings
 from functools import partial
 
 import numpy as np
@@ -323,8 +324,11 @@ def generate(model: LatentDiffusion, prompts, *, n_samples: int, n_iter: int, st
                 noise = start_code[:len(batch)]
             else:
                 noise = torch.randn((len(batch), *latent_shape), generator=generator, device=device)
-            decoded = model.decode_first_stage(denoise(noise, cond, batch_uc))
-            images.extend(((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu())
+            decoded = model.decode_first_stage(denoise(noise, cond, batch_uc)).float().cpu()
+            if not torch.isfinite(decoded).all():  # they would be saved as black images
+                warnings.warn("sampling gave NaN or infinite pixels, saved as black: half-precision overflow is the "
+                              "usual cause; sample with --precision full", stacklevel=2)
+            images.extend(((decoded + 1.0) / 2.0).clamp(0.0, 1.0))
     return images
 
 

@@ -1,7 +1,7 @@
 r"""Generate images with the LDM text2img-large model (LDM-BERT) and learned words.
 
-Defaults are the original txt2img.py's (200 DDIM steps, scale 5.0, 256 px, 4 samples, 1 iteration); its README
-example uses 50 steps:
+Defaults are the original txt2img.py's (200 DDIM steps, scale 5.0, 256 px, 4 samples, 1 iteration, float32:
+--precision autocast samples in fp16, which LDM-BERT was not checked in); its README example uses 50 steps:
   python scripts/txt2img.py --ddim_eta 0.0 --n_samples 8 --n_iter 2 --scale 10.0 --ddim_steps 50 \
       --embedding_path logs/cat/checkpoints/embeddings_gs-5049.pt \
       --ckpt_path models/ldm/text2img-large/model.ckpt --prompt "a photo of *"
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_arguments(parser)
     parser.set_defaults(
-        ddim_steps=200, scale=5.0, n_samples=4, n_iter=1,
+        ddim_steps=200, scale=5.0, n_samples=4, n_iter=1, precision="full",
         config="configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml",
         ckpt="models/ldm/text2img-large/model.ckpt",
     )

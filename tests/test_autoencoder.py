@@ -87,6 +87,20 @@ def test_attention_block_equals_explicit_softmax():
     assert max_relative_error(actual, expected) < 1e-5
 
 
+def test_attention_block_gives_sdpa_what_its_fused_kernels_take(monkeypatch):
+    """4-D (batch, heads, positions, channels) with contiguous channels; 3-D or strided inputs send CUDA to the
+    math kernel, which keeps the (H*W)^2 scores in float32."""
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v):
+        seen.extend((t.dim(), t.stride(-1)) for t in (q, k, v))
+        return sdpa(q, k, v)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    AttnBlock(32)(torch.randn(2, 32, 5, 7))
+    assert seen == [(4, 1)] * 3
+
+
 def test_level_attention_is_built_where_asked_and_applied():
     ddconfig = dict(TINY_DDCONFIG, attn_resolutions=[16])
     model = randomize_(AutoencoderKL(ddconfig, IDENTITY_LOSS, embed_dim=4), seed=12).eval()

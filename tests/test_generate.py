@@ -86,6 +86,12 @@ def test_autocast_on_the_cpu_stays_full_precision(sd_model):
     assert torch.equal(full, autocast)
 
 
+def test_non_finite_pixels_are_reported_not_silently_saved_black(sd_model, monkeypatch):
+    monkeypatch.setattr(sd_model, "decode_first_stage", lambda z: torch.full((z.shape[0], 3, 32, 32), float("nan")))
+    with pytest.warns(UserWarning, match="NaN or infinite pixels, saved as black: .*--precision full"):
+        generate(sd_model, "a cat", seed=5, **dict(FAST, n_samples=1, steps=2))
+
+
 @pytest.mark.parametrize("override, message", [
     (dict(downsampling_factor=8), "--f 8 does not match .* pass --f 2"),
     (dict(latent_channels=3), "--C 3 does not match"),
@@ -291,8 +297,8 @@ def test_img2img_runs_from_the_repository_root(tiny_sd_ckpt, init_images, tmp_pa
 
 def test_txt2img_defaults_are_the_ldm_ones():
     args = txt2img.build_parser().parse_args([])
-    assert (args.ddim_steps, args.scale, args.H, args.W, args.n_samples, args.n_iter, args.seed) == (
-        200, 5.0, None, None, 4, 1, 42)
+    assert (args.ddim_steps, args.scale, args.H, args.W, args.n_samples, args.n_iter, args.seed, args.precision) == (
+        200, 5.0, None, None, 4, 1, 42, "full")
     assert args.ckpt == "models/ldm/text2img-large/model.ckpt"
     sd = stable_txt2img.build_parser().parse_args(["--embedding_path", "a.pt", "b.pt", "--embedding_path", "c.pt"])
     assert (sd.ddim_steps, sd.scale, sd.H, sd.n_samples, sd.n_iter, sd.precision) == (50, 7.5, None, 3, 2, "autocast")

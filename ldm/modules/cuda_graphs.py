@@ -75,6 +75,12 @@ class GraphedPasses(abc.ABC):
     def __call__(self, *inputs):
         if not self.applies(*inputs):
             return self._forward(*inputs)
+        # Recording and replaying work on the current CUDA device; on another, the recording would be empty.
+        device = inputs[0].device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return self._graphed_call(*inputs)
+
+    def _graphed_call(self, *inputs):
         device = inputs[0].device.type
         key = (*((tuple(t.shape), t.dtype, t.requires_grad) for t in inputs), torch.is_grad_enabled(),
                torch.is_inference_mode_enabled(), torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))

@@ -131,7 +131,7 @@ class StepSampler(ABC):
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.,
                       verbose: bool = False) -> None:
         """Choose the steps and their coefficients; also builds the all-timesteps schedule `use_original_steps` uses."""
-        alphas_cumprod = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
+        alphas_cumprod = self.model.alphas_cumprod.detach().cpu().double()  # cast on the CPU: MPS has no float64
         if alphas_cumprod.shape[0] != self.ddpm_num_timesteps:
             raise ValueError(f"model.alphas_cumprod has {alphas_cumprod.shape[0]} entries but the model has "
                              f"{self.ddpm_num_timesteps} timesteps")

@@ -96,9 +96,12 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, height, width = x.shape
         h = self.norm(x)
-        q, k, v = (proj(h).reshape(b, c, height * width).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        # (b, 1 head, H*W, c) with contiguous channels: the fused SDPA kernels take nothing else, and the math
+        # fallback would hold the (H*W)^2 scores in float32 (2 GiB per image at 1024 px).
+        q, k, v = (proj(h).reshape(b, 1, c, height * width).transpose(2, 3).contiguous()
+                   for proj in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(1, 2).reshape(b, c, height, width)
+        h = h.transpose(2, 3).reshape(b, c, height, width)
         return x + self.proj_out(h)
 
 
