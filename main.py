@@ -216,6 +216,8 @@ def trainer_settings(opt, lightning_config):
         value = getattr(opt, flag)
         if value is not None:
             settings[flag] = value
+    if "devices" in settings and "accelerator" not in settings and torch.cuda.is_available():
+        settings["accelerator"] = "gpu"  # --devices is Lightning's form of --gpus
     settings.setdefault("accelerator", "cpu")
     settings.setdefault("devices", 1)
     for key, least in (("max_steps", 1), ("accumulate_grad_batches", 1)):
@@ -353,15 +355,17 @@ def main(argv=None):
 @contextlib.contextmanager
 def stop_and_save_signals(trainer, checkpoint: TrainingCheckpoint):
     """For the duration, Ctrl-C / SIGTERM finish the current step, save and stop; a second Ctrl-C stops at once.
-    SIGUSR1 (not on Windows) saves at the next step and keeps training. The previous handlers come back after,
-    so a process that calls `main()` (a notebook, the tests) keeps its own."""
+    SIGUSR1 (not on Windows) saves at the next step and keeps training. The handlers only record the request;
+    `checkpoint` carries it out at a step all ranks agree on. The previous handlers come back after, so a process
+    that calls `main()` (a notebook, the tests) keeps its own."""
 
     def request_stop(signum, frame):
-        if trainer.should_stop:
-            raise KeyboardInterrupt
+        if trainer.stop_signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return  # SIGTERM again: under DDP a rank gets its process group's and Lightning's forwarded copy
         print(f"\n{signal.Signals(signum).name}: finishing this step, saving and stopping (press Ctrl-C again to stop now)")
         trainer.stop_signal = signum
-        trainer.should_stop = True
 
     def request_save(signum, frame):
         checkpoint.save_requested = True

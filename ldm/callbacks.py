@@ -39,10 +39,21 @@ class LossProgressBar(TQDMProgressBar):
         return metrics
 
 
+def _on_any_rank(trainer, flag: bool) -> bool:
+    """Whether `flag` is set on any rank, the same answer on all of them (one small all-reduce under DDP)."""
+    if trainer.world_size == 1:
+        return flag
+    return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+
 class TrainingCheckpoint(Callback):
     """Writes a resumable `last.ckpt` (plus `embeddings_gs-<step>.pt` and `embeddings.pt` when the model learns
     pseudo-words) every N steps, at the end, and when training is interrupted (Ctrl-C, SIGTERM, an exception),
-    so no run is ever lost. What `last.ckpt` holds is the model's choice (`on_save_checkpoint`)."""
+    so no run is ever lost. What `last.ckpt` holds is the model's choice (`on_save_checkpoint`).
+
+    Stops and saves asked for by signal (main.py's handlers set `trainer.stop_signal` and `save_requested` on the
+    rank that got it) happen at the end of a step that all ranks agree on: saving is collective, and a rank that
+    stopped alone would leave the others waiting in a collective for ever."""
 
     def __init__(self, ckptdir: str, every_n_train_steps: int = 500):
         super().__init__()
@@ -67,7 +78,13 @@ class TrainingCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step  # 0 only during the first step's accumulated batches: nothing learned to save
-        if self.save_requested or (self.every_n_train_steps and step and step % self.every_n_train_steps == 0):
+        stop = _on_any_rank(trainer, getattr(trainer, "stop_signal", None) is not None)
+        if stop:
+            trainer.should_stop = True
+            if trainer.stop_signal is None:  # another rank got the signal
+                trainer.stop_signal = signal.SIGTERM
+        if _on_any_rank(trainer, self.save_requested) or (
+                self.every_n_train_steps and step and step % self.every_n_train_steps == 0):
             self.save_requested = False
             self.save(trainer, pl_module)
 

@@ -353,3 +353,12 @@ def test_the_caption_memo_forgets_the_least_recently_used_beyond_its_size(clip, 
         conditioner.encode(PROMPTS[1:2])
         conditioner.encode(PROMPTS[3:4])
     assert list(conditioner._caption_memo) == [PROMPTS[1], PROMPTS[3]]
+
+
+def test_a_trained_ldm_bert_gives_every_trainable_parameter_a_gradient():
+    """DDP (several GPUs) refuses a trainable parameter that gets no gradient: the unused language-model head is
+    frozen, so pretraining or `unfreeze_model` with LDM-BERT runs under DDP."""
+    encoder = BERTEmbedder(n_embed=32, n_layer=2)
+    encoder(PROMPTS[:2]).square().mean().backward()
+    without = [name for name, p in encoder.named_parameters() if p.requires_grad and p.grad is None]
+    assert without == [] and "transformer.to_logits.weight" in encoder.state_dict()

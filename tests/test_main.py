@@ -129,7 +129,7 @@ class CtrlCTwice(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGINT)
-            assert trainer.should_stop and trainer.stop_signal == signal.SIGINT
+            assert trainer.stop_signal == signal.SIGINT
             os.kill(os.getpid(), signal.SIGINT)  # raises KeyboardInterrupt here, inside the training loop
 
 
@@ -297,6 +297,19 @@ def test_devices_flag_forms_and_their_count(monkeypatch, devices, cuda_count, ex
     assert main_module.parse_devices("gpu" if cuda_count else "cpu", devices) == expected
 
 
+@pytest.mark.parametrize("argv, cuda_count, expected", [
+    (["--devices", "2"], 2, ("gpu", 2)), (["--devices", "0,1"], 2, ("gpu", [0, 1])), (["--devices", "2"], 0, ("cpu", 2)),
+    (["--devices", "2", "--accelerator", "cpu"], 2, ("cpu", 2)), ([], 2, ("cpu", 1)),  # no device flag: the CPU
+])
+def test_devices_without_an_accelerator_mean_gpus_where_there_are_some(monkeypatch, argv, cuda_count, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    opt, _ = main_module.get_parser().parse_known_args(argv)
+    settings, _ = main_module.trainer_settings(opt, OmegaConf.create({"trainer": {}}))
+    assert (settings["accelerator"], settings["devices"]) == expected
+
+
 @pytest.mark.parametrize("devices", ["0", "-2", "two", "0,x"])
 def test_devices_that_name_no_device_are_refused(devices):
     with pytest.raises(main_module.UsageError, match=f"--devices '{devices}' is not understood"):
@@ -326,6 +339,43 @@ def test_two_process_ddp_on_cpu_writes_one_set_of_embeddings(tmp_path, images, t
     run = only_run(tmp_path / "logs")
     files = sorted(os.listdir(os.path.join(run, "checkpoints")))
     assert files == ["embeddings.pt", "embeddings_gs-10.pt", "last.ckpt"], files
+
+
+def test_signals_to_one_ddp_rank_save_and_stop_all_ranks_at_one_step(tmp_path, images, tiny_sd_ckpt):
+    """`kill -USR1 <pid>` or Ctrl-C reaching rank 0 alone: saving is collective, so the ranks must agree on the step
+    (a rank saving or stopping alone left the others waiting in a collective: a hang, or a crash under gloo)."""
+    logroot = tmp_path / "logs"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "main.py", "--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root",
+         str(images), "-l", str(logroot), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+         "lightning.trainer.max_steps=2000", "lightning.modelcheckpoint.params.every_n_train_steps=5", *QUIET],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def steps_saved():
+        return sorted(int(path.rsplit("-", 1)[1].removesuffix(".pt"))
+                      for path in glob.glob(str(logroot / "*" / "checkpoints" / "embeddings_gs-*.pt")))
+
+    def wait_for(condition, what):
+        deadline = time.time() + 240
+        while not condition():
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"{what}: {process.communicate()[0][-3000:]}")
+            time.sleep(0.05)
+
+    wait_for(lambda: 5 in steps_saved(), "training did not reach step 5")
+    process.send_signal(signal.SIGUSR1)  # rank 0 only
+    wait_for(lambda: any(step % 5 for step in steps_saved()), "SIGUSR1 did not save")
+    requested = next(step for step in steps_saved() if step % 5)
+    wait_for(lambda: max(steps_saved()) > requested, "training did not go on after the save")
+    process.send_signal(signal.SIGINT)  # rank 0 only
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, output[-3000:]
+    checkpoints = os.path.join(only_run(logroot), "checkpoints")
+    assert not glob.glob(os.path.join(checkpoints, "*.tmp")), os.listdir(checkpoints)
+    stopped_at = load_embeddings(os.path.join(checkpoints, "embeddings.pt")).metadata["step"]
+    assert torch.load(os.path.join(checkpoints, "last.ckpt"), weights_only=False)["global_step"] == stopped_at
 
 
 def test_per_image_tokens_with_the_ldm_encoder(tmp_path, images, tiny_ldm_ckpt):

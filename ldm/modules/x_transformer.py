@@ -97,8 +97,9 @@ class TransformerWrapper(nn.Module):
         self.emb_dropout = nn.Dropout(emb_dropout)
         self.attn_layers = attn_layers
         self.norm = LayerNorm(dim)
-        # The language-model head is never used for conditioning; it exists so checkpoints load key for key.
-        self.to_logits = nn.Linear(dim, num_tokens)
+        # The language-model head is never used for conditioning; it exists so checkpoints load key for key, and
+        # stays frozen so that training the encoder leaves no parameter without a gradient (DDP refuses those).
+        self.to_logits = nn.Linear(dim, num_tokens).requires_grad_(False)
 
     def forward(self, token_embeddings: torch.Tensor) -> torch.Tensor:
         x = token_embeddings + self.pos_emb(token_embeddings)
