@@ -346,7 +346,7 @@ def main(argv=None):
         # batch may fail once they are gone; TrainingCheckpoint has saved by then.
         if trainer.stop_signal is None:
             raise
-    if trainer.stop_signal is not None:
+    if trainer.stop_signal is not None and trainer.is_global_zero:  # other ranks name run folders of their own
         saved = "embeddings and last.ckpt are" if textual_inversion else "last.ckpt is"
         print(f"Stopped at step {trainer.global_step}; {saved} in {ckptdir}. Continue with: python main.py -r {logdir}")
     return trainer

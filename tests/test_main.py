@@ -372,6 +372,7 @@ def test_signals_to_one_ddp_rank_save_and_stop_all_ranks_at_one_step(tmp_path, i
     process.send_signal(signal.SIGINT)  # rank 0 only
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, output[-3000:]
+    assert output.count("Continue with: python main.py -r") == 1 and f"-r {only_run(logroot)}\n" in output
     checkpoints = os.path.join(only_run(logroot), "checkpoints")
     assert not glob.glob(os.path.join(checkpoints, "*.tmp")), os.listdir(checkpoints)
     stopped_at = load_embeddings(os.path.join(checkpoints, "embeddings.pt")).metadata["step"]
