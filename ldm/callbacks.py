@@ -39,11 +39,13 @@ class LossProgressBar(TQDMProgressBar):
         return metrics
 
 
-def _on_any_rank(trainer, flag: bool) -> bool:
-    """Whether `flag` is set on any rank, the same answer on all of them (one small all-reduce under DDP)."""
+def _on_any_rank(trainer, *flags: bool) -> list[bool]:
+    """Whether each of `flags` is set on any rank, the same answers on all of them (one small all-reduce under
+    DDP)."""
     if trainer.world_size == 1:
-        return flag
-    return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+        return list(flags)
+    votes = torch.tensor([float(flag) for flag in flags], device=trainer.strategy.root_device)
+    return [bool(vote) for vote in trainer.strategy.reduce(votes, reduce_op="max").tolist()]
 
 
 class TrainingCheckpoint(Callback):
@@ -78,13 +80,12 @@ class TrainingCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step  # 0 only during the first step's accumulated batches: nothing learned to save
-        stop = _on_any_rank(trainer, getattr(trainer, "stop_signal", None) is not None)
+        stop, save = _on_any_rank(trainer, getattr(trainer, "stop_signal", None) is not None, self.save_requested)
         if stop:
             trainer.should_stop = True
             if trainer.stop_signal is None:  # another rank got the signal
                 trainer.stop_signal = signal.SIGTERM
-        if _on_any_rank(trainer, self.save_requested) or (
-                self.every_n_train_steps and step and step % self.every_n_train_steps == 0):
+        if save or (self.every_n_train_steps and step and step % self.every_n_train_steps == 0):
             self.save_requested = False
             self.save(trainer, pl_module)
 
