@@ -288,6 +288,10 @@ def generate(model: LatentDiffusion, prompts, *, n_samples: int, n_iter: int, st
         raise ValueError(f"precision '{precision}' is unknown: use one of {', '.join(PRECISIONS)}")
     require_at_least(1, n_iter=n_iter, n_samples=n_samples)
     check_ddim_steps(steps, model.num_timesteps)
+    stored = next(model.model.parameters()).dtype
+    if precision == "full" and stored != torch.float32:
+        raise ValueError(f"precision 'full' needs float32 weights, but the model's are stored in {stored}: load it "
+                         "with load_model(..., weights_dtype=torch.float32) or sample with precision 'autocast'")
     batches = _prompt_batches(prompts, n_samples)
     _check_latent_format(model, latent_channels, downsampling_factor)
     device = model.device

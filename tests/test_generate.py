@@ -86,6 +86,13 @@ def test_autocast_on_the_cpu_stays_full_precision(sd_model):
     assert torch.equal(full, autocast)
 
 
+def test_full_precision_with_half_weights_is_a_one_line_error(tiny_sd_ckpt):
+    model = load_model(TINY_SD, tiny_sd_ckpt, "cpu", weights_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="precision 'full' needs float32 weights, but the model's are stored in "
+                                         "torch.bfloat16"):
+        generate(model, "a cat", seed=5, **dict(FAST, n_samples=1, steps=2))
+
+
 def test_non_finite_pixels_are_reported_not_silently_saved_black(sd_model, monkeypatch):
     monkeypatch.setattr(sd_model, "decode_first_stage", lambda z: torch.full((z.shape[0], 3, 32, 32), float("nan")))
     with pytest.warns(UserWarning, match="NaN or infinite pixels, saved as black: .*--precision full"):
