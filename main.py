@@ -25,6 +25,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 
 from ldm.callbacks import ImageLogger, LossProgressBar, SetupCallback, TrainingCheckpoint
 from ldm.data.datamodule import DataModuleFromConfig
+from ldm.models.diffusion.ddpm import DEFAULT_SEED
 from ldm.paths import check_output, require_file
 from ldm.util import instantiate_from_config, load_yaml
 
@@ -41,8 +42,6 @@ TRAINER_FLAGS = {  # Lightning Trainer flags we accept on the command line, as t
     "val_check_interval": float,
     "log_every_n_steps": int,
 }
-
-DEFAULT_SEED = 23  # the original's
 
 # The progress bar reads the logged loss from the GPU, which waits for the GPU's queued work: every 10 steps, not
 # at every step, so that the CPU can queue the next step while the GPU runs this one (ldm.callbacks.LossProgressBar).

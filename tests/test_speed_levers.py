@@ -3,6 +3,7 @@ UNet layers, half-precision frozen weights, the channels-last layout, torch.comp
 
 The compile test takes about a minute on a CPU (inductor builds C++ kernels), so it is marked slow."""
 import copy
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -237,6 +238,20 @@ def test_preparation_casts_frozen_weights_to_the_trainer_precision():
     assert next(model.model.parameters()).dtype == torch.bfloat16
     assert next(model.first_stage_model.parameters()).dtype == torch.bfloat16
     assert model.embedding_manager.vectors("*").dtype == torch.float32
+
+
+def test_frozen_parts_stay_in_eval_mode_and_the_model_pickles():
+    """Lightning switches the whole model to training; the frozen parts must not follow (dropout), and the model
+    must pickle, as `--strategy ddp_spawn` needs."""
+    model = build_random_model(TINY_SD)
+    model.train()
+    assert model.training and model.embedding_manager.training
+    assert not any(module.training for part in (model.model, model.first_stage_model, model.cond_stage_model)
+                   for module in part.modules())
+    assert not any(p.requires_grad for p in model.model.parameters())
+    copy = pickle.loads(pickle.dumps(model))
+    copy.train()
+    assert not copy.cond_stage_model.training
 
 
 def test_logged_images_run_in_the_stored_half_precision(dataset):

@@ -34,12 +34,13 @@ from ldm.util import (
 FROZEN_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # `compile_unet`: false, true (torch.compile's default mode) or a mode; "reduce-overhead" adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEFAULT_SEED = 23  # the original's; main.py seeds the data order with it too
 GRAPHS_WITH_OFFLOAD = "cuda_graphs cannot replay an offloaded UNet (its weights move every step): set {}: false"
 
 
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """No gradients and eval mode (`LatentDiffusion.train` keeps it there)."""
     module.eval()
-    module.train = lambda mode=True: module  # stays in eval mode when Lightning calls .train()
     for p in module.parameters():
         p.requires_grad_(False)
     return module
@@ -139,7 +140,7 @@ class DDPM(pl.LightningModule):
         embedding_reg_weight=0.0,
         unfreeze_model=False,
         model_lr=0.0,
-        seed=23,
+        seed=DEFAULT_SEED,
         **ignored,
     ):
         super().__init__()
@@ -290,6 +291,7 @@ class LatentDiffusion(DDPM):
                 warnings.warn("cuda_graphs does not apply with gradient checkpointing (use_checkpoint): the UNet "
                               "runs eagerly")
         self.first_stage_model = _freeze(instantiate_from_config(first_stage_config))
+        self.frozen_parts = ["first_stage_model"]  # kept in eval mode by `train`
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
         if cuda_graphs and isinstance(self.cond_stage_model, TextConditioner):
             self.cond_stage_model.use_cuda_graphs()
@@ -300,10 +302,10 @@ class LatentDiffusion(DDPM):
             restore(self, self._pending_ckpt[0], ignore_keys=self._pending_ckpt[1], use_ema=self.use_ema)
         self.pretraining = self.unfreeze_model and personalization_config is None
         if not self.unfreeze_model:
+            self.frozen_parts.append("model")
             _freeze(self.model)
-            if self.cond_stage_model is not None:
-                _freeze(self.cond_stage_model)
-        elif self.pretraining and not cond_stage_trainable and self.cond_stage_model is not None:
+        if self.cond_stage_model is not None and (not self.unfreeze_model or self.pretraining and not cond_stage_trainable):
+            self.frozen_parts.append("cond_stage_model")
             _freeze(self.cond_stage_model)
         self.model_ema = LitEma(self.model) if self.pretraining and self.use_ema else None
         self.embedding_manager = None
@@ -313,6 +315,13 @@ class LatentDiffusion(DDPM):
                 p.requires_grad_(True)
         # Checkpoints of a textual-inversion run hold only the learned vectors (and optimizer state).
         self.strict_loading = False
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode (no dropout) when Lightning switches the model to training."""
+        super().train(mode)
+        for name in self.frozen_parts:
+            getattr(self, name).eval()
+        return self
 
     # --- conditioning and first stage -------------------------------------------------------------
     def get_learned_conditioning(self, texts):
