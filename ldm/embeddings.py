@@ -10,7 +10,8 @@ Layouts read:
 - AUTOMATIC1111 `.pt`: the same keys with the fixed key "*" plus "name" (the trigger), "step", "sd_checkpoint*";
   its PNG images carry that dict as base64 JSON in the `sd-ti-embedding` text chunk
 - diffusers `learned_embeds.bin` / `.safetensors`: {token: (D,) or (k, D)}
-- `emb_params` `.pt` / `.safetensors` (kohya, A1111, Civitai): one tensor; like A1111 we name it after the file stem
+- `emb_params` `.pt` / `.safetensors` (kohya, A1111, Civitai) and `clip_l` (SD 1.5 files of diffusers' pivotal
+  tuning script): one tensor; like A1111 we name it after the file stem
 """
 import base64
 import binascii
@@ -20,6 +21,7 @@ import json
 import os
 import pickle
 import secrets
+import zipfile
 from dataclasses import dataclass, field
 
 import safetensors
@@ -123,8 +125,8 @@ def save_embeddings(embeddings: Embeddings, path, format: str = "original") -> N
     """Write `embeddings` atomically in one of FORMATS; `.safetensors` or a pickle (`.pt`/`.bin`) by extension.
 
     - "original": the original repo's dict with plain tensors in plain dicts (loads with weights_only=True, and in
-      A1111), plus "name", "step", "sd_checkpoint*" and our "metadata"; a placeholder without a known token id is
-      written with id -1.
+      A1111), plus "name" (metadata "name" or the first placeholder), "step", "sd_checkpoint*" and our "metadata";
+      a placeholder without a known token id is written with id -1.
     - "diffusers": {token: (k, D)}; `.safetensors` keeps metadata and token ids in its string header, `.bin` keeps
       neither (diffusers' loader accepts only the one key).
     - "a1111": the AUTOMATIC1111 dict (`.pt`/`.bin`, name = metadata "name" or the placeholder) or
@@ -171,7 +173,7 @@ def _original_dict(embeddings: Embeddings, metadata: dict) -> dict:
             p: torch.tensor(embeddings.token_ids.get(p, UNKNOWN_TOKEN_ID), dtype=torch.int64) for p in placeholders
         },
         "string_to_param": dict(embeddings.vectors),
-        "name": placeholders[0],
+        "name": metadata.get("name") or placeholders[0],
         "step": int(metadata.get("step") or 0),
         "sd_checkpoint": None,
         "sd_checkpoint_name": None,
@@ -203,8 +205,10 @@ def _safetensors_header(metadata: dict, token_ids: dict) -> dict:
 
 
 def _pickled(obj) -> bytes:
+    """torch's legacy (non-zip) format: A1111's safe loader refuses the zip entries that torch >= 2.5 adds
+    (`.format_version`, `byteorder`, ...), and every torch and diffusers reads the legacy one."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    torch.save(obj, buffer, _use_new_zipfile_serialization=False)
     return buffer.getvalue()
 
 
@@ -254,7 +258,7 @@ def _torch_load(path: str):
     except pickle.UnpicklingError as error:
         reason = _unpickler_reason(error)
         raise ValueError(f"it is a pickle that torch's weights-only loader cannot read ({reason})") from error
-    except (RuntimeError, EOFError) as error:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
         raise ValueError(f"it is a truncated or corrupt PyTorch file ({_first_sentence(error)})") from error
 
 
@@ -309,14 +313,14 @@ def _interpret(obj, path: str, metadata: dict | None = None, token_ids: dict | N
         raise _unrecognised(f"{_describe_value(obj)} rather than a dict of embeddings")
     if "string_to_param" in obj:
         return _from_string_to_param(obj)
-    if set(obj) == {"emb_params"}:
+    if set(obj) in ({"emb_params"}, {"clip_l"}):  # kohya/Civitai; SD 1.5 pivotal tuning (diffusers' script)
         stem = os.path.splitext(os.path.basename(path))[0]
-        return Embeddings({stem: obj["emb_params"]}, metadata=metadata)
+        return Embeddings({stem: next(iter(obj.values()))}, metadata=metadata)
     encoder_keys = sorted(set(obj) & {"clip_l", "clip_g", "t5"})
     if encoder_keys:
-        raise _unrecognised(
-            f"an SDXL/Flux embedding with one vector set per text encoder (keys {', '.join(encoder_keys)}); "
-            "these models have a single text encoder"
+        raise ValueError(
+            f"it is an SDXL/Flux embedding with one vector set per text encoder (keys {', '.join(encoder_keys)}), "
+            "trained for a model this project does not run: use an embedding trained for SD v1 or LDM"
         )
     if _is_token_dict(obj):
         return Embeddings(obj, {p: i for p, i in token_ids.items() if p in obj}, metadata)

@@ -2,8 +2,9 @@
 
 Reads every layout `ldm.embeddings` recognises (original / A1111 `.pt`, A1111 PNG, diffusers `.bin` /
 `.safetensors`, `emb_params`) and writes the chosen one; the output extension picks `.pt`/`.bin` or `.safetensors`.
-diffusers adds the placeholder to its tokenizer as a new token, so the original's "*" (already a CLIP word) has to
-be renamed with --token on the way there.
+diffusers adds the placeholder to its tokenizer as a new token, so a placeholder its CLIP vocabulary already holds
+(the original's "*", any single character) has to be renamed with --token on the way there. An original-format
+file records each placeholder's tokenizer id, as the original's loader needs.
 
 Example:
   python scripts/convert_embedding.py --input logs/cat/checkpoints/embeddings.pt \
@@ -13,10 +14,9 @@ import argparse
 import sys
 
 from ldm.embeddings import FORMATS, Embeddings, load_embeddings, save_embeddings
+from ldm.modules.encoders.tokenizers import bert_tokenizer, clip_tokenizer, ordinary_token_id
 from ldm.paths import check_output
-
-# diffusers refuses to add a token its tokenizer already has, and "*" is one of CLIP's words.
-CLIP_WORD_PLACEHOLDER = "*"
+from ldm.text_encoders import SD_V1_WIDTH, model_family_of_width, width_label
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,15 +30,43 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def renamed(embeddings: Embeddings, token: str) -> Embeddings:
-    """The same vectors under `token`; a recorded tokenizer id belonged to the old string, so it is dropped."""
+    """The same vectors under `token`; a recorded tokenizer id and name belonged to the old string, so they go."""
     if len(embeddings.vectors) != 1:
         raise ValueError(
             f"--token renames a single placeholder, but the input holds {len(embeddings.vectors)} "
             f"({', '.join(embeddings.vectors)})"
         )
     ((placeholder, vectors),) = embeddings.vectors.items()
-    token_ids = embeddings.token_ids if token == placeholder else {}
-    return Embeddings({token: vectors}, token_ids, dict(embeddings.metadata))
+    if token == placeholder:
+        return embeddings
+    metadata = {key: value for key, value in embeddings.metadata.items() if key != "name"}
+    return Embeddings({token: vectors}, {}, metadata)
+
+
+def with_token_ids(embeddings: Embeddings) -> Embeddings:
+    """Record the tokenizer id of each placeholder that is one token of its model's tokenizer (the original's
+    loader finds placeholders by id); the model is told by the width, else by the recorded model family."""
+    family = model_family_of_width(embeddings.dim) or embeddings.metadata.get("model_family")
+    if family not in ("sd-v1", "ldm"):
+        return embeddings
+    tokenizer = clip_tokenizer() if family == "sd-v1" else bert_tokenizer()
+    token_ids = dict(embeddings.token_ids)
+    for placeholder in embeddings.vectors:
+        token_id = ordinary_token_id(tokenizer, placeholder)
+        if placeholder not in token_ids and token_id is not None:
+            token_ids[placeholder] = token_id
+    return Embeddings(embeddings.vectors, token_ids, embeddings.metadata)
+
+
+def check_new_clip_tokens(embeddings: Embeddings, source: str):
+    """diffusers adds the token to its CLIP tokenizer and refuses one the vocabulary already holds."""
+    vocabulary = clip_tokenizer().get_vocab()
+    for placeholder in embeddings.vectors:
+        if placeholder in vocabulary:
+            raise ValueError(
+                f"'{source}' uses the placeholder '{placeholder}', which is already in the CLIP tokenizer's "
+                "vocabulary, so diffusers cannot add it as a new token: pass --token, e.g. --token '<my-concept>'"
+            )
 
 
 def convert(args: argparse.Namespace) -> Embeddings:
@@ -49,11 +77,13 @@ def convert(args: argparse.Namespace) -> Embeddings:
         embeddings = renamed(embeddings, args.token)
     if args.name:
         embeddings.metadata["name"] = args.name
-    if args.format == "diffusers" and CLIP_WORD_PLACEHOLDER in embeddings.vectors:
-        raise ValueError(
-            f"'{args.input}' uses the placeholder '{CLIP_WORD_PLACEHOLDER}', which is already a word of the CLIP "
-            "tokenizer and cannot be added as a diffusers token: pass --token, e.g. --token '<my-concept>'"
-        )
+    if args.format != "original" and model_family_of_width(embeddings.dim) == "ldm":
+        print(f"convert_embedding: warning: '{args.input}' holds {width_label(embeddings.dim)} vectors; diffusers "
+              f"and A1111 run SD models ({width_label(SD_V1_WIDTH)} for SD v1), which cannot use them", file=sys.stderr)
+    if args.format == "diffusers":
+        check_new_clip_tokens(embeddings, args.input)
+    if args.format == "original":
+        embeddings = with_token_ids(embeddings)
     save_embeddings(embeddings, args.output, format=args.format)
     return load_embeddings(args.output)
 

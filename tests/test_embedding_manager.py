@@ -258,6 +258,15 @@ def test_save_load_round_trip_takes_the_vector_count_from_the_file(tiny, tmp_pat
     assert [p.shape for p in from_config.embedding_parameters()] == [(3, 8), (3, 8)]
 
 
+def test_a_file_without_a_training_step_uses_all_its_vectors_under_progressive_words(tiny, tmp_path):
+    """diffusers and merged files record no step: they were written with every vector trained."""
+    path = str(tmp_path / "learned_embeds.bin")
+    save_embeddings(Embeddings({"*": torch.randn(3, 8)}), path, "diffusers")
+    manager = EmbeddingManager(tiny, progressive_words=True)
+    manager.load(path)
+    assert manager.num_active_vectors(3) == 3
+
+
 def test_load_uses_this_tokenizer_and_warns_when_the_file_recorded_other_ids(tiny, tmp_path):
     path = str(tmp_path / "merged.pt")
     vectors = {"*": torch.randn(3, 8), "@": torch.randn(2, 8)}

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 
 import pytest
 import safetensors.torch
@@ -187,6 +188,67 @@ def test_our_original_file_loads_with_plain_weights_only(tmp_path):
     assert load_embeddings(path).token_ids == {"*": 265}
 
 
+# AUTOMATIC1111's safe loader (modules/safe.py) checks a pickle before torch.load sees it: a zip may hold only
+# data.pkl, version and data/N entries, and the pickle only these globals.
+A1111_ZIP_ENTRY = re.compile(r"^[^/]+/(data/\d+|version|data\.pkl)$")
+A1111_GLOBALS = {
+    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch", "FloatStorage"), ("torch", "HalfStorage"), ("torch", "LongStorage"), ("torch", "IntStorage"),
+    ("torch.nn.modules.container", "ParameterDict"),
+}
+
+
+class A1111Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in A1111_GLOBALS:
+            raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+        return super().find_class(module, name)
+
+    def persistent_load(self, saved_id):  # ("storage", storage class, key, location, size, ...)
+        assert saved_id[0] == "storage"
+        return saved_id[1](saved_id[4])
+
+
+def passes_a1111_safe_loader(path) -> bool:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return all(A1111_ZIP_ENTRY.match(name) for name in archive.namelist())
+    with open(path, "rb") as handle:  # torch's legacy format: five pickles in a row
+        unpickler = A1111Unpickler(handle)
+        for _ in range(5):
+            unpickler.load()
+    return True
+
+
+@pytest.mark.parametrize(("format", "file_name"),
+                         [("original", "embeddings.pt"), ("a1111", "cat.pt"), ("diffusers", "learned_embeds.bin")])
+def test_our_pickles_pass_a1111s_safe_loader(tmp_path, format, file_name):
+    path = tmp_path / file_name
+    save_embeddings(Embeddings({"<cat>": random_vectors(2)}, {"<cat>": 7}, {"step": 3}), path, format)
+    assert passes_a1111_safe_loader(path)
+    zipped = tmp_path / "zipped.pt"
+    torch.save(torch.load(path, weights_only=True), zipped)  # what torch writes by default does not pass
+    assert not passes_a1111_safe_loader(zipped)
+
+
+def test_every_cut_of_a_pickle_is_a_one_line_error_naming_the_file(tmp_path):
+    path = tmp_path / "embeddings.pt"
+    save_embeddings(Embeddings({"*": random_vectors(1)}), path)
+    data = path.read_bytes()
+    for length in range(1, len(data), max(1, len(data) // 60)):
+        path.write_bytes(data[:length])
+        with pytest.raises(ValueError, match=re.escape(str(path))):
+            load_embeddings(path)
+
+
+def test_a_lone_clip_l_file_takes_the_file_stem(tmp_path):
+    """diffusers' pivotal-tuning script writes SD 1.5 embeddings as {"clip_l": (k, 768)}."""
+    vectors = random_vectors(2)
+    path = tmp_path / "my_dog.safetensors"
+    safetensors.torch.save_file({"clip_l": vectors}, path)
+    assert_same_vectors(load_embeddings(path).vectors, {"my_dog": vectors})
+
+
 class NotAnEmbedding:
     pass
 
@@ -333,6 +395,24 @@ def test_convert_errors_exit_non_zero_with_one_line(tmp_path, capsys):
     assert script.main(["--input", str(source), "--output", str(tmp_path / "o.bin"), "--format", "diffusers"]) == 1
     assert "pass --token" in capsys.readouterr().err
     assert not (tmp_path / "o.bin").exists()
+    save_embeddings(Embeddings({"@": random_vectors(1)}), source)  # any single character is a CLIP word too
+    assert script.main(["--input", str(source), "--output", str(tmp_path / "o.bin"), "--format", "diffusers"]) == 1
+    assert "'@', which is already in the CLIP tokenizer's vocabulary" in capsys.readouterr().err
+
+
+def test_convert_renames_the_a1111_trigger_and_records_token_ids_for_the_original_loader(tmp_path, capsys):
+    script = load_script()
+    vectors = random_vectors(2, seed=3)
+    source = tmp_path / "mycat.pt"
+    torch.save(a1111_dict(vectors, name="mycat"), source)
+    renamed = tmp_path / "renamed.pt"
+    assert script.main(["--input", str(source), "--output", str(renamed), "--format", "a1111", "--token", "<c>"]) == 0
+    assert torch.load(renamed, weights_only=True)["name"] == "<c>"
+    original = tmp_path / "original.pt"
+    assert script.main(["--input", str(renamed), "--output", str(original), "--format", "original",
+                        "--token", "*"]) == 0
+    raw = torch.load(original, weights_only=True)
+    assert int(raw["string_to_token"]["*"]) == 265 and raw["name"] == "*"
 
 
 class EmptyVocabulary:

@@ -301,7 +301,8 @@ class EmbeddingManager(nn.Module):
 
         Token ids come from this tokenizer (recorded ids are only compared), the vector count from the embeddings,
         and the training step from their metadata when recorded, so a progressive-words config uses exactly the
-        vectors that were active when the file was written. `source` names them in errors; `path`, the one file they
+        vectors that were active when the file was written (all of them when no step is recorded: diffusers files,
+        merged files). `source` names them in errors; `path`, the one file they
         come from, lets an error say how to convert it. Optimizers built before this call hold stale tensors.
         """
         if not embeddings.vectors:
@@ -343,3 +344,5 @@ class EmbeddingManager(nn.Module):
         step = embeddings.metadata.get("step")
         if isinstance(step, int):
             self.training_step = step
+        else:
+            self.training_step = (self.num_vectors_per_token - 1) * PROGRESSIVE_STEPS_PER_VECTOR
