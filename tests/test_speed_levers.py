@@ -48,9 +48,23 @@ def test_cached_latents_draw_exactly_what_per_step_encoding_draws(dataset):
     # Same draws; the only difference is encoding a sub-batch, which may change float rounding in the last bit.
     for a, b in zip(losses(cached, batches), losses(fresh, batches)):
         assert torch.allclose(a, b, rtol=1e-6, atol=0)
-    assert set(cached._latent_cache) == {(0, False), (1, True), (2, False)}
+    assert set(cached._latent_cache) == {(True, 0, False), (True, 1, True), (True, 2, False)}
     posterior = fresh.encode_first_stage(fresh.get_input(batches[0], "image"))
-    assert torch.allclose(cached._latent_cache[(1, True)], posterior.parameters[1], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(cached._latent_cache[(True, 1, True)], posterior.parameters[1], rtol=1e-5, atol=1e-6)
+
+
+def test_validation_images_do_not_share_the_training_images_cached_latents(dataset):
+    """A validation folder of its own numbers its images from 0 too (Lightning validates before training)."""
+    model = build_random_model(TINY_SD)
+    validation = batch_of(dataset, [0], [False])
+    training = dict(validation, image=validation["image"].flip(-1))  # another picture under the same index
+    model.eval()
+    validation_posterior = model.posterior_of_batch(validation)
+    model.train()
+    training_posterior = model.posterior_of_batch(training)
+    expected = model.encode_first_stage(model.get_input(training, "image"))
+    assert torch.allclose(training_posterior.mean, expected.mean, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(training_posterior.mean, validation_posterior.mean)
 
 
 class MovesRecorded:

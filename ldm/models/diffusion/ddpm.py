@@ -275,7 +275,8 @@ class LatentDiffusion(DDPM):
         self.frozen_weights_dtype = frozen_weights_dtype
         self.compile_unet = compile_unet
         self.ucg_training = dict(ucg_training or {})
-        self._latent_cache = {}  # (image_index, flipped) -> posterior parameters (mean and logvar) of the frozen VAE
+        # (training?, image_index, flipped) -> posterior parameters (mean and logvar) of the frozen VAE
+        self._latent_cache = {}
         self.scale_by_std = scale_by_std
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
@@ -421,10 +422,13 @@ class LatentDiffusion(DDPM):
         """The VAE posterior of each training image, encoded once per (image, flip) when `cache_latents` is on.
 
         The VAE is frozen and the images are few, so the posterior of an image never changes: caching its mean
-        and log-variance and sampling fresh noise each step draws exactly the latents per-step encoding would draw."""
+        and log-variance and sampling fresh noise each step draws exactly the latents per-step encoding would draw.
+        Training and validation batches come from two datasets (in eval mode here: validation) whose image indices
+        may name different images, so their latents are kept apart."""
         if not self.latents_cacheable(batch):
             return self.encode_first_stage(self.get_input(batch, self.first_stage_key).to(self.device))
-        keys = list(zip(batch["image_index"].tolist(), batch["flipped"].tolist()))
+        keys = [(self.training, index, flipped) for index, flipped in zip(batch["image_index"].tolist(),
+                                                                          batch["flipped"].tolist())]
         missing = [i for i, key in enumerate(keys) if key not in self._latent_cache]
         if missing:
             pixels = batch[self.first_stage_key]
