@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import BertTokenizerFast
 
+from ldm.checkpoint import build_random_model
 from ldm.data.templates import per_img_token_list
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 from ldm.modules.embedding_manager import EmbeddingManager, parameter_key
@@ -19,6 +20,7 @@ from ldm.modules.encoders.modules import (
     TextConditioner,
 )
 from scripts import convert_embedding
+from tests.conftest import TINY_SD
 
 TINY_VOCAB = [
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "*", "@", "&", "leav", "##anny", "sculpture",
@@ -368,6 +370,29 @@ def test_real_conditioners_read_the_learned_vectors(name, request):
 
     expected_family = {"clip": None, "bert": "ldm"}[name]
     assert manager.model_family == expected_family
+
+
+@pytest.mark.parametrize("name", ["clip", "bert"])
+def test_a_placeholder_touching_punctuation_is_still_replaced(name, request):
+    """CLIP's BPE reads "*," or "(*)" as one token; written with spaces, the prompt means the same."""
+    conditioner = request.getfixturevalue(name)
+    manager = EmbeddingManager(conditioner, placeholder_strings=["*", "dog"], initializer_words=["sculpture", "cat"])
+    with torch.no_grad():
+        manager.vectors("*").normal_()
+    for prompt, spaced in [("a photo of *, red mug", "a photo of * , red mug"), ("(*) in dog's room.", "( * ) in dog's room.")]:
+        separated = manager.separate_placeholders(prompt)
+        assert torch.equal(conditioner.encode([separated], manager), conditioner.encode([spaced], manager))
+    if name == "clip":
+        assert token_id(conditioner, "*") not in conditioner.tokenize(["a photo of *, red mug"])[0].tolist()
+    assert manager.separate_placeholders("a hotdog, a dog") == "a hotdog, a dog"
+
+
+def test_the_model_separates_placeholders_in_training_captions_and_prompts():
+    model = build_random_model(TINY_SD)
+    with torch.no_grad():
+        model.embedding_manager.vectors("*").normal_()
+        assert torch.equal(model.get_learned_conditioning(["a photo of *, red mug"]),
+                           model.get_learned_conditioning(["a photo of * , red mug"]))
 
 
 def test_a_file_whose_placeholder_is_several_tokens_gets_the_command_that_converts_it(tiny, tmp_path):

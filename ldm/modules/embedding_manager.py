@@ -17,6 +17,7 @@ Deliberate departures from the original code (rinongal/textual_inversion):
 """
 import functools
 import os
+import re
 import shlex
 import warnings
 
@@ -209,6 +210,18 @@ class EmbeddingManager(nn.Module):
         if not self.progressive_words:
             return num_vectors
         return min(num_vectors, 1 + self.training_step // PROGRESSIVE_STEPS_PER_VECTOR)
+
+    def separate_placeholders(self, text: str) -> str:
+        """`text` with a space on each side of every placeholder made only of punctuation.
+
+        CLIP's tokenizer reads a run of punctuation as one token, so in "a photo of *, red" the placeholder would be
+        the token "*," and go unreplaced. Letters and digits are split from punctuation anyway, so word placeholders
+        ("sks") are left alone, and the spaces change nothing else: the tokenizer collapses whitespace."""
+        symbols = sorted((p for p in self.string_to_token_dict if not any(c.isalnum() for c in p)), key=len,
+                         reverse=True)
+        if not symbols:
+            return text
+        return re.sub("|".join(map(re.escape, symbols)), lambda match: f" {match.group(0)} ", text)
 
     def forward(self, tokenized_text: torch.Tensor, embedded_text: torch.Tensor) -> torch.Tensor:
         """(B, n) ids and (B, n, D) raw token embeddings -> new (B, n, D) embeddings with the placeholders replaced.

@@ -326,9 +326,10 @@ class LatentDiffusion(DDPM):
 
     # --- conditioning and first stage -------------------------------------------------------------
     def get_learned_conditioning(self, texts):
-        if isinstance(texts, str):
-            texts = [texts]
-        return self.cond_stage_model.encode(list(texts), embedding_manager=self.embedding_manager)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.embedding_manager is not None:
+            texts = [self.embedding_manager.separate_placeholders(text) for text in texts]
+        return self.cond_stage_model.encode(texts, embedding_manager=self.embedding_manager)
 
     @contextmanager
     def first_stage_on_device(self):
