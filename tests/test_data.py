@@ -240,6 +240,38 @@ def test_uint8_items_become_the_same_floats_the_networks_always_took():
     assert torch.equal(channels_first(expected.permute(0, 2, 3, 1)), expected)  # float images pass unchanged
 
 
+def test_16_bit_grey_images_are_scaled_to_8_bits(tmp_path):
+    """Pillow converts 16-bit grey to RGB by clipping: everything above 255 of 65535 turned white."""
+    ramp = np.tile(np.array([0, 257 * 64, 32768, 65535], dtype=np.uint16), (4, 1))
+    Image.fromarray(ramp).save(tmp_path / "scan.png")
+    image = PersonalizedBase(tmp_path, size=None, flip_p=0.0)[0]["image"]
+    np.testing.assert_array_equal(image[0, :, 0], [0, 64, 128, 255])
+    assert (image == image[..., :1]).all()
+
+
+def test_caption_files_are_read_only_for_filewords_and_a_bad_one_is_named(tmp_path):
+    solid(tmp_path / "cat.png")
+    (tmp_path / "cat.txt").write_bytes("caf\xe9 cat".encode("cp1252"))
+    assert PersonalizedBase(tmp_path, size=4).image_captions is None
+    template = tmp_path.parent / f"{tmp_path.name}_template.txt"
+    template.write_text("a photo of [name], [filewords]\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"caption file '.*cat\.txt' is not UTF-8 .*re-save it as UTF-8"):
+        PersonalizedBase(tmp_path, size=4, template_file=template)
+
+
+def test_every_validation_pass_reads_the_same_captions_and_flips(tmp_path):
+    for name in "abc":
+        solid(tmp_path / f"{name}.png")
+    config = {"target": "ldm.data.personalized.PersonalizedBase",
+              "params": {"data_root": str(tmp_path), "size": 4, "set": "val"}}
+    module = DataModuleFromConfig(batch_size=2, validation=config, num_workers=0)
+    module.setup()
+    passes = [[(tuple(batch["caption"]), tuple(batch["flipped"].tolist())) for batch in module.val_dataloader()]
+              for _ in range(3)]
+    assert passes[0] == passes[1] == passes[2]
+    assert len({caption for batch in passes[0] for caption in batch[0]}) > 1
+
+
 def test_default_workers_are_twice_the_batch_but_no_more_than_the_cores():
     assert DataModuleFromConfig(batch_size=1).num_workers == min(2, os.cpu_count())
     assert DataModuleFromConfig(batch_size=4096).num_workers == os.cpu_count()

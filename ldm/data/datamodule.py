@@ -19,6 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ldm.util import instantiate_from_config
 
 
+VALIDATION_STREAM = -1  # seeds validation items; training positions are never negative
+
+
 def _mix(*numbers: int) -> int:
     """A stable seed from a few integers (hashing a tuple of ints does not depend on PYTHONHASHSEED)."""
     return hash(tuple(int(n) for n in numbers)) % (2**63)
@@ -137,7 +140,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
         )
 
     def val_dataloader(self):
+        """Every validation pass reads the same items (captions and flips too), so val/loss compares across a run."""
         if "validation" not in self.datasets:
             return []
-        return DataLoader(self.datasets["validation"], batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False,
-                          worker_init_fn=init_worker)
+        dataset = self.datasets["validation"]
+        fixed_items = [(index, _mix(self.seed, VALIDATION_STREAM, index)) for index in range(len(dataset))]
+        return DataLoader(SeededItems(dataset), batch_size=self.batch_size, sampler=fixed_items,
+                          num_workers=self.num_workers, worker_init_fn=init_worker)

@@ -60,6 +60,9 @@ def load_upright_rgb(path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
+            if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grey: Pillow clips it to 8 bits
+                grey = (np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255)
+                image = Image.fromarray(grey.astype(np.uint8))
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
@@ -90,7 +93,11 @@ def read_image_caption(path, use_caption_files: bool) -> str:
     """The text of the `.txt` file beside the image (same stem), else the filename caption."""
     caption_file = Path(path).with_suffix(".txt")
     if use_caption_files and caption_file.is_file():
-        return caption_file.read_text(encoding="utf-8").strip()
+        try:
+            return caption_file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"caption file '{caption_file}' is not UTF-8 text ({error.reason} at byte "
+                             f"{error.start}): re-save it as UTF-8") from error
     return caption_from_filename(path)
 
 
@@ -141,7 +148,9 @@ class PersonalizedBase(Dataset):
         self.mixing_prob = mixing_prob
         self.placeholder_phrase = placeholder_token if coarse_class_text is None else f"{coarse_class_text} {placeholder_token}"
         self.template_lines = read_template_file(template_file) if template_file is not None else None
-        self.image_captions = [read_image_caption(path, captions) for path in self.image_paths]
+        # Image captions are read only through a template file's [filewords].
+        self.image_captions = ([read_image_caption(path, captions) for path in self.image_paths]
+                               if self.template_lines is not None else None)
         self.pixels = [square_pixels(load_upright_rgb(path), size, center_crop, INTERPOLATIONS[interpolation])
                        for path in self.image_paths]
         self._length = self.num_images * repeats if set == "train" else self.num_images
