@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import glob
 import os
+import shlex
 import signal
 import sys
 
@@ -25,6 +26,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 
 from ldm.callbacks import ImageLogger, LossProgressBar, SetupCallback, TrainingCheckpoint
 from ldm.data.datamodule import DataModuleFromConfig
+from ldm.embeddings import load_embeddings
 from ldm.models.diffusion.ddpm import DEFAULT_SEED
 from ldm.paths import check_output, require_file
 from ldm.util import instantiate_from_config, load_yaml
@@ -190,6 +192,8 @@ def build_config(opt, unknown, base_configs):
         if opt.init_word:
             words = list(p.get("initializer_words") or [])
             p.initializer_words = [opt.init_word] + words[1:]
+        if p.get("embedding_manager_ckpt"):
+            check_file_has_the_caption_placeholder(p.embedding_manager_ckpt, (p.get("placeholder_strings") or ["*"])[0])
     if "data" in config:
         data_params = config.data.setdefault("params", {})
         data_params.seed = model_params.seed
@@ -203,6 +207,17 @@ def build_config(opt, unknown, base_configs):
                     params.placeholder_token = (personalization.params.get("placeholder_strings") or ["*"])[0]
                     params.per_image_tokens = bool(personalization.params.get("per_image_tokens", False))
     return config
+
+
+def check_file_has_the_caption_placeholder(path: str, placeholder: str):
+    """A starting embeddings file brings its own placeholders; captions naming another would train nothing."""
+    try:
+        held = list(load_embeddings(path).vectors)
+    except (ValueError, OSError) as error:
+        raise UsageError(f"--embedding_manager_ckpt: {error}") from None
+    if placeholder not in held:
+        raise UsageError(f"the training captions use the placeholder '{placeholder}', but the embeddings file "
+                         f"'{path}' holds {', '.join(repr(p) for p in held)}: add --placeholder_string {shlex.quote(held[0])}")
 
 
 def trainer_settings(opt, lightning_config):

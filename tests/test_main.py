@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import main as main_module
 from ldm.checkpoint import build_random_model
-from ldm.embeddings import load_embeddings
+from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 from tests.conftest import REPO, TINY_LDM, TINY_SD
 
 QUIET = ["lightning.callbacks.image_logger.params.disabled=True"]
@@ -255,6 +255,10 @@ def test_command_line_mistakes_fail_before_any_model_loads(tmp_path, images, tin
            "-l", str(tmp_path)], "--actual_resume .*nope.ckpt' does not exist", FileNotFoundError)
     fails(["--base", TINY_SD, "-t", "--actual_resume", str(tmp_path), "--data_root", str(images), "-l", str(tmp_path)],
           "is a folder: pass the file inside it", ValueError)
+    at_file = tmp_path / "at.pt"
+    save_embeddings(Embeddings({"@": torch.randn(1, 32)}), at_file)
+    fails(["--base", TINY_SD, "-t", *inversion, "--embedding_manager_ckpt", str(at_file), "-l", str(tmp_path)],
+          r"captions use the placeholder '\*', but the embeddings file .*at.pt' holds '@': add --placeholder_string @")
 
 
 def test_resume_from_a_file_that_is_not_a_training_checkpoint_is_refused(tmp_path, images, tiny_sd_ckpt):
