@@ -185,8 +185,8 @@ def _check_latent_format(model, latent_channels, downsampling_factor):
 
 def _check_image_size(model, height, width):
     multiple = pixel_multiple(model)
-    for flag, value in (("--H", height), ("--W", width)):
-        if value is None or value <= 0 or value % multiple:
+    for flag, value in (("--H", height), ("--W", width)):  # None: not given (img2img takes the image's)
+        if value is not None and (value <= 0 or value % multiple):
             raise ValueError(f"{flag} {value} must be a positive multiple of {multiple} for this model")
 
 
@@ -250,11 +250,12 @@ def _sample_from_noise(sampler, noise, cond, uc, *, steps, scale, eta, generator
 
 
 def _sample_from_image(sampler, noise, cond, uc, *, init_latent, strength, steps, scale, eta, generator, progress):
-    """Noise the init latent to the step the first of int(strength * steps) denoising steps starts from, then
-    denoise; strength 1 denoises pure noise over the whole schedule."""
+    """Noise the init latent to the step the first of int(strength * S) denoising steps starts from, then denoise;
+    strength 1 denoises pure noise over the whole schedule. S is the schedule's length, which exceeds `steps` where
+    `steps` does not divide the model's timesteps (30 of 1000 runs 31), so strength keeps its meaning there."""
     sampler.make_schedule(steps, ddim_eta=eta)
     total = len(sampler.ddim_timesteps)
-    t_start = total if strength == 1 else int(strength * steps)
+    t_start = total if strength == 1 else int(strength * total)
     init_latent = init_latent.expand(noise.shape[0], -1, -1, -1)
     if t_start == total:
         latent = noise
@@ -311,8 +312,7 @@ def generate(model: LatentDiffusion, prompts, *, n_samples: int, n_iter: int, st
             if sampler != "ddim":
                 raise ValueError("img2img needs the DDIM sampler (PLMS cannot start partway): drop --plms")
             _check_strength(strength)
-            if height is not None or width is not None:
-                _check_image_size(model, height, width)
+            _check_image_size(model, height, width)
             image = load_init_image(init_image, pixel_multiple(model), height, width).to(device)
             init_latent = encode_image(model, image)
             latent_shape = tuple(init_latent.shape[1:])
@@ -399,7 +399,7 @@ def add_generation_arguments(parser, *, img2img: bool = False) -> None:
     default to the init image's size.
     """
     add = parser.add_argument
-    add("--prompt", type=str, nargs="?", default=DEFAULT_PROMPT, help="the prompt to render")
+    add("--prompt", type=str, default=DEFAULT_PROMPT, help="the prompt to render")
     add("--outdir", type=str, default="outputs/txt2img-samples", help="folder to write results to")
     add("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     add("--skip_save", action="store_true", help="do not save individual samples (e.g. for speed measurements)")
@@ -411,7 +411,8 @@ def add_generation_arguments(parser, *, img2img: bool = False) -> None:
     add("--H", type=int, default=None,
         help="image height in pixels (default: the size the model was trained at, 512 for SD v1, 256 for LDM; "
              "img2img: the init image's)")
-    add("--W", type=int, default=None, help="image width in pixels (default: as --H)")
+    add("--W", type=int, default=None,
+        help="image width in pixels (default: the size the model was trained at; img2img: the init image's)")
     add("--C", type=int, default=None, help="latent channels (default: the model's); checked against the model")
     add("--f", type=int, default=None,
         help="autoencoder downsampling factor (default: the model's); checked against the model")
@@ -484,6 +485,10 @@ def _check_arguments(args) -> None:
     require_at_least(1, n_samples=args.n_samples, n_iter=args.n_iter, H=args.H, W=args.W)
     require_at_least(0, n_rows=args.n_rows, ddim_eta=args.ddim_eta)
     check_ddim_steps_for_config(args.ddim_steps, args.config)
+    if args.plms and args.ddim_eta != 0:
+        raise ValueError(f"--plms is deterministic: drop --ddim_eta {args.ddim_eta}, or drop --plms to sample with DDIM")
+    if args.plms and args.init_img is not None:
+        raise ValueError("img2img needs the DDIM sampler (PLMS cannot start partway): drop --plms")
     if args.init_img is not None:
         _check_strength(args.strength)
         require_file(args.init_img, "--init_img", "check the path")

@@ -152,6 +152,9 @@ def test_img2img_noises_to_the_step_its_first_denoising_step_starts_from(sd_mode
     monkeypatch.setattr(DDIMSampler, "decode", recording_decode)
     generate(sd_model, "a cat", seed=0, init_image=init_images[0], strength=0.6, **FAST)
     assert calls == {"noised_to": [2, 2], "denoised_from": 3}
+    # 7 steps of 1000 timesteps run 8 (every 142nd): strength 0.5 is 4 of them.
+    generate(sd_model, "a cat", seed=0, init_image=init_images[0], strength=0.5, **dict(FAST, steps=7))
+    assert calls == {"noised_to": [3, 3], "denoised_from": 4}
 
 
 def test_img2img_sizes_and_errors(sd_model, init_images):
@@ -163,6 +166,9 @@ def test_img2img_sizes_and_errors(sd_model, init_images):
         generate(sd_model, "a cat", seed=0, init_image=odd, strength=1.5, **FAST)
     with pytest.raises(ValueError, match="img2img needs the DDIM sampler"):
         generate(sd_model, "a cat", seed=0, init_image=odd, strength=0.5, sampler="plms", **FAST)
+    (image,) = generate(sd_model, "a cat", seed=0, init_image=odd, strength=0.25,
+                        **dict(FAST, n_samples=1, height=40, width=None))
+    assert image.shape == (3, 40, 32), "the side not given is the init image's"
 
 
 def test_save_outputs_numbers_continue_and_grids_never_overwrite(tmp_path):
@@ -340,6 +346,7 @@ def test_a_missing_checkpoint_is_a_one_line_error(script, tmp_path, capsys):
     (["--H", "-32"], "--H must be at least 1"),
     (["--device", "cuda:7"], "--device 'cuda:7': "),
     (["--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--plms", "--ddim_eta", "0.5"], "--plms is deterministic: drop --ddim_eta 0.5"),
 ])
 def test_command_line_mistakes_fail_before_the_model_loads(tiny_sd_ckpt, tmp_path, monkeypatch, capsys, flags,
                                                            expected):
@@ -356,7 +363,8 @@ def test_img2img_checks_its_init_image_and_strength_before_the_model_loads(tmp_p
     monkeypatch.setattr(generate_module, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     for flags, expected in [(["--init_img", str(tmp_path / "none.png")], "--init_img '.*none.png' does not exist"),
                             (["--init_img", str(tmp_path)], "--init_img '.*' is a folder"),
-                            (["--init_img", "x.png", "--strength", "1.5"], "--strength must be between 0 and 1")]:
+                            (["--init_img", "x.png", "--strength", "1.5"], "--strength must be between 0 and 1"),
+                            (["--init_img", "x.png", "--plms"], "img2img needs the DDIM sampler")]:
         assert img2img.main(["--outdir", str(tmp_path / "out"), *flags]) == 1
         assert re.search(expected, capsys.readouterr().err)
 
