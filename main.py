@@ -25,6 +25,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from ldm.callbacks import ImageLogger, LossProgressBar, SetupCallback, TrainingCheckpoint
+from ldm.checkpoint import CheckpointError, load_pickled_checkpoint
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.embeddings import load_embeddings
 from ldm.models.diffusion.ddpm import DEFAULT_SEED
@@ -149,10 +150,10 @@ def resolve_resume(opt):
     if not os.path.isfile(ckpt):
         raise UsageError(f"cannot resume: '{ckpt}' does not exist (the run saved no checkpoint yet)")
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise UsageError(f"cannot resume from '{ckpt}': it is unreadable ({type(error).__name__}); the run's "
-                         "embeddings_gs-<step>.pt files still hold its words (start anew with --embedding_manager_ckpt)")
+        state = load_pickled_checkpoint(ckpt)
+    except CheckpointError as error:
+        raise UsageError(f"cannot resume: {error}; the run's embeddings_gs-<step>.pt files still hold its words "
+                         "(start anew with --embedding_manager_ckpt)") from None
     if not isinstance(state, dict) or "pytorch-lightning_version" not in state:
         raise UsageError(f"cannot resume from '{ckpt}': it is not a training checkpoint; give the run folder "
                          "(-r logs/<run>), whose checkpoints/last.ckpt is one")

@@ -123,8 +123,9 @@ def safe_torch_load(path: str, stand_in, mmap: bool = False):
     raise UnsafePickleError(["(more than 20 globals)"])
 
 
-def _torch_load(path: str):
-    """Lightning-era checkpoints: Lightning objects become inert stand-ins, numpy data constructors are allowed."""
+def load_pickled_checkpoint(path: str):
+    """A pickled checkpoint as saved, without running its code: Lightning objects become inert stand-ins, numpy data
+    constructors are allowed, anything else is a CheckpointError naming the file."""
     try:
         return safe_torch_load(path, _safe_global, mmap=True)
     except UnsafePickleError as exc:
@@ -155,7 +156,7 @@ def load_checkpoint(path) -> LoadedCheckpoint:
             return LoadedCheckpoint(load_file(path, device="cpu"), path)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(_describe_bad_file(path)) from exc
-    obj = _torch_load(path)
+    obj = load_pickled_checkpoint(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a state dict")
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):

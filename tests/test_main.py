@@ -267,8 +267,24 @@ def test_resume_from_a_file_that_is_not_a_training_checkpoint_is_refused(tmp_pat
         main_module.main(["-r", os.path.join(run, "checkpoints", "embeddings.pt")])
     with open(os.path.join(run, "checkpoints", "last.ckpt"), "r+b") as last:
         last.truncate(100)
-    with pytest.raises(main_module.UsageError, match="last.ckpt': it is unreadable"):
+    with pytest.raises(main_module.UsageError, match="last.ckpt' is truncated or not a PyTorch"):
         main_module.main(["-r", run])
+    marker = tmp_path / "ran"
+    torch.save({"pytorch-lightning_version": "2.6.0", "payload": RunsACommand(f"touch {marker}")},
+               os.path.join(run, "checkpoints", "last.ckpt"))
+    with pytest.raises(main_module.UsageError, match="last.ckpt' pickles code we will not run"):
+        main_module.main(["-r", run])
+    assert not marker.exists()
+
+
+class RunsACommand:
+    """What a booby-trapped checkpoint pickles: unpickling it runs a shell command."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
 
 
 @pytest.mark.parametrize("gpus, expected", [("0,", ("gpu", [0])), ("0,1", ("gpu", [0, 1])), ("2", ("gpu", 2)), ("0", ("cpu", 1)), (None, (None, None))])
