@@ -176,6 +176,16 @@ def test_interrupt_then_resume_reaches_the_uninterrupted_result(tmp_path, images
     assert torch.equal(final.vectors["*"], expected.vectors["*"])
 
 
+def test_a_resumed_run_uses_the_learning_rate_this_command_sets(tmp_path, images, tiny_sd_ckpt):
+    """The optimizer state a run resumes with holds the old learning rate; main.py prints the new one."""
+    _, run = train_in_process(tmp_path, images, tiny_sd_ckpt, steps=2)
+    trainer = main_module.main(["-r", run, "--max_steps", "3", "model.base_learning_rate=1.0e-4", *QUIET])
+    new_rate = trainer.lightning_module.learning_rate
+    assert new_rate == pytest.approx(1.0e-4 * trainer.datamodule.batch_size)
+    last = torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)
+    assert last["global_step"] == 3 and last["optimizer_states"][0]["param_groups"][0]["lr"] == new_rate
+
+
 def test_sigterm_to_the_process_group_saves_with_data_workers(tmp_path, images, tiny_sd_ckpt):
     """`timeout`, SLURM and a terminal signal every process of the group, data-loader workers too: the workers
     end quietly, and the main process saves, says how to continue and exits 128 + SIGTERM."""

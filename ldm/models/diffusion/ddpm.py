@@ -553,7 +553,7 @@ class LatentDiffusion(DDPM):
             params = list(self.model.parameters())
             if self.cond_stage_trainable and self.cond_stage_model is not None:
                 params += list(self.cond_stage_model.parameters())
-            return torch.optim.AdamW(params, lr=self.learning_rate)
+            return self._remember_learning_rates(torch.optim.AdamW(params, lr=self.learning_rate))
         if self.embedding_manager is None:
             raise ValueError(
                 "this config has no personalization_config: nothing to train (add the EmbeddingManager block for "
@@ -564,7 +564,18 @@ class LatentDiffusion(DDPM):
             model_params = list(self.model.parameters()) + list(self.cond_stage_model.parameters())
             groups.append({"params": model_params, "lr": self.model_lr})
         fused = fused_adamw([p for group in groups for p in group["params"]], self._trainer)
-        return torch.optim.AdamW(groups, lr=self.learning_rate, fused=fused)
+        return self._remember_learning_rates(torch.optim.AdamW(groups, lr=self.learning_rate, fused=fused))
+
+    def _remember_learning_rates(self, optimizer):
+        self._learning_rates = [group["lr"] for group in optimizer.param_groups]
+        return optimizer
+
+    def on_train_start(self):
+        """A resumed run's optimizer state brings back the learning rates it was saved with; use the ones this
+        command set (main.py prints them), which differ only where the command changed them."""
+        for optimizer in self.trainer.optimizers:
+            for group, learning_rate in zip(optimizer.param_groups, self._learning_rates):
+                group["lr"] = learning_rate
 
     def on_save_checkpoint(self, checkpoint):
         """Keep only what training changed: the frozen model is already in the user's checkpoint. An unfrozen
