@@ -362,8 +362,11 @@ def main(argv=None):
         if trainer.stop_signal is None:
             raise
     if trainer.stop_signal is not None and trainer.is_global_zero:  # other ranks name run folders of their own
-        saved = "embeddings and last.ckpt are" if textual_inversion else "last.ckpt is"
-        print(f"Stopped at step {trainer.global_step}; {saved} in {ckptdir}. Continue with: python main.py -r {logdir}")
+        if os.path.isfile(os.path.join(ckptdir, "last.ckpt")):
+            saved = "embeddings and last.ckpt are" if textual_inversion else "last.ckpt is"
+            print(f"Stopped at step {trainer.global_step}; {saved} in {ckptdir}. Continue with: python main.py -r {logdir}")
+        else:
+            print("Stopped before the first training step ended; nothing was saved.")
     return trainer
 
 

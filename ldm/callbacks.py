@@ -68,7 +68,6 @@ class TrainingCheckpoint(Callback):
         step = trainer.global_step
         if step == self._last_saved_step:
             return
-        self._last_saved_step = step
         last = os.path.join(self.ckptdir, "last.ckpt")
         trainer.save_checkpoint(last + ".tmp", weights_only=False)
         if trainer.is_global_zero:
@@ -77,6 +76,7 @@ class TrainingCheckpoint(Callback):
             if manager is not None:
                 manager.save(os.path.join(self.ckptdir, f"embeddings_gs-{step}.pt"), step=step)
                 manager.save(os.path.join(self.ckptdir, "embeddings.pt"), step=step)
+        self._last_saved_step = step  # only once written: a save cut short (a second Ctrl-C) is retried
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step  # 0 only during the first step's accumulated batches: nothing learned to save
@@ -85,7 +85,12 @@ class TrainingCheckpoint(Callback):
             trainer.should_stop = True
             if trainer.stop_signal is None:  # another rank got the signal
                 trainer.stop_signal = signal.SIGTERM
-        if save or (self.every_n_train_steps and step and step % self.every_n_train_steps == 0):
+        # A stop or the last step saves now, at the end of its step: saved after the loop ends, the epoch would
+        # count as finished and a resumed run would begin the next one (an epoch too far for max_epochs).
+        step_ends = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        last_step = 0 < trainer.max_steps <= step
+        periodic = self.every_n_train_steps and step % self.every_n_train_steps == 0
+        if step and (save or (stop or last_step) and step_ends or periodic):
             self.save_requested = False
             self.save(trainer, pl_module)
 

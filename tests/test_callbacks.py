@@ -1,7 +1,11 @@
-"""ImageLogger's schedule: which training and validation batches get their images logged."""
+"""ImageLogger's schedule: which training and validation batches get their images logged; TrainingCheckpoint's
+retry of a save cut short."""
+import os
 from types import SimpleNamespace
 
-from ldm.callbacks import ImageLogger
+import pytest
+
+from ldm.callbacks import ImageLogger, TrainingCheckpoint
 
 
 def logged_steps(logger, split, steps, batch_indices=(0,)):
@@ -29,3 +33,22 @@ def test_validation_logs_its_first_batch_only_when_it_falls_on_a_logging_step():
     # A training log at the same step does not stop the validation's (train and val are separate folders).
     logged_steps(logger, "train", [1500])
     assert logged_steps(logger, "val", [1500]) == [(1500, 0)]
+
+
+def test_a_save_cut_short_by_a_second_ctrl_c_is_made_again(tmp_path):
+    """The second Ctrl-C raises KeyboardInterrupt wherever the process is, possibly inside the final save; the
+    exception handler's save must then still write, not take the step as saved."""
+    interrupted = []
+
+    def save_checkpoint(path, weights_only=False):
+        if not interrupted:
+            interrupted.append(path)
+            raise KeyboardInterrupt
+        open(path, "w").close()
+
+    trainer = SimpleNamespace(global_step=17, is_global_zero=True, save_checkpoint=save_checkpoint)
+    checkpoint = TrainingCheckpoint(str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(trainer, None)
+    checkpoint.save(trainer, None)
+    assert os.listdir(tmp_path) == ["last.ckpt"]

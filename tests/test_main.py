@@ -120,6 +120,41 @@ def test_the_progress_bar_reads_the_loss_only_when_it_redraws(tmp_path, images, 
     assert float(shown["loss"]) == pytest.approx(trainer.callback_metrics["loss"].item(), rel=1e-2)
 
 
+class CtrlC(pl.Callback):
+    """Presses Ctrl-C once at the end of step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_stopped_run_saves_inside_the_epoch_it_stopped_in(tmp_path, images, tiny_sd_ckpt):
+    """Saved after Lightning ends the loop, the epoch would count as finished: a resumed run would start the next
+    one (stopping an epoch early under max_epochs)."""
+    trainer, run = train_in_process(tmp_path, images, tiny_sd_ckpt, f"lightning.callbacks.ctrl_c.target={__name__}.CtrlC",
+                                    "lightning.callbacks.ctrl_c.params.step=3", steps=40)
+    assert trainer.stop_signal == signal.SIGINT
+    last = torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)
+    assert (last["global_step"], last["epoch"]) == (trainer.global_step, 0)
+
+
+class SigtermAtFirstBatch(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_stop_before_the_first_step_ends_says_nothing_was_saved(tmp_path, images, tiny_sd_ckpt, capsys):
+    trainer, run = train_in_process(tmp_path, images, tiny_sd_ckpt, "--accumulate_grad_batches", "4",
+                                    f"lightning.callbacks.sigterm.target={__name__}.SigtermAtFirstBatch")
+    assert trainer.global_step == 0 and not os.path.exists(os.path.join(run, "checkpoints", "last.ckpt"))
+    output = capsys.readouterr().out
+    assert "nothing was saved" in output and "Continue with" not in output
+
+
 class CtrlCTwice(pl.Callback):
     """Presses Ctrl-C twice at the end of step `step`, as an impatient user does: the second stops at once."""
 
@@ -184,6 +219,7 @@ def test_a_resumed_run_uses_the_learning_rate_this_command_sets(tmp_path, images
     assert new_rate == pytest.approx(1.0e-4 * trainer.datamodule.batch_size)
     last = torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)
     assert last["global_step"] == 3 and last["optimizer_states"][0]["param_groups"][0]["lr"] == new_rate
+    assert last["epoch"] == 0, "saved at its last step, inside the epoch it was in"
 
 
 def test_sigterm_to_the_process_group_saves_with_data_workers(tmp_path, images, tiny_sd_ckpt):
