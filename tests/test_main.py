@@ -220,6 +220,9 @@ def test_a_resumed_run_uses_the_learning_rate_this_command_sets(tmp_path, images
     last = torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)
     assert last["global_step"] == 3 and last["optimizer_states"][0]["param_groups"][0]["lr"] == new_rate
     assert last["epoch"] == 0, "saved at its last step, inside the epoch it was in"
+    with pytest.raises(ValueError, match=r"holds the learned words '\*' \(1 vector\), but this run's config names '@'"):
+        main_module.main(["-r", run, "--max_steps", "4", "--placeholder_string", "@", *QUIET])
+    assert torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)["global_step"] == 3
 
 
 def test_sigterm_to_the_process_group_saves_with_data_workers(tmp_path, images, tiny_sd_ckpt):

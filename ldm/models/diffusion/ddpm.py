@@ -577,6 +577,23 @@ class LatentDiffusion(DDPM):
             for group, learning_rate in zip(optimizer.param_groups, self._learning_rates):
                 group["lr"] = learning_rate
 
+    def on_load_checkpoint(self, checkpoint):
+        """A resumed run must learn the words its checkpoint holds: with another placeholder or vector count (a
+        changed --placeholder_string or num_vectors_per_token), the learned vectors would be dropped silently or
+        fail to load with a shape error."""
+        if self.embedding_manager is None:
+            return
+        prefix = "embedding_manager.string_to_param_dict."
+        saved = {k[len(prefix):]: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        own = {k[len(prefix):]: tuple(v.shape) for k, v in self.state_dict().items() if k.startswith(prefix)}
+        if saved != own:
+            def describe(words):
+                return ", ".join(f"'{word}' ({shape[0]} vector{'s' if shape[0] > 1 else ''})" for word, shape in words.items())
+
+            raise ValueError(f"the checkpoint holds the learned words {describe(saved)}, but this run's config names "
+                             f"{describe(own)}: resume with the run's own placeholder and vector count (drop "
+                             "--placeholder_string and num_vectors_per_token overrides)")
+
     def on_save_checkpoint(self, checkpoint):
         """Keep only what training changed: the frozen model is already in the user's checkpoint. An unfrozen
         model (pretraining, or textual inversion with `unfreeze_model`) is saved whole."""
