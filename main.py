@@ -160,14 +160,32 @@ def resolve_resume(opt):
     return logdir, ckpt, configs
 
 
+# The keys a config override may start with; anything else is read by nobody (a typo such as lightnin.trainer...).
+OVERRIDE_ROOTS = {"model": {"target", "params", "base_learning_rate"}, "data": {"target", "params"}, "lightning": None}
+
+
+def check_override(override: str):
+    """A leftover command-line word must be a config override such as model.params.x=value: a misspelt flag
+    (--max-steps=3) or key (lightnin.trainer.max_steps=3) would otherwise be saved in the config and read by no one."""
+    key, equals, _ = override.partition("=")
+    if override.startswith("-") or not equals:
+        raise UsageError(f"unknown argument '{override}': flags are listed by --help; config overrides look like "
+                         "model.params.x=value")
+    root, _, rest = key.partition(".")
+    second = rest.partition(".")[0]
+    if root not in OVERRIDE_ROOTS or (OVERRIDE_ROOTS[root] is not None and second not in OVERRIDE_ROOTS[root]):
+        expected = (", ".join(OVERRIDE_ROOTS) if root not in OVERRIDE_ROOTS
+                    else ", ".join(f"{root}.{name}" for name in sorted(OVERRIDE_ROOTS[root])))
+        raise UsageError(f"config override '{override}' sets a key nothing reads: it must start with {expected}")
+
+
 def build_config(opt, unknown, base_configs):
     for path in base_configs:
         if not os.path.isfile(path):
             raise UsageError(f"config '{path}' does not exist: pass an existing YAML with --base (e.g. configs/stable-diffusion/v1-finetune.yaml)")
     configs = [load_yaml(p) for p in base_configs]
-    bad = [u for u in unknown if "=" not in u]
-    if bad:
-        raise UsageError(f"unknown argument '{bad[0]}': flags are listed by --help; config overrides look like model.params.x=value")
+    for override in unknown:
+        check_override(override)
     config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(unknown))
     if "model" not in config:
         raise UsageError("no model in the configs: pass a model config with --base")
