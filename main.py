@@ -345,7 +345,10 @@ def main(argv=None):
         model.learning_rate = base_lr
         print(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {model.learning_rate:.2e}")
 
-    every = int(lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 500))
+    every = lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 500)
+    if every is not None and (not isinstance(every, int) or every < 0):
+        raise UsageError(f"every_n_train_steps {every} is not a step count: set "
+                         "lightning.modelcheckpoint.params.every_n_train_steps to a number of steps, or 0 for none")
     checkpointer = TrainingCheckpoint(ckptdir, every_n_train_steps=every)
     callbacks = [
         SetupCallback(now, logdir, ckptdir, cfgdir, config, lightning_config),

@@ -273,6 +273,7 @@ def test_usage_errors_are_one_line(tmp_path, images, tiny_sd_ckpt):
     (["lightnin.trainer.max_steps=5"], "'lightnin.trainer.max_steps=5' sets a key nothing reads: it must start with "
                                        "model, data, lightning"),
     (["model.param.embedding_reg_weight=1"], "must start with model.base_learning_rate, model.params, model.target"),
+    (["lightning.modelcheckpoint.params.every_n_train_steps=often"], "every_n_train_steps often is not a step count"),
     (["--max_steps", "0"], "max_steps 0 is not a count of at least 1: set --max_steps"),
     (["--accumulate_grad_batches", "0"], "accumulate_grad_batches 0 is not a count of at least 1"),
     (["lightning.trainer.max_step=3"], "trainer settings .* are refused: .*max_step"),
