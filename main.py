@@ -27,6 +27,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from ldm.callbacks import ImageLogger, LossProgressBar, SetupCallback, TrainingCheckpoint
 from ldm.checkpoint import CheckpointError, load_pickled_checkpoint
 from ldm.data.datamodule import DataModuleFromConfig
+from ldm.data.templates import per_img_token_list
 from ldm.embeddings import load_embeddings
 from ldm.models.diffusion.ddpm import DEFAULT_SEED
 from ldm.paths import check_output, require_file
@@ -212,7 +213,8 @@ def build_config(opt, unknown, base_configs):
             words = list(p.get("initializer_words") or [])
             p.initializer_words = [opt.init_word] + words[1:]
         if p.get("embedding_manager_ckpt"):
-            check_file_has_the_caption_placeholder(p.embedding_manager_ckpt, (p.get("placeholder_strings") or ["*"])[0])
+            check_file_has_the_caption_placeholders(p.embedding_manager_ckpt, (p.get("placeholder_strings") or ["*"])[0],
+                                                    bool(p.get("per_image_tokens", False)))
     if "data" in config:
         data_params = config.data.setdefault("params", {})
         data_params.seed = model_params.seed
@@ -228,8 +230,8 @@ def build_config(opt, unknown, base_configs):
     return config
 
 
-def check_file_has_the_caption_placeholder(path: str, placeholder: str):
-    """A starting embeddings file brings its own placeholders; captions naming another would train nothing."""
+def check_file_has_the_caption_placeholders(path: str, placeholder: str, per_image_tokens: bool):
+    """A starting embeddings file brings its own placeholders; captions naming others would train nothing."""
     try:
         held = list(load_embeddings(path).vectors)
     except (ValueError, OSError) as error:
@@ -237,6 +239,10 @@ def check_file_has_the_caption_placeholder(path: str, placeholder: str):
     if placeholder not in held:
         raise UsageError(f"the training captions use the placeholder '{placeholder}', but the embeddings file "
                          f"'{path}' holds {', '.join(repr(p) for p in held)}: add --placeholder_string {shlex.quote(held[0])}")
+    if per_image_tokens and not set(per_img_token_list) <= set(held):
+        raise UsageError(f"per_image_tokens captions name {len(per_img_token_list)} per-image tokens, which the "
+                         f"embeddings file '{path}' does not hold: set per_image_tokens: false, or start from a file "
+                         "trained with them")
 
 
 def trainer_settings(opt, lightning_config):
@@ -346,6 +352,8 @@ def main(argv=None):
         print(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {model.learning_rate:.2e}")
 
     every = lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 500)
+    if isinstance(every, float) and every.is_integer():
+        every = int(every)
     if every is not None and (not isinstance(every, int) or every < 0):
         raise UsageError(f"every_n_train_steps {every} is not a step count: set "
                          "lightning.modelcheckpoint.params.every_n_train_steps to a number of steps, or 0 for none")

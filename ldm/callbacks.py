@@ -79,18 +79,19 @@ class TrainingCheckpoint(Callback):
         self._last_saved_step = step  # only once written: a save cut short (a second Ctrl-C) is retried
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step  # 0 only during the first step's accumulated batches: nothing learned to save
         stop, save = _on_any_rank(trainer, getattr(trainer, "stop_signal", None) is not None, self.save_requested)
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # requests wait for the end of the optimizer step: a run resumes exactly only from there
+        step = trainer.global_step
         if stop:
             trainer.should_stop = True
             if trainer.stop_signal is None:  # another rank got the signal
                 trainer.stop_signal = signal.SIGTERM
-        # A stop or the last step saves now, at the end of its step: saved after the loop ends, the epoch would
-        # count as finished and a resumed run would begin the next one (an epoch too far for max_epochs).
-        step_ends = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        # A stop or the last step saves now: saved after the loop ends, the epoch would count as finished and a
+        # resumed run would begin the next one (an epoch too far for max_epochs).
         last_step = 0 < trainer.max_steps <= step
         periodic = self.every_n_train_steps and step % self.every_n_train_steps == 0
-        if step and (save or (stop or last_step) and step_ends or periodic):
+        if save or stop or last_step or periodic:
             self.save_requested = False
             self.save(trainer, pl_module)
 

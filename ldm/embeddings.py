@@ -125,8 +125,8 @@ def save_embeddings(embeddings: Embeddings, path, format: str = "original") -> N
     """Write `embeddings` atomically in one of FORMATS; `.safetensors` or a pickle (`.pt`/`.bin`) by extension.
 
     - "original": the original repo's dict with plain tensors in plain dicts (loads with weights_only=True, and in
-      A1111), plus "name" (metadata "name" or the first placeholder), "step", "sd_checkpoint*" and our "metadata";
-      a placeholder without a known token id is written with id -1.
+      A1111), plus "name" (the first placeholder), "step", "sd_checkpoint*" and our "metadata"; a placeholder
+      without a known token id is written with id -1.
     - "diffusers": {token: (k, D)}; `.safetensors` keeps metadata and token ids in its string header, `.bin` keeps
       neither (diffusers' loader accepts only the one key).
     - "a1111": the AUTOMATIC1111 dict (`.pt`/`.bin`, name = metadata "name" or the placeholder) or
@@ -173,7 +173,7 @@ def _original_dict(embeddings: Embeddings, metadata: dict) -> dict:
             p: torch.tensor(embeddings.token_ids.get(p, UNKNOWN_TOKEN_ID), dtype=torch.int64) for p in placeholders
         },
         "string_to_param": dict(embeddings.vectors),
-        "name": metadata.get("name") or placeholders[0],
+        "name": placeholders[0],
         "step": int(metadata.get("step") or 0),
         "sd_checkpoint": None,
         "sd_checkpoint_name": None,

@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="file to write; .safetensors or .pt/.bin decides the container")
     parser.add_argument("--format", required=True, choices=FORMATS, help="layout of the output file")
     parser.add_argument("--token", help="new placeholder/token for a single-placeholder embedding, e.g. '<cat-toy>'")
-    parser.add_argument("--name", help="name to record: A1111's 'name' entry, which diffusers uses as the token")
+    parser.add_argument("--name", help="with --format a1111: its 'name' entry (A1111 names the word after the file; "
+                                       "diffusers takes this name as the token)")
     return parser.parse_args(argv)
 
 
@@ -72,6 +73,9 @@ def check_new_clip_tokens(embeddings: Embeddings, source: str):
 def convert(args: argparse.Namespace) -> Embeddings:
     """Write the converted file and return it as read back, so the report shows what loaders will see."""
     check_output(args.output, "--output")
+    if args.name and args.format != "a1111":
+        raise ValueError("--name sets the 'name' entry of the a1111 format: use it with --format a1111, or rename "
+                         "the placeholder with --token")
     embeddings = load_embeddings(args.input)
     if args.token:
         embeddings = renamed(embeddings, args.token)

@@ -395,6 +395,9 @@ def test_convert_errors_exit_non_zero_with_one_line(tmp_path, capsys):
     assert script.main(["--input", str(source), "--output", str(tmp_path / "o.bin"), "--format", "diffusers"]) == 1
     assert "pass --token" in capsys.readouterr().err
     assert not (tmp_path / "o.bin").exists()
+    assert script.main(["--input", str(source), "--output", str(tmp_path / "o.pt"), "--format", "original",
+                        "--name", "cat"]) == 1
+    assert "use it with --format a1111" in capsys.readouterr().err
     save_embeddings(Embeddings({"@": random_vectors(1)}), source)  # any single character is a CLIP word too
     assert script.main(["--input", str(source), "--output", str(tmp_path / "o.bin"), "--format", "diffusers"]) == 1
     assert "'@', which is already in the CLIP tokenizer's vocabulary" in capsys.readouterr().err

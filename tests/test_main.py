@@ -121,24 +121,34 @@ def test_the_progress_bar_reads_the_loss_only_when_it_redraws(tmp_path, images, 
 
 
 class CtrlC(pl.Callback):
-    """Presses Ctrl-C once at the end of step `step`."""
+    """Presses Ctrl-C at the end of step `step`, twice with `again` as an impatient user does: the second press
+    raises KeyboardInterrupt there, inside the training loop, and stops at once."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, again: bool = False):
         self.step = step
+        self.again = again
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and trainer.stop_signal is None:
             os.kill(os.getpid(), signal.SIGINT)
+            assert trainer.stop_signal == signal.SIGINT
+            if self.again:
+                os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_a_stopped_run_saves_inside_the_epoch_it_stopped_in(tmp_path, images, tiny_sd_ckpt):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_stopped_run_saves_at_the_end_of_a_step_inside_its_epoch(tmp_path, images, tiny_sd_ckpt, accumulate):
     """Saved after Lightning ends the loop, the epoch would count as finished: a resumed run would start the next
-    one (stopping an epoch early under max_epochs)."""
+    one (stopping an epoch early under max_epochs). Saved in the middle of an accumulated step, a resumed run would
+    not redo that step's first batches."""
     trainer, run = train_in_process(tmp_path, images, tiny_sd_ckpt, f"lightning.callbacks.ctrl_c.target={__name__}.CtrlC",
-                                    "lightning.callbacks.ctrl_c.params.step=3", steps=40)
+                                    "lightning.callbacks.ctrl_c.params.step=3", "--accumulate_grad_batches",
+                                    str(accumulate), steps=40)
     assert trainer.stop_signal == signal.SIGINT
     last = torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)
     assert (last["global_step"], last["epoch"]) == (trainer.global_step, 0)
+    batches = last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+    assert batches == trainer.global_step * accumulate
 
 
 class SigtermAtFirstBatch(pl.Callback):
@@ -155,23 +165,10 @@ def test_a_stop_before_the_first_step_ends_says_nothing_was_saved(tmp_path, imag
     assert "nothing was saved" in output and "Continue with" not in output
 
 
-class CtrlCTwice(pl.Callback):
-    """Presses Ctrl-C twice at the end of step `step`, as an impatient user does: the second stops at once."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-            assert trainer.stop_signal == signal.SIGINT
-            os.kill(os.getpid(), signal.SIGINT)  # raises KeyboardInterrupt here, inside the training loop
-
-
 def test_a_second_ctrl_c_stops_at_once_and_still_saves(tmp_path, images, tiny_sd_ckpt, capsys):
     trainer, run = train_in_process(tmp_path, images, tiny_sd_ckpt, "--init_word", "cat",
-                                    f"lightning.callbacks.ctrl_c.target={__name__}.CtrlCTwice",
-                                    "lightning.callbacks.ctrl_c.params.step=3")
+                                    f"lightning.callbacks.ctrl_c.target={__name__}.CtrlC",
+                                    "lightning.callbacks.ctrl_c.params.step=3", "lightning.callbacks.ctrl_c.params.again=true")
     assert trainer.stop_signal == signal.SIGINT and trainer.global_step == 3
     assert load_embeddings(os.path.join(run, "checkpoints", "embeddings.pt")).metadata["step"] == 3
     assert torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)["global_step"] == 3
