@@ -9,8 +9,12 @@
 # Usage: bash scripts/gpu_report.sh OUT_DIR     (writes OUT_DIR/*.json and OUT_DIR/*.log; about 10 minutes)
 set -u
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_report.sh OUT_DIR}
-mkdir -p "$out"
+case ${1:-} in
+    -h|--help) sed -n 2,9p "$0" | cut -c3-; exit 0 ;;
+    ""|-*) sed -n 9p "$0" | cut -c3- >&2; exit 2 ;;
+esac
+out=$1
+mkdir -p -- "$out" || exit 1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
