@@ -187,9 +187,10 @@ def vector_gradient(model, batch, dtype):
 
 def test_lean_layers_give_the_stock_loss_and_gradient(dataset, monkeypatch):
     lean = build_random_model(TINY_SD)
+    generator = torch.Generator().manual_seed(0)
     for parameter in lean.model.parameters():  # the zero-initialised output layers would hide the UNet's inside
         if not parameter.any():
-            torch.nn.init.normal_(parameter, std=0.05)
+            torch.nn.init.normal_(parameter, std=0.05, generator=generator)
     stock = with_stock_layers(lean)
     assert type(stock.model.diffusion_model.input_blocks[0][0]) is torch.nn.Conv2d
     batch = batch_of(dataset, [0, 1], [False, True])
@@ -197,8 +198,9 @@ def test_lean_layers_give_the_stock_loss_and_gradient(dataset, monkeypatch):
     with monkeypatch.context() as patch:
         stock_layers_patched(patch)
         stock_loss, stock_grad = vector_gradient(stock, batch, torch.float32)
-    assert torch.equal(lean_loss, stock_loss)
-    # Each layer's gradient is bit for bit the stock one; autograd may add up a tensor's gradients in another order.
+    # The same arithmetic up to the order of a few sums (a fused SiLU, autograd adding a tensor's gradients):
+    # float32 rounding, not an approximation.
+    torch.testing.assert_close(lean_loss, stock_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(lean_grad, stock_grad, rtol=1e-5, atol=1e-8)
 
     for model in (lean, stock):
