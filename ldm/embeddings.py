@@ -332,7 +332,7 @@ def _from_string_to_param(obj: dict) -> Embeddings:
     params = obj["string_to_param"]
     if isinstance(params, torch.nn.ParameterDict):
         # named_parameters also works for ParameterDicts pickled by torch versions that had no `_keys`.
-        params = dict(params.named_parameters())
+        params = dict(params.named_parameters(remove_duplicate=False))
     if not isinstance(params, dict) or not params:
         raise ValueError(f"its string_to_param is {_describe_value(params)}, not a non-empty dict of tensors")
     name = obj.get("name")
