@@ -1,11 +1,14 @@
 """The README's quick start, run exactly as written, on the shipped toy model: learn a word for a held-out concept,
-generate with it, evaluate it. The commands are read from the README so the two cannot drift apart."""
+generate with it, evaluate it. The commands are read from the README so the two cannot drift apart. It takes 3.5 to
+6 minutes on a 2-core CPU, so it is marked slow (CI runs the slow tests too)."""
 import glob
 import json
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -21,6 +24,7 @@ def quick_start_commands() -> list[str]:
     return [line.strip() for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+@pytest.mark.slow
 def test_readme_quick_start_runs_as_written(tmp_path):
     for name in SHARED:
         os.symlink(os.path.join(REPO, name), tmp_path / name)
