@@ -40,6 +40,7 @@ from ldm.util import channels_first, instantiate_from_config, load_yaml, make_gr
 
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler}
 PRECISIONS = ("autocast", "full")
+IMG2IMG_NEEDS_DDIM = "img2img needs the DDIM sampler (PLMS cannot start partway): drop --plms"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 # File names are limited to 255 bytes; the rest of a long prompt is dropped from the grid's name.
 GRID_NAME_MAX_BYTES = 150
@@ -310,7 +311,7 @@ def generate(model: LatentDiffusion, prompts, *, n_samples: int, n_iter: int, st
             denoise = partial(_sample_from_noise, SAMPLERS[sampler](model), **settings)
         else:
             if sampler != "ddim":
-                raise ValueError("img2img needs the DDIM sampler (PLMS cannot start partway): drop --plms")
+                raise ValueError(IMG2IMG_NEEDS_DDIM)
             _check_strength(strength)
             _check_image_size(model, height, width)
             image = load_init_image(init_image, pixel_multiple(model), height, width).to(device)
@@ -488,7 +489,7 @@ def _check_arguments(args) -> None:
     if args.plms and args.ddim_eta != 0:
         raise ValueError(f"--plms is deterministic: drop --ddim_eta {args.ddim_eta}, or drop --plms to sample with DDIM")
     if args.plms and args.init_img is not None:
-        raise ValueError("img2img needs the DDIM sampler (PLMS cannot start partway): drop --plms")
+        raise ValueError(IMG2IMG_NEEDS_DDIM)
     if args.init_img is not None:
         _check_strength(args.strength)
         require_file(args.init_img, "--init_img", "check the path")
