@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from ldm.embeddings import FORMATS, Embeddings, load_embeddings, save_embeddings
-from ldm.modules.encoders.tokenizers import bert_tokenizer, clip_tokenizer, ordinary_token_id
+from ldm.modules.encoders.tokenizers import clip_tokenizer, family_tokenizer, ordinary_token_id
 from ldm.paths import check_output
 from ldm.text_encoders import SD_V1_WIDTH, model_family_of_width, width_label
 
@@ -50,11 +50,11 @@ def with_token_ids(embeddings: Embeddings) -> Embeddings:
     family = model_family_of_width(embeddings.dim) or embeddings.metadata.get("model_family")
     if family not in ("sd-v1", "ldm"):
         return embeddings
-    tokenizer = clip_tokenizer() if family == "sd-v1" else bert_tokenizer()
+    tokenizer = family_tokenizer(family)
     token_ids = dict(embeddings.token_ids)
-    for placeholder in embeddings.vectors:
+    for placeholder in set(embeddings.vectors) - set(token_ids):
         token_id = ordinary_token_id(tokenizer, placeholder)
-        if placeholder not in token_ids and token_id is not None:
+        if token_id is not None:
             token_ids[placeholder] = token_id
     return Embeddings(embeddings.vectors, token_ids, embeddings.metadata)
 

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
-from ldm.modules.encoders.tokenizers import bert_tokenizer, clip_tokenizer, ordinary_token_id, text_token_ids
+from ldm.modules.encoders.tokenizers import family_tokenizer, ordinary_token_id, text_token_ids
 from ldm.paths import check_output
 from ldm.text_encoders import model_family_of_width, width_label
 
@@ -83,7 +83,7 @@ class MergedPlaceholders:
 
     def __init__(self, family: str):
         self.family = family
-        self.tokenizer = clip_tokenizer() if family == "sd-v1" else bert_tokenizer()
+        self.tokenizer = family_tokenizer(family)
         self.token_ids: dict[str, int] = {}
         self.sources: dict[str, str] = {}
 

@@ -99,3 +99,10 @@ def bert_tokenizer(vocab_path: str | None = None, max_length: int = 77) -> BertT
     with open(vocab_path, encoding="utf-8") as handle:
         vocab = {line.rstrip("\n"): index for index, line in enumerate(handle)}
     return BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=max_length)
+
+
+def family_tokenizer(model_family: str):
+    """The stock tokenizer of a model family as embedding files record it: "sd-v1" CLIP, "ldm" BERT."""
+    if model_family not in ("sd-v1", "ldm"):
+        raise ValueError(f"model family '{model_family}' has no tokenizer here; use 'sd-v1' or 'ldm'")
+    return clip_tokenizer() if model_family == "sd-v1" else bert_tokenizer()
