@@ -227,7 +227,22 @@ def build_config(opt, unknown, base_configs):
                     # The original always wrote '*' into captions.
                     params.placeholder_token = (personalization.params.get("placeholder_strings") or ["*"])[0]
                     params.per_image_tokens = bool(personalization.params.get("per_image_tokens", False))
+    absolute_paths(config)
     return config
+
+
+def absolute_paths(config):
+    """The run's saved config names its checkpoint, images and starting embeddings by absolute path, so that
+    `-r` works from any folder."""
+    model_params = config.model.params
+    holders = [(model_params, "ckpt_path"),
+               (model_params.get("personalization_config", {}).get("params", {}), "embedding_manager_ckpt")]
+    data_params = config.get("data", {}).get("params", {})
+    holders += [(data_params[split].get("params", {}), "data_root") for split in ("train", "validation")
+                if split in data_params]
+    for params, key in holders:
+        if params.get(key):
+            params[key] = os.path.abspath(os.path.expanduser(params[key]))
 
 
 def check_file_has_the_caption_placeholders(path: str, placeholder: str, per_image_tokens: bool):

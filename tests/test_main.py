@@ -222,6 +222,17 @@ def test_a_resumed_run_uses_the_learning_rate_this_command_sets(tmp_path, images
     assert torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)["global_step"] == 3
 
 
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path, images, tiny_sd_ckpt, monkeypatch):
+    monkeypatch.chdir(images.parent)
+    trainer = main_module.main(["--base", TINY_SD, "-t", "--actual_resume", os.path.relpath(tiny_sd_ckpt),
+                                "--data_root", images.name, "-l", "logs", "lightning.trainer.max_steps=2", *QUIET])
+    run = os.path.abspath(only_run("logs"))
+    monkeypatch.chdir(tmp_path.parent)
+    trainer = main_module.main(["-r", run, "--max_steps", "3", *QUIET])
+    assert trainer.global_step == 3
+    assert trainer.datamodule.datasets["train"].image_paths[0].startswith(str(images))
+
+
 def test_sigterm_to_the_process_group_saves_with_data_workers(tmp_path, images, tiny_sd_ckpt):
     """`timeout`, SLURM and a terminal signal every process of the group, data-loader workers too: the workers
     end quietly, and the main process saves, says how to continue and exits 128 + SIGTERM."""
