@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ldm.checkpoint import build_random_model
 from ldm.generate import generate
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.modules.lean_ops import LayerNorm, LeanConv2d
 from tests.conftest import TINY_SD
 from tests.test_lean_ops import kept_for_backward
@@ -46,6 +47,29 @@ def test_lean_conv_backward_on_cudnn_matches_the_stock_conv(dtype, channels_last
     x = torch.randn(2, 32, 24, 24, device="cuda", dtype=dtype).to(memory_format=memory_format).requires_grad_(True)
     grads = [torch.autograd.grad(conv(x).float().square().sum(), x)[0] for conv in (stock, lean)]
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("offset", [0.0, 8.0])
+def test_native_group_norm_on_cuda_is_within_the_rounding_of_its_half_statistics(silu, offset):
+    """The CUDA kernel normalises with its mean and scale rounded to bf16: the output may differ from the float32
+    path by about (1 + |mean|/std) bf16 ulps, the gradient likewise."""
+    torch.manual_seed(0)
+    norm = GroupNorm32(8, 64, silu=silu).cuda()
+    nn.init.normal_(norm.weight, 1.0, 0.2), nn.init.normal_(norm.bias, 0.0, 0.2)
+    reference = copy.deepcopy(norm)
+    norm.bfloat16().requires_grad_(False), reference.requires_grad_(False)
+    x = (torch.randn(2, 64, 16, 16, device="cuda") * 2.0 + offset).bfloat16()
+    gradient = torch.randn(2, 64, 16, 16, device="cuda").bfloat16()
+    outputs, grads = [], []
+    for module, inputs in ((norm, x), (reference, x.float())):
+        inputs = inputs.detach().requires_grad_(True)
+        output = module(inputs)
+        outputs.append(output.float())
+        grads.append(torch.autograd.grad(output, inputs, gradient.to(output.dtype))[0].float())
+    bound = 4 * 2.0 ** -8 * (1 + offset / 2.0)
+    assert (outputs[0] - outputs[1]).abs().max() <= bound * outputs[1].abs().max()
+    assert (grads[0] - grads[1]).abs().max() <= bound * grads[1].abs().max()
 
 
 def test_layer_norm_under_cuda_autocast_stays_in_bf16_where_nn_layer_norm_goes_float32():

@@ -53,7 +53,7 @@ def graphed_model(recorder, network="unet"):
 
 
 @pytest.mark.parametrize("network", ["unet", "text encoder"])
-def test_training_steps_record_once_per_input_shape_with_the_eager_values(dataset, network):
+def test_training_steps_record_once_per_input_shape_with_the_eager_values(dataset, network, capsys):
     recorder = Recorder()
     model, eager = graphed_model(recorder, network), build_random_model(TINY_SD)
     two, three = batch_of(dataset, [0, 1], [False, True]), batch_of(dataset, [0, 1, 2], [False] * 3)
@@ -62,6 +62,8 @@ def test_training_steps_record_once_per_input_shape_with_the_eager_values(datase
         eager_loss, eager_grad = vector_gradient(eager, batch, torch.float32)
         assert torch.equal(loss, eager_loss) and torch.equal(grad, eager_grad)
     assert [r["samples"][0].shape[0] for r in recorder.recorded] == [2, 3]
+    name = "the UNet" if network == "unet" else "the text encoder"
+    assert capsys.readouterr().out.count(f"cuda_graphs: recorded {name} for inputs of shape ") == 2
     samples = recorder.recorded[0]["samples"]  # UNet: x, timesteps, context; text encoder: token embeddings
     assert [sample.requires_grad for sample in samples] == ([False, False, True] if network == "unet" else [True])
     assert samples[-1].is_leaf  # a copy: the warm-up passes never reach the real step

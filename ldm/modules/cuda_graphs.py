@@ -85,13 +85,18 @@ class GraphedPasses(abc.ABC):
         key = (*((tuple(t.shape), t.dtype, t.requires_grad) for t in inputs), torch.is_grad_enabled(),
                torch.is_inference_mode_enabled(), torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         if key not in self.graphed:
+            stream = torch.cuda.current_stream() if device == "cuda" else None
             try:
                 self.graphed[key] = self._record(*inputs)
             except RuntimeError as error:
+                if stream is not None:  # a capture that fails as it ends leaves its side stream current
+                    torch.cuda.set_stream(stream)
                 self.failed = True
                 print(f"cuda_graphs: recording {self.name} failed ({' '.join(str(error).split())[:200]}); "
                       "it runs eagerly from here on")
                 return self._forward(*inputs)
+            shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+            print(f"cuda_graphs: recorded {self.name} for inputs of shape {shapes}")
         output = self.graphed[key](*inputs)
         # A replay overwrites the recorded output; samplers may keep it across steps (PLMS keeps past noise).
         return output if torch.is_grad_enabled() else output.clone()

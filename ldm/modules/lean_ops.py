@@ -10,7 +10,9 @@ needs (SD v1 at batch 1 under bf16 autocast on a GPU: about 875 MiB kept, 432 Mi
   the UNet's `recompute_feedforward`, `projected_gated_gelu` keeps the projection's input, an eighth of its size
   in SD v1, and recomputes the projection too, for one more matmul);
 - a float32 GroupNorm on half-precision activations keeps a float32 copy of its input (`GroupNorm32` in util.py
-  runs half inputs natively when its weights are half too: float32 statistics, rounded once, as before);
+  runs half inputs natively when its weights are half too: the CPU kernel normalises with float32 statistics and
+  rounds once; the CUDA kernel rounds its mean and scale to the half dtype first, as a model run wholly in half
+  precision does, which adds about |mean|/std half-precision ulps to the output's own rounding);
 - the SiLU after a GroupNorm keeps the norm's output (`group_norm_silu`: recomputes it from what the norm keeps);
 - CUDA autocast runs layer_norm in float32 whatever its weights, so it keeps a float32 copy of a half input and
   hands a float32 output to linears that cast it back (`LayerNorm`: runs in its weights' dtype when the input

@@ -87,12 +87,14 @@ def avg_pool_nd(dims, *args, **kwargs):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with float32 statistics, returned in the input's dtype, optionally followed by SiLU (`silu`).
+    """GroupNorm returned in the input's dtype, optionally followed by SiLU (`silu`).
 
-    Inputs in the weights' dtype run the native kernel, which accumulates in float32 and rounds once, as the
-    float32 path does, without keeping a float32 copy of half-precision inputs for backward (autocast would
-    otherwise upcast them); with `silu` the pair keeps only what the norm's backward needs. Other mixes (half
-    activations, float32 weights) compute in float32 and cast back, as LDM does."""
+    Inputs in the weights' dtype run the native kernel without keeping a float32 copy of half-precision inputs for
+    backward (autocast would otherwise upcast them); with `silu` the pair keeps only what the norm's backward
+    needs. The kernel accumulates in float32; on the CPU it normalises with float32 statistics and rounds once, as
+    the float32 path does, while on CUDA it rounds the mean and scale to the half dtype first, as a model run wholly
+    in half precision does (`tests/test_cuda.py` bounds the difference). Other mixes (half activations, float32
+    weights) compute in float32 and cast back, as LDM does."""
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, silu=False):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)
