@@ -501,24 +501,30 @@ def release_memory(device: torch.device):
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
-def floor_fraction(model_name: str, device: torch.device, images_per_s: float, peak_tflops: float) -> float | None:
-    if device.type != "cuda" or model_name not in FLOOR_GFLOP_PER_IMAGE:
+def floor_fraction(model_name: str, device: torch.device, precision: str, images_per_s: float,
+                   peak_tflops: float) -> float | None:
+    """Against the bf16 matmul rate: none for float32 rows, which the tensor cores' half-precision rate does not bound."""
+    if device.type != "cuda" or model_name not in FLOOR_GFLOP_PER_IMAGE or precision == "fp32":
         return None
     return FLOOR_GFLOP_PER_IMAGE[model_name] * images_per_s / (peak_tflops * 1e3)
 
 
-def train_rows(step, label: str, variant: str, images: dict, args) -> list[dict]:
-    rows = []
+def train_rows(step, label: str, variant: str, images: dict, args, rows: list, measured: Callable[[], None]):
+    """Appends a row per batch size to `rows`, calling `measured` after each (a later batch size that fails, or a
+    run cut short, keeps the earlier rows)."""
     recorders = step.graph_recorders() if isinstance(step, OursStep) else []
     for batch_size in args.batch_sizes:
+        for recorder in recorders:  # another batch size's recording would stay in this row's memory
+            recorder.clear()
+        release_memory(args.device)
         batches = batches_of(images, batch_size)
-        warm_up(step, batches, args.device, max(args.warmup, 1 if recorders else 0))
+        warm_up(step, batches, args.device, max(args.warmup, 1))  # the memory step is never the first one
         if recorders:  # a replay allocates nothing: its memory is the recording's pool, in the reserved peak
             held = step_peak = None
         else:
             held, step_peak = memory_of_step(step, batches[0], args.device)
         timing = time_training(step, batches, args.device, args.warmup, args.steps)
-        fraction = floor_fraction(args.model, args.device, timing["images_per_s"], args.peak_tflops)
+        fraction = floor_fraction(args.model, args.device, args.precision, timing["images_per_s"], args.peak_tflops)
         failed = [recorder.name for recorder in recorders if recorder.failed]
         shown = f"{variant} (recording {' and '.join(failed)} failed: eager)" if failed else variant
         rows.append({"implementation": label, "batch_size": batch_size, "variant": shown, **timing,
@@ -526,17 +532,17 @@ def train_rows(step, label: str, variant: str, images: dict, args) -> list[dict]
         if args.profile:
             rows[-1]["ms_by_kind"] = time_by_kind(step, batches[0], args.device)
         print(f"  {label} {variant} batch {batch_size}: {timing['images_per_s']:.3g} images/s", file=sys.stderr)
-    return rows
+        measured()
 
 
 def add_ratios(rows: list[dict]):
     """ours / diffusers images/s at the same batch size, against diffusers' checkpointing run for a variant with
-    checkpointing, else its eager run."""
+    checkpointing (none where that run is missing), else its eager run."""
     theirs = {(row["batch_size"], row["variant"]): row["images_per_s"] for row in rows
               if row["implementation"] != "ours"}
     for row in rows:
         variant = "checkpointing" if "checkpointing" in row["variant"] else "eager"
-        baseline = theirs.get((row["batch_size"], variant), theirs.get((row["batch_size"], "eager")))
+        baseline = theirs.get((row["batch_size"], variant))
         row["ratio"] = row["images_per_s"] / baseline if row["implementation"] == "ours" and baseline else None
 
 
@@ -644,6 +650,10 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
               "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
               "peak_tflops": args.peak_tflops, "training": rows, "notes": notes}
 
+    def measured():
+        add_ratios(rows)
+        progress(report)
+
     def attempt(label: str, measurement: Callable[[], None]):
         try:
             measurement()
@@ -651,7 +661,7 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
             notes.append(f"{label}: failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})")
             print(f"  {label}: failed", file=sys.stderr)
         release_memory(device)
-        progress(report)
+        measured()
 
     model = build_ours(args.model, device, args.precision)
     images = training_images(model)
@@ -690,7 +700,7 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
         try:
             step = OursStep(ours, args.precision)
             step.fill_latent_cache(images)
-            rows.extend(train_rows(step, "ours", variant, images, args))
+            train_rows(step, "ours", variant, images, args, rows, measured)
         finally:
             ours.cpu()
 
@@ -701,9 +711,9 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
         if parts.text_encoder_label != "CLIPTextModel":
             notes.append("LDM: diffusers has no LDM-BERT; its rows run diffusers' UNet and VAE with our LDM-BERT.")
         for variant in ["eager"] + (["checkpointing"] if args.gradient_checkpointing else []):
-            attempt(f"{label} {variant}", lambda variant=variant: rows.extend(train_rows(
+            attempt(f"{label} {variant}", lambda variant=variant: train_rows(
                 diffusers_step_for(parts, model, args.precision, gradient_checkpointing=variant != "eager"),
-                label, variant, images, args)))
+                label, variant, images, args, rows, measured))
         set_diffusers_gradient_checkpointing(parts, False)
         parts.to("cpu")
     for variant, levers in variants:
@@ -711,7 +721,6 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
     model.to(device)
     if parts is not None:
         parts.to(device)
-    add_ratios(rows)
     if args.sampling:
         if parts is not None and parts.text_encoder_label != "CLIPTextModel":
             notes.append("Sampling: StableDiffusionPipeline needs a CLIP text encoder, so LDM sampling is ours only.")
@@ -827,7 +836,8 @@ def parse_args(argv=None):
     parser.add_argument("--sampling_steps", type=int, help="DDIM steps (default: 50; CPU: 10)")
     parser.add_argument("--skip_diffusers", action="store_true", help="time ours only")
     parser.add_argument("--peak_tflops", type=float, default=790.0,
-                        help="the GPU's dense bf16 peak for the FLOP-floor fraction (default: %(default)s, H100)")
+                        help="the GPU's bf16 matrix-product rate for the FLOP-floor fraction (default: %(default)s, "
+                             "measured on an H100/H200 SXM; their datasheet's dense peak is 989)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step per row and print where its time goes, by kind of op")
     parser.add_argument("--json", help="also write the results to this JSON file (after each measurement: a run cut "

@@ -84,8 +84,21 @@ def test_a_failing_measurement_becomes_a_note_and_every_step_is_saved(benchmark,
     assert benchmark.main(argv) == 0
     assert ("ours channels last: failed (OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB)"
             in capsys.readouterr().out)
-    assert [len(report["training"]) for report in saved] == [1, 1, 1]  # after each variant, then at the end
+    # after each row, each variant (the failed one too), then at the end
+    assert [len(report["training"]) for report in saved] == [1, 1, 1, 1]
     assert saved[-1]["training"][0]["variant"] == "eager"
+
+
+def test_checkpointing_rows_are_compared_with_checkpointing_only(benchmark):
+    def row(implementation, variant, images_per_s):
+        return {"implementation": implementation, "batch_size": 1, "variant": variant, "images_per_s": images_per_s}
+
+    rows = [row("ours", "eager", 6.0), row("ours", "checkpointing", 3.0), row("diffusers", "eager", 4.0)]
+    benchmark.add_ratios(rows)
+    assert [r["ratio"] for r in rows] == [1.5, None, None]  # not against diffusers' eager step
+    rows.append(row("diffusers", "checkpointing", 2.0))
+    benchmark.add_ratios(rows)
+    assert [r["ratio"] for r in rows] == [1.5, 1.5, None, None]
 
 
 def test_profiled_ops_are_sorted_by_what_they_compute(benchmark):
@@ -184,11 +197,35 @@ def test_graphed_rows_report_no_allocated_step_memory_and_say_when_recording_fai
     images = benchmark.training_images(model)
     step.fill_latent_cache(images)
     args = SimpleNamespace(batch_sizes=[2], device=torch.device("cpu"), warmup=0, steps=1, model="tiny-sd",
-                           peak_tflops=790.0, profile=False)
-    (row,) = benchmark.train_rows(step, "ours", "cuda graphs", images, args)
+                           precision="fp32", peak_tflops=790.0, profile=False)
+    rows = []
+    benchmark.train_rows(step, "ours", "cuda graphs", images, args, rows, lambda: None)
+    (row,) = rows
     assert row["held_for_backward_mib"] is None and row["step_peak_mib"] is None
     assert row["variant"] == ("cuda graphs (recording the UNet failed: eager)" if fail else "cuda graphs")
     assert len(recorder.recorded) == (0 if fail else 1)
+
+
+def test_a_batch_size_that_fails_keeps_the_rows_measured_before_it(benchmark):
+    """Out of memory at batch 2 must not lose batch 1's row, already handed to --json."""
+    model = benchmark.build_ours("tiny-sd", torch.device("cpu"), "fp32")
+    step = benchmark.OursStep(model, "fp32")
+    images = benchmark.training_images(model)
+    step.fill_latent_cache(images)
+    loss = step.loss
+
+    def loss_or_out_of_memory(batch, generator):
+        if len(batch["caption"]) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return loss(batch, generator)
+
+    step.loss = loss_or_out_of_memory
+    args = SimpleNamespace(batch_sizes=[1, 2], device=torch.device("cpu"), warmup=1, steps=1, model="tiny-sd",
+                           precision="fp32", peak_tflops=790.0, profile=False)
+    rows, saved = [], []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        benchmark.train_rows(step, "ours", "eager", images, args, rows, lambda: saved.append(len(rows)))
+    assert [row["batch_size"] for row in rows] == [1] and saved == [1]
 
 
 def test_cuda_graphs_are_refused_on_the_cpu_with_the_reason(benchmark, capsys):
