@@ -1,4 +1,5 @@
 """Lightning callbacks of a main.py run (textual inversion or pretraining): run folder, checkpoints, sample images."""
+import json
 import os
 import signal
 import time
@@ -164,3 +165,45 @@ class ImageLogger(Callback):
         step = trainer.global_step
         if not self.disabled and step > 0 and batch_idx == 0 and not trainer.sanity_checking and self._scheduled(step):
             self.log_images(trainer, pl_module, batch, batch_idx, "val")
+
+
+class StepTimes(Callback):
+    """Times the run's own training loop (data loader, Lightning's hooks, logging, progress bar) for
+    `scripts/benchmark.py --main_loop`: the time from each step's start to the next one's, recorded without waiting
+    for the GPU (CUDA events there). Steps that met an image the latent cache did not hold yet, and the first
+    `warmup`, are left out; after `steps` others the run stops and `path` gets their times (seconds) and the most
+    memory any of them allocated (GiB, CUDA only)."""
+
+    def __init__(self, path: str, warmup: int, steps: int):
+        super().__init__()
+        self.path, self.warmup, self.steps = path, warmup, steps
+        self.starts, self.counted, self.peaks = [], [], []
+        self._cached = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self.starts.append(event)
+        else:
+            self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        cached, self._cached = self._cached, pl_module.cached_latent_count
+        counted = len(self.starts) > self.warmup and cached == self._cached
+        self.counted.append(counted)
+        if counted and pl_module.device.type == "cuda":
+            self.peaks.append(torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
+        if sum(self.counted) > self.steps:  # the last one counted needs the next step's start
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+            seconds = [start.elapsed_time(end) / 1e3 for start, end in zip(self.starts, self.starts[1:])]
+        else:
+            seconds = [end - start for start, end in zip(self.starts, self.starts[1:])]
+        times = [time for time, counted in zip(seconds, self.counted) if counted][:self.steps]
+        with open(self.path, "w") as handle:
+            json.dump({"seconds": times, "peak_memory_gib": max(self.peaks, default=None)}, handle)

@@ -15,6 +15,9 @@ compute the same loss and the same update of the learned word (tests/test_benchm
 compares two ways of doing one job. The placeholder is an existing one-token string ("*"), so the diffusers table
 keeps its size instead of gaining the one row the example adds.
 
+`--main_loop` also times main.py itself, in a process of its own, on the same weights and images: our step plus
+its data loader, Lightning's loop and hooks, logging and progress bar (`ldm.callbacks.StepTimes`).
+
 Timing: `--warmup` untimed steps, then `--steps` steps between two CUDA events (elsewhere time.perf_counter and a
 synchronize). Peak memory is torch.cuda.max_memory_allocated over the timed steps while the other implementation's
 weights wait on the CPU; other devices do not report it (n/a). Held for backward and step peak are measured on
@@ -32,6 +35,7 @@ Examples:
   python scripts/benchmark.py --sampling --json bench.json      # GPU: SD v1, batches 1, 8, 16, and sampling
   python scripts/benchmark.py --model ldm --compile --gradient_checkpointing
   python scripts/benchmark.py --model sd --batch_sizes 1 8 --cuda_graphs             # GPU: CUDA graphs
+  python scripts/benchmark.py --model sd --batch_sizes 1 16 --cuda_graphs --main_loop # and main.py's own loop
   python scripts/benchmark.py --model sd --batch_sizes 16 --channels_last --profile  # where the time goes
   python scripts/benchmark.py --model sd --cuda_graphs --channels_last --attention_backend cudnn --combined
 """
@@ -44,7 +48,10 @@ import json
 import math
 import os
 import platform
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +76,8 @@ from diffusers.loaders.single_file_utils import (
 )
 from diffusers.utils import logging as diffusers_logging
 from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
 from ldm.generate import first_stage_factor, generate, parse_device, sampling_weights_dtype
@@ -88,6 +97,7 @@ FLOOR_GFLOP_PER_IMAGE = {"sd": 1669.2 + 26.8, "ldm": 364.8 + 196.7}
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINER_PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
 IMAGE_COUNT = 5
+MAIN_LOOP_MAX_STEPS = 1000  # --main_loop: enough for the warm-up, the steps that fill the latent cache and the timed
 CAPTION = "a photo of {}"
 SAMPLING_PROMPT = "a painting of {} in a garden"
 SAMPLING_BATCHES = (1, 8)
@@ -133,8 +143,9 @@ def placeholder_of(model) -> str:
 
 
 class OursStep:
-    """One training step of ours as Lightning runs it: `shared_step` under autocast, backward, AdamW on the learned
-    vectors (the model's `configure_optimizers`), zero_grad; a gradient scaler for fp16 as Lightning's."""
+    """The work of one training step of ours, what Lightning's loop calls: `shared_step` under autocast, backward,
+    AdamW on the learned vectors (the model's `configure_optimizers`), zero_grad; a gradient scaler for fp16 as
+    Lightning's. The loop's own cost (data loader, hooks, logging) is in the `--main_loop` rows."""
 
     def __init__(self, model, precision: str):
         self.model = model
@@ -253,7 +264,8 @@ class DiffusersStep:
     """One step of diffusers' examples/textual_inversion/textual_inversion.py on `parts`.
 
     Differences that cost nothing: random draws come from the step's generator, in our order (latent sample,
-    timesteps, noise), and the learning-rate scheduler (constant by default) is left out.
+    timesteps, noise), and the learning-rate scheduler (constant by default) is left out. Like the example, a step
+    reads its loss to the host (for its progress bar), which waits for the GPU.
     """
 
     def __init__(self, parts: DiffusersParts, precision: str, learning_rate: float, placeholder_id: int,
@@ -295,6 +307,7 @@ class DiffusersStep:
     def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         loss = self.loss(batch, generator)
         self.update(loss)
+        self.logged_loss = loss.detach().item()
         return loss.detach()
 
 
@@ -500,6 +513,74 @@ def release_memory(device: torch.device):
         torch.cuda.empty_cache()
 
 
+# --- main.py's own loop --------------------------------------------------------------------------------------------
+UNET_LEVERS = {"use_checkpoint", "recompute_feedforward", "attention_backend"}
+
+
+def lever_overrides(levers: dict) -> list[str]:
+    """A variant's levers (`build_ours`' keywords) as main.py's config overrides."""
+    return [f"model.params.{'unet_config.params.' if name in UNET_LEVERS else ''}{name}={value}"
+            for name, value in levers.items()]
+
+
+def main_loop_variant(variants: list[tuple[str, dict]]) -> tuple[str, dict]:
+    """The one variant `--main_loop` runs main.py with: the combined levers where given, else CUDA graphs, else
+    eager (each run builds and loads the whole model, so one variant per batch size)."""
+    for wanted in ("combined", "cuda graphs"):
+        for variant, levers in variants:
+            if variant.startswith(wanted):
+                return variant, levers
+    return "eager", {}
+
+
+def main_loop_row(model, images: dict, variant: str, levers: dict, batch_size: int, args) -> dict:
+    """Ours trained by main.py itself, in a process of its own, on `model`'s weights and the benchmark's images:
+    its data loader, Lightning's loop and hooks, logging and progress bar included. The mean time from one step's
+    start to the next's after the warm-up, leaving out steps that met an image the latent cache did not hold yet
+    (`ldm.callbacks.StepTimes`); memory: the most any of those steps allocated."""
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = os.path.join(folder, "model.safetensors")
+        save_file({key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()
+                   if not key.startswith("embedding_manager.")}, checkpoint)
+        data_root = os.path.join(folder, "images")
+        os.makedirs(data_root)
+        for index in range(IMAGE_COUNT):
+            Image.fromarray(images["image"][index].numpy()).save(os.path.join(data_root, f"{index:02}.png"))
+        times = os.path.join(folder, "step_times.json")
+        device = ["--gpus", f"{args.device.index or 0},"] if args.device.type == "cuda" else []
+        command = [
+            sys.executable, os.path.join(REPO, "main.py"), "--base", os.path.join(REPO, NAMED_CONFIGS[args.model]),
+            "-t", "--actual_resume", checkpoint, "--data_root", data_root, "-l", os.path.join(folder, "logs"), *device,
+            "--precision", TRAINER_PRECISION[args.precision], "--max_steps", str(MAIN_LOOP_MAX_STEPS),
+            f"data.params.batch_size={batch_size}", "lightning.trainer.limit_val_batches=0",
+            "lightning.modelcheckpoint.params.every_n_train_steps=0",
+            "lightning.callbacks.image_logger.params.disabled=True",
+            "lightning.callbacks.step_times.target=ldm.callbacks.StepTimes",
+            f"lightning.callbacks.step_times.params.path={times}",
+            f"lightning.callbacks.step_times.params.warmup={max(args.warmup, 1)}",
+            f"lightning.callbacks.step_times.params.steps={args.steps}", *lever_overrides(levers)]
+        run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if run.returncode != 0:
+            last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"main.py exited with status {run.returncode}: {last}")
+        with open(times) as handle:
+            measured = json.load(handle)
+    failed = re.findall(r"cuda_graphs: recording (.+?) failed", run.stdout)
+    if failed:
+        variant = f"{variant} (recording {' and '.join(failed)} failed: eager)"
+    seconds = measured["seconds"]
+    if len(seconds) < args.steps:
+        raise RuntimeError(f"main.py stopped at --max_steps {MAIN_LOOP_MAX_STEPS} with {len(seconds)} of the "
+                           f"{args.steps} steps to time")
+    per_step = sum(seconds) / len(seconds)
+    return {"implementation": "ours, main.py", "batch_size": batch_size, "variant": variant,
+            "ms_per_step": 1e3 * per_step, "images_per_s": batch_size / per_step,
+            "peak_memory_gib": measured["peak_memory_gib"], "peak_reserved_gib": None, "held_for_backward_mib": None,
+            "step_peak_mib": None,
+            "floor_fraction": floor_fraction(args.model, args.device, args.precision, batch_size / per_step,
+                                             args.peak_tflops)}
+
+
 # --- the run -------------------------------------------------------------------------------------------------------
 def floor_fraction(model_name: str, device: torch.device, precision: str, images_per_s: float,
                    peak_tflops: float) -> float | None:
@@ -539,11 +620,12 @@ def add_ratios(rows: list[dict]):
     """ours / diffusers images/s at the same batch size, against diffusers' checkpointing run for a variant with
     checkpointing (none where that run is missing), else its eager run."""
     theirs = {(row["batch_size"], row["variant"]): row["images_per_s"] for row in rows
-              if row["implementation"] != "ours"}
+              if not row["implementation"].startswith("ours")}
     for row in rows:
         variant = "checkpointing" if "checkpointing" in row["variant"] else "eager"
         baseline = theirs.get((row["batch_size"], variant))
-        row["ratio"] = row["images_per_s"] / baseline if row["implementation"] == "ours" and baseline else None
+        ours = row["implementation"].startswith("ours")
+        row["ratio"] = row["images_per_s"] / baseline if ours and baseline else None
 
 
 def sampling_precision(precision: str) -> str:
@@ -666,8 +748,8 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
     model = build_ours(args.model, device, args.precision)
     images = training_images(model)
     parts = None if args.skip_diffusers else convert_to_diffusers(model, args.model, args.precision)
-    # Ours eager and diffusers first, so a run cut short still has the comparison; the levers least tried last,
-    # so a kernel that fails in a way that poisons the CUDA context costs only the rows after it.
+    # Ours eager, diffusers and main.py's own run first, so a run cut short still has the comparison; the levers
+    # least tried last, so a kernel that fails in a way that poisons the CUDA context costs only the rows after it.
     variants = []
     if args.gradient_checkpointing:
         variants.append(("checkpointing", {"use_checkpoint": True}))
@@ -716,6 +798,15 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
                 label, variant, images, args, rows, measured))
         set_diffusers_gradient_checkpointing(parts, False)
         parts.to("cpu")
+    if args.main_loop:
+        notes.append("ours, main.py: main.py's own training run, in a process of its own, on the same weights and "
+                     "images (its data loader, Lightning's loop and hooks, logging and progress bar included); "
+                     "ms/step: the mean time from one step's start to the next's after the warm-up, steps that "
+                     "encoded an image new to the latent cache left out; peak: the most one of those steps allocated.")
+        variant, levers = main_loop_variant(variants)
+        for batch_size in args.batch_sizes:
+            attempt(f"ours, main.py {variant} batch {batch_size}", lambda batch_size=batch_size: rows.append(
+                main_loop_row(model, images, variant, levers, batch_size, args)))
     for variant, levers in variants:
         attempt(f"ours {variant}", partial(time_ours, variant, levers))
     model.to(device)
@@ -835,6 +926,9 @@ def parse_args(argv=None):
     parser.add_argument("--sampling", action="store_true", help="also time DDIM sampling with guidance")
     parser.add_argument("--sampling_steps", type=int, help="DDIM steps (default: 50; CPU: 10)")
     parser.add_argument("--skip_diffusers", action="store_true", help="time ours only")
+    parser.add_argument("--main_loop", action="store_true",
+                        help="also time main.py's own training run (data loader, Lightning's loop) on the same weights "
+                             "at each batch size, with --combined's levers where given, else --cuda_graphs, else eager")
     parser.add_argument("--peak_tflops", type=float, default=790.0,
                         help="the GPU's bf16 matrix-product rate for the FLOP-floor fraction (default: %(default)s, "
                              "measured on an H100/H200 SXM; their datasheet's dense peak is 989)")

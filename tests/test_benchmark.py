@@ -228,6 +228,22 @@ def test_a_batch_size_that_fails_keeps_the_rows_measured_before_it(benchmark):
     assert [row["batch_size"] for row in rows] == [1] and saved == [1]
 
 
+def test_main_py_runs_on_the_benchmark_weights_and_times_only_steps_with_cached_latents(benchmark):
+    """The main-loop row runs the real main.py (its own process) on the benchmark's model and images."""
+    model = benchmark.build_ours("tiny-sd", torch.device("cpu"), "fp32")
+    args = SimpleNamespace(model="tiny-sd", device=torch.device("cpu"), precision="fp32", warmup=1, steps=3,
+                           peak_tflops=790.0)
+    row = benchmark.main_loop_row(model, benchmark.training_images(model), "eager", {}, 2, args)
+    assert row["implementation"] == "ours, main.py" and row["batch_size"] == 2
+    assert positive(row["ms_per_step"]) and row["images_per_s"] == pytest.approx(2e3 / row["ms_per_step"])
+    assert benchmark.lever_overrides({"cuda_graphs": True, "use_checkpoint": True}) == [
+        "model.params.cuda_graphs=True", "model.params.unet_config.params.use_checkpoint=True"]
+    graphed, combined = ("cuda graphs", {"cuda_graphs": True}), ("combined: cuda graphs, channels last", {})
+    assert benchmark.main_loop_variant([("checkpointing", {}), graphed, combined]) == combined
+    assert benchmark.main_loop_variant([("checkpointing", {}), graphed]) == graphed
+    assert benchmark.main_loop_variant([("checkpointing", {"use_checkpoint": True})]) == ("eager", {})
+
+
 def test_cuda_graphs_are_refused_on_the_cpu_with_the_reason(benchmark, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(["--device", "cpu", "--cuda_graphs"])

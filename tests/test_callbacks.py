@@ -1,11 +1,14 @@
 """ImageLogger's schedule: which training and validation batches get their images logged; TrainingCheckpoint's
-retry of a save cut short."""
+retry of a save cut short; StepTimes' choice of the steps it times."""
+import json
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from ldm.callbacks import ImageLogger, TrainingCheckpoint
+from ldm.callbacks import ImageLogger, StepTimes, TrainingCheckpoint
 
 
 def logged_steps(logger, split, steps, batch_indices=(0,)):
@@ -52,3 +55,21 @@ def test_a_save_cut_short_by_a_second_ctrl_c_is_made_again(tmp_path):
         checkpoint.save(trainer, None)
     checkpoint.save(trainer, None)
     assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_step_times_leave_out_the_warm_up_and_the_steps_that_filled_the_latent_cache(tmp_path, monkeypatch):
+    clock = iter(range(0, 100, 10))  # each step starts 10 s after the last
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    path = tmp_path / "times.json"
+    timer = StepTimes(str(path), warmup=1, steps=2)
+    module = SimpleNamespace(device=torch.device("cpu"), cached_latent_count=0)
+    trainer = SimpleNamespace(should_stop=False)
+    for cache_after_step in (1, 2, 2, 3, 3, 3):  # steps 0 and 1 fill it, then step 3
+        assert not trainer.should_stop
+        timer.on_train_batch_start(trainer, module, None, 0)
+        module.cached_latent_count = cache_after_step
+        timer.on_train_batch_end(trainer, module, None, None, 0)
+    assert trainer.should_stop  # after 3 counted steps: 2 timed, the last one's end is the next one's start
+    timer.on_train_end(trainer, module)
+    assert json.loads(path.read_text()) == {"seconds": [10, 10], "peak_memory_gib": None}
+    assert timer.counted == [False, False, True, False, True, True]

@@ -367,6 +367,11 @@ class LatentDiffusion(DDPM):
         if parkable and not conditioner.token_table_parked:
             conditioner.park_token_table()
 
+    @property
+    def cached_latent_count(self) -> int:
+        """How many (image, flip) posteriors the latent cache holds."""
+        return len(self._latent_cache)
+
     def latents_cacheable(self, batch) -> bool:
         return self.cache_latents and "image_index" in batch and "flipped" in batch
 
