@@ -13,6 +13,8 @@ import zipfile
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ldm.paths import GIT_LFS_FIX, GIT_LFS_POINTER, require_file
 from ldm.text_encoders import configs_for_width, width_label
@@ -149,9 +151,6 @@ def load_checkpoint(path) -> LoadedCheckpoint:
     """Read a `.ckpt`/`.pt`/`.pth`/`.bin` (Lightning `{"state_dict": ...}` or a bare state dict) or `.safetensors`."""
     path = require_file(path, "checkpoint", "check the path (models/README.md says which file goes where)")
     if path.endswith(SAFETENSORS_SUFFIXES):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return LoadedCheckpoint(load_file(path, device="cpu"), path)
         except (SafetensorError, OSError) as exc:
@@ -285,9 +284,14 @@ def build_random_model(config_path, seed: int = 0) -> torch.nn.Module:
 
 
 def write_random_checkpoint(config_path, path, seed: int = 0) -> str:
-    """Save `build_random_model(config_path)` as an original-format Lightning-style checkpoint."""
+    """Save `build_random_model(config_path)` as an original-format Lightning-style checkpoint, or as a bare
+    safetensors state dict when `path` ends in .safetensors (what `load_checkpoint` expects of that suffix)."""
+    path = os.fspath(path)
     model = build_random_model(config_path, seed)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding_manager.")}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"state_dict": state, "global_step": 0}, path)
-    return str(path)
+    if path.endswith(SAFETENSORS_SUFFIXES):
+        save_file(state, path)
+    else:
+        torch.save({"state_dict": state, "global_step": 0}, path)
+    return path

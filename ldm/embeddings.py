@@ -94,6 +94,15 @@ class Embeddings:
         if not isinstance(self.metadata, dict):
             raise ValueError(f"metadata must be a dict, not {type(self.metadata).__name__}")
 
+    def initializer_word(self, placeholder: str) -> str | None:
+        """The word `placeholder` started from, where the metadata records one (initializer_words aligned with
+        placeholder_strings, as EmbeddingManager.save writes them)."""
+        words = self.metadata.get("initializer_words") or []
+        placeholders = self.metadata.get("placeholder_strings") or list(self.vectors)
+        if placeholder in placeholders and len(words) == len(placeholders):
+            return words[placeholders.index(placeholder)] or None
+        return None
+
     @property
     def dim(self) -> int:
         widths = {placeholder: vectors.shape[-1] for placeholder, vectors in self.vectors.items()}

@@ -11,6 +11,7 @@ Example:
       --output cat-toy/learned_embeds.safetensors --format diffusers --token "<cat-toy>"
 """
 import argparse
+import os
 import sys
 
 from ldm.embeddings import FORMATS, Embeddings, load_embeddings, save_embeddings
@@ -76,6 +77,14 @@ def convert(args: argparse.Namespace) -> Embeddings:
     if args.name and args.format != "a1111":
         raise ValueError("--name sets the 'name' entry of the a1111 format: use it with --format a1111, or rename "
                          "the placeholder with --token")
+    folder, file_name = os.path.split(args.output)
+    stem, suffix = os.path.splitext(file_name)
+    if args.format == "a1111" and suffix.lower() == ".safetensors":
+        for flag, word in (("--token", args.token), ("--name", args.name)):
+            if word and word != stem:
+                raise ValueError(f"{flag} '{word}': an a1111 .safetensors file holds only the vectors (emb_params) "
+                                 f"and its word is the file name, here '{stem}': name the file "
+                                 f"'{os.path.join(folder, word + suffix)}' instead, or write a .pt")
     embeddings = load_embeddings(args.input)
     if args.token:
         embeddings = renamed(embeddings, args.token)

@@ -6,8 +6,9 @@ placeholders removed (does the image still follow the rest of the prompt?). The 
 64 samples of "a photo of *", DDIM 50 steps, eta 0, guidance 5.0, batches of 8, at the model's own resolution,
 CLIP ViT-B/32. CLIP is read from --clip_weights, a local file; nothing is downloaded.
 
-Generated images are also saved to --outdir (samples/NNNNN.png and a grid), and --images_dir scores such a folder
-again without a model (its training images are resized to the samples' size, as in a generation run).
+Generated images are also saved to --outdir (samples/NNNNN.png and a grid), and --images_dir scores such a samples/
+folder again without a model (its training images are resized to the samples' size, as in a generation run). An
+--outdir whose samples/ holds images, or an existing --out, is refused: runs never mix or overwrite each other.
 
 Examples:
   python scripts/evaluate.py --ckpt models/ldm/text2img-large/model.ckpt \
@@ -22,7 +23,7 @@ import sys
 
 import torch
 
-from ldm.data.personalized import PersonalizedBase, list_images
+from ldm.data.personalized import IMAGE_EXTENSIONS, PersonalizedBase, list_images, load_upright_rgb
 from ldm.embeddings import load_embeddings
 from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, remove_placeholders
 from ldm.generate import (PRECISIONS, check_ddim_steps_for_config, default_device, first_stage_factor, generate,
@@ -58,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="open_clip architecture of an open_clip state dict; OpenAI's weights in that form need "
              "ViT-B-32-quickgelu (default: %(default)s)")
     add("--outdir", default="outputs/clip-eval", help="folder for the generated images (default: %(default)s)")
-    add("--out", help=f"JSON file for the scores (default: <outdir>/{SCORE_FILE})")
+    add("--out", help=f"JSON file for the scores (default: <outdir>/{SCORE_FILE}; with --images_dir, "
+                      f"<images_dir>_{SCORE_FILE} beside that folder)")
     add("--device", default=default_device(), help="device to run on (default: %(default)s)")
     return parser.parse_args(argv)
 
@@ -78,18 +80,45 @@ def common_square_side(images: list[torch.Tensor]) -> int | None:
     return height if height == width else None
 
 
-def check_inputs(args) -> None:
-    """Fail on the image folders and the generation settings before CLIP loads or a sample is drawn."""
-    list_images(args.data_dir, "--data_dir", "the concept's training images")
+def default_out(args) -> str:
+    """<outdir>/clip_scores.json; with --images_dir, <images_dir>_clip_scores.json beside that folder, so rescoring
+    a run's samples/ never replaces the run's own scores."""
+    if not args.images_dir:
+        return os.path.join(args.outdir, SCORE_FILE)
+    folder = os.path.normpath(args.images_dir)
+    if os.path.basename(folder) in (".", ".."):
+        folder = os.path.abspath(folder)
+    return f"{folder}_{SCORE_FILE}"
+
+
+def check_inputs(args) -> list[str]:
+    """Fail on the image folders, the generation settings and the learned words before CLIP loads or a sample is
+    drawn; returns the placeholders of --embedding_path ("*" when none is given)."""
+    for path in list_images(args.data_dir, "--data_dir", "the concept's training images"):
+        load_upright_rgb(path)  # an unreadable file fails now, not after all the generation
     if args.images_dir:
+        samples = os.path.join(args.images_dir, "samples")
+        if os.path.isdir(samples):
+            raise ValueError(f"--images_dir '{args.images_dir}' is a generation run's --outdir (its grids are not "
+                             f"samples): pass its samples folder, '{samples}'")
         list_images(args.images_dir, "--images_dir", "generated images to score, e.g. outputs/clip-eval/samples")
-        return
-    if not args.embedding_path:
-        raise ValueError("pass --embedding_path with the learned words to generate, or --images_dir to score saved "
-                         "images")
-    require_at_least(1, n_samples=args.n_samples, batch_size=args.batch_size)
-    check_ddim_steps_for_config(args.ddim_steps, args.config)
-    check_output(args.outdir, "--outdir", folder=True)
+    else:
+        if not args.embedding_path:
+            raise ValueError("pass --embedding_path with the learned words to generate, or --images_dir to score "
+                             "saved images")
+        require_at_least(1, n_samples=args.n_samples, batch_size=args.batch_size)
+        check_ddim_steps_for_config(args.ddim_steps, args.config)
+        check_output(args.outdir, "--outdir", folder=True)
+        samples = os.path.join(args.outdir, "samples")
+        if os.path.isdir(samples) and any(name.lower().endswith(IMAGE_EXTENSIONS) for name in os.listdir(samples)):
+            raise ValueError(f"--outdir '{args.outdir}' holds an earlier run's images in '{samples}', which this "
+                             "run's would join: pick another --outdir")
+    placeholders = [p for path in args.embedding_path for p in load_embeddings(path).vectors] or ["*"]
+    if remove_placeholders(args.prompt, placeholders) == " ".join(args.prompt.split()):  # none of them was removed
+        raise ValueError(f"--prompt '{args.prompt}' holds none of the learned words ({', '.join(placeholders)}), so "
+                         f"it would score the model without them: write one into --prompt, e.g. "
+                         f"'a photo of {placeholders[0]}'")
+    return placeholders
 
 
 def generate_samples(args, device) -> tuple[torch.Tensor, list[str], dict]:
@@ -112,12 +141,11 @@ def generate_samples(args, device) -> tuple[torch.Tensor, list[str], dict]:
 def evaluate(args) -> dict:
     """The scores and the settings that produced them."""
     device = parse_device(args.device)
-    check_inputs(args)
+    placeholders = check_inputs(args)
     evaluator = CLIPEvaluator(*load_clip(args.clip_weights, args.clip_model), device=device)
     if args.images_dir:
         generated = read_images(args.images_dir, None)
         source_size = common_square_side(generated)
-        placeholders = [p for path in args.embedding_path for p in load_embeddings(path).vectors] or ["*"]
         settings = {"images_dir": args.images_dir, "embedding_path": args.embedding_path}
     else:
         generated, placeholders, settings = generate_samples(args, device)
@@ -141,9 +169,13 @@ def evaluate(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = args.out or os.path.join(args.outdir, SCORE_FILE)
+    out = args.out or default_out(args)
     try:
         check_output(out, "--out")
+        if os.path.exists(out):
+            flag = "--out" if args.out or args.images_dir else "--outdir (or --out)"
+            raise ValueError(f"--out '{out}' already exists: pick another {flag}; earlier scores are never "
+                             "overwritten")
         scores = evaluate(args)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w", encoding="utf-8") as handle:

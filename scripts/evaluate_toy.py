@@ -33,8 +33,14 @@ from ldm.evaluation.world_classifier import load_classifier
 from ldm.generate import (check_ddim_steps_for_config, default_device, first_stage_factor, generate, load_model,
                           parse_device, require_at_least)
 from ldm.modules.encoders.tokenizers import ordinary_token_id
-from ldm.paths import check_output
+from ldm.paths import check_output, require_file
 from ldm.util import log_txt_as_img, make_grid, tensor_to_pil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The shipped toy model and classifier, found from any working folder.
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "toy", "finetune.yaml")
+DEFAULT_CKPT = os.path.join(REPO, "models", "ldm", "toy", "model.safetensors")
+DEFAULT_CLASSIFIER = os.path.join(REPO, "models", "ldm", "toy", "world_classifier.safetensors")
 
 FIDELITY_TEMPLATES = ("a photo of {}", "a {}")
 EDIT_VALUES = {
@@ -142,11 +148,7 @@ def random_vectors(table: torch.Tensor, count: int, seed: int) -> torch.Tensor:
 
 def default_init_word(embeddings: Embeddings, placeholder: str, path: str) -> str:
     """The initializer word the embedding file records for `placeholder`."""
-    metadata = embeddings.metadata
-    words = metadata.get("initializer_words") or []
-    placeholders = metadata.get("placeholder_strings") or list(embeddings.vectors)
-    recorded = placeholder in placeholders and len(words) == len(placeholders)
-    word = words[placeholders.index(placeholder)] if recorded else None
+    word = embeddings.initializer_word(placeholder)
     if not word:
         raise ValueError(f"embedding file '{path}' records no initializer word for '{placeholder}': pass --init_word")
     return word
@@ -196,6 +198,9 @@ def check_outputs(args) -> None:
         if os.path.splitext(args.grid)[1].lower() not in Image.registered_extensions():
             raise ValueError(f"--grid '{args.grid}' has no image file extension: end it in .png")
         check_output(args.grid, "--grid")
+        if os.path.realpath(args.grid) == os.path.realpath(args.out):
+            raise ValueError(f"--grid '{args.grid}' is also --out: the picture would replace the results; pass "
+                             "another --grid")
 
 
 def evaluate(args) -> tuple[dict, torch.Tensor | None]:
@@ -210,6 +215,8 @@ def evaluate(args) -> tuple[dict, torch.Tensor | None]:
         raise ValueError(f"embedding file '{args.embedding_path}' has no '{args.placeholder}' "
                          f"(it holds {', '.join(embeddings.vectors)}): pass --placeholder")
     init_word = args.init_word or default_init_word(embeddings, args.placeholder, args.embedding_path)
+    require_file(args.classifier, "--classifier",
+                 f"pass the world classifier's weights, shipped as {DEFAULT_CLASSIFIER}")
     classifier = load_classifier(args.classifier, device)
     model = load_model(args.config, args.ckpt, device, embedding_paths=[args.embedding_path])
     side = model.image_size * first_stage_factor(model)
@@ -255,12 +262,13 @@ def markdown_table(report: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--config", default="configs/toy/finetune.yaml", help="model config (default: %(default)s)")
-    add("--ckpt", default="models/ldm/toy/model.safetensors", help="toy model checkpoint (default: %(default)s)")
+    add("--config", default=DEFAULT_CONFIG, help="model config (default: the repository's configs/toy/finetune.yaml)")
+    add("--ckpt", default=DEFAULT_CKPT,
+        help="toy model checkpoint (default: the repository's models/ldm/toy/model.safetensors)")
     add("--embedding_path", required=True, help="embedding file with the learned word")
     add("--concept", required=True, choices=sorted(HELD_OUT_CONCEPTS), help="the held-out concept the word learned")
-    add("--classifier", default="models/ldm/toy/world_classifier.safetensors",
-        help="world classifier weights (default: %(default)s)")
+    add("--classifier", default=DEFAULT_CLASSIFIER,
+        help="world classifier weights (default: the repository's models/ldm/toy/world_classifier.safetensors)")
     add("--placeholder", default="*", help="the learned word in the prompts (default: %(default)s)")
     add("--init_word", help="word of the init-word baseline (default: the embedding file's initializer word)")
     add("--n_samples", type=int, default=32, help="images per prompt and condition (default: %(default)s)")

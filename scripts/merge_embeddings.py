@@ -5,6 +5,7 @@ The text-encoder family is read from the files: 768-wide vectors are SD v1 (CLIP
 (BERT tokenizer); other widths use the family the files' metadata records, else -sd picks CLIP and its absence
 BERT, as in the original script. Every merged placeholder must be one token of that tokenizer and differ from the
 others in string and token id. Placeholders may hold different numbers of vectors; all files must be equally wide.
+Each placeholder keeps the initializer word its file records (under its merged name); the output may not be an input.
 
 Conflicts (a placeholder already taken, or not a single token) are resolved with --rename N:OLD=NEW, which renames
 placeholder OLD of the N-th file of --manager_ckpts (counted from 1) to NEW; OLD may not contain '='. Without a
@@ -14,6 +15,7 @@ Example:
   python scripts/merge_embeddings.py --manager_ckpts cat.pt style.pt --rename 2:*=@ --output_path cat_style.pt
 """
 import argparse
+import os
 import sys
 
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
@@ -141,19 +143,21 @@ def merge(paths: list[str], renames: dict[tuple[int, str], str], stable_diffusio
             )
     width = common_width(paths, files)
     merged = MergedPlaceholders(choose_family(width, files, stable_diffusion))
-    vectors, old_names = {}, {}
+    vectors, old_names, words = {}, {}, {}
     for number, (path, embeddings) in enumerate(zip(paths, files), start=1):
         for placeholder, placeholder_vectors in embeddings.vectors.items():
             name = resolve_name(placeholder, path, number, renames.get((number, placeholder)), merged,
                                 interactive, input_fn)
             merged.add(name, path)
             vectors[name] = placeholder_vectors
+            words[name] = embeddings.initializer_word(placeholder)
             if name != placeholder:
                 old_names[name] = placeholder
     metadata = {
         "model_family": merged.family,
         "dim": width,
         "placeholder_strings": list(vectors),
+        "initializer_words": [words[name] for name in vectors],
         "num_vectors_per_token": max(v.shape[0] for v in vectors.values()),
         "merged_from": {name: {"file": path, "placeholder": old_names.get(name, name)}
                         for name, path in merged.sources.items()},
@@ -165,6 +169,9 @@ def main(argv=None, input_fn=input) -> int:
     args = parse_args(argv)
     try:
         check_output(args.output_path, "--output_path")
+        if any(os.path.realpath(path) == os.path.realpath(args.output_path) for path in args.manager_ckpts):
+            raise ValueError(f"--output_path '{args.output_path}' is also one of --manager_ckpts, which would be "
+                             "replaced: pass another --output_path")
         renames = parse_renames(args.rename, len(args.manager_ckpts))
         embeddings, old_names = merge(args.manager_ckpts, renames, args.stable_diffusion, sys.stdin.isatty(),
                                       input_fn)

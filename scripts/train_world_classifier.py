@@ -2,17 +2,19 @@ r"""Train the procedural world's attribute classifier on the CPU and report its 
 
 The classifier scores generated images of the toy model (concept fidelity and editability); it sees the whole
 world while training, held-out concepts included. Weights go to --out (.safetensors) with the label names beside
-it (.json).
+it (.json); an existing --out, such as the shipped classifier, is replaced only with --force.
 
 Example:
-  python scripts/train_world_classifier.py --size 32 --steps 600 --out models/ldm/toy/world_classifier.safetensors
+  python scripts/train_world_classifier.py --size 32 --steps 600 --out models/ldm/toy/world_classifier.safetensors \
+      --force
 """
 import argparse
+import os
 import time
 
 import torch
 
-from ldm.evaluation.world_classifier import evaluate_accuracy, save_classifier, train_classifier
+from ldm.evaluation.world_classifier import evaluate_accuracy, label_file, save_classifier, train_classifier
 from ldm.paths import check_output
 
 
@@ -28,14 +30,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads; this net's small convolutions run fastest on one (default: %(default)s)")
     parser.add_argument("--out", default="models/ldm/toy/world_classifier.safetensors",
-                        help="weights file; the label names go beside it as .json (default: %(default)s)")
+                        help="weights file (.safetensors); the label names go beside it as .json "
+                             "(default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out and its .json")
     args = parser.parse_args(argv)
+    # All checked now, not after minutes of training; a batch is half native, half shrunk scenes, so at least 2.
+    for flag, value, minimum in (("--steps", args.steps, 1), ("--batch_size", args.batch_size, 2),
+                                 ("--eval_count", args.eval_count, 1)):
+        if value < minimum:
+            parser.error(f"{flag} must be at least {minimum}, got {value}")
     if args.eval_seed == args.seed:
         parser.error("--eval_seed equals --seed; evaluate on scenes the classifier never saw")
+    if os.path.splitext(args.out)[1].lower() != ".safetensors":
+        parser.error(f"--out '{args.out}' must end in .safetensors (the label names go beside it as .json)")
     try:
-        check_output(args.out, "--out")  # now, not after minutes of training
+        check_output(args.out, "--out")
     except ValueError as error:
         parser.error(str(error))
+    existing = [str(path) for path in (args.out, label_file(args.out)) if os.path.exists(path)]
+    if existing and not args.force:
+        parser.error(f"--out: '{existing[0]}' already exists: pass another --out, or --force to replace it")
     return args
 
 

@@ -208,3 +208,17 @@ def test_make_random_checkpoint_reports_bad_configs_and_outputs_in_one_line(tmp_
         assert make_random_checkpoint.main(argv) == 1
         error = capsys.readouterr().err.strip()
         assert "\n" not in error and re.search(expected, error)
+
+
+def test_make_random_checkpoint_writes_real_safetensors_and_never_replaces_a_file(tmp_path, capsys):
+    out = tmp_path / "random.safetensors"
+    assert make_random_checkpoint.main(["--config", TINY_SD, "--out", str(out)]) == 0
+    summary = restore(build_random_model(TINY_SD), out, verbose=False)
+    assert summary.loaded > 400 and not summary.unexpected
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert make_random_checkpoint.main(["--config", TINY_SD, "--out", str(out), "--seed", "1"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == f"make_random_checkpoint: error: --out '{out}' already exists (perhaps a real model): pick " \
+                    "another --out"
+    assert out.read_bytes() == before

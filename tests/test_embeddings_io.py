@@ -398,6 +398,17 @@ def test_convert_errors_exit_non_zero_with_one_line(tmp_path, capsys):
     assert script.main(["--input", str(source), "--output", str(tmp_path / "o.pt"), "--format", "original",
                         "--name", "cat"]) == 1
     assert "use it with --format a1111" in capsys.readouterr().err
+    # An emb_params .safetensors file holds no word: readers name it after the file.
+    for flag in ("--token", "--name"):
+        argv = ["--input", str(source), "--output", str(tmp_path / "cat.safetensors"), "--format", "a1111"]
+        assert script.main(argv + [flag, "<cat>"]) == 1
+        error = capsys.readouterr().err.strip()
+        assert f"{flag} '<cat>': an a1111 .safetensors file holds only the vectors (emb_params) and its word is the " \
+               f"file name, here 'cat': name the file '{tmp_path / '<cat>.safetensors'}' instead, or write a .pt" in error
+        assert "\n" not in error and not (tmp_path / "cat.safetensors").exists()
+    assert script.main(argv + ["--token", "cat"]) == 0
+    assert list(load_embeddings(tmp_path / "cat.safetensors").vectors) == ["cat"]
+    capsys.readouterr()
     save_embeddings(Embeddings({"@": random_vectors(1)}), source)  # any single character is a CLIP word too
     assert script.main(["--input", str(source), "--output", str(tmp_path / "o.bin"), "--format", "diffusers"]) == 1
     assert "'@', which is already in the CLIP tokenizer's vocabulary" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from ldm.checkpoint import write_random_checkpoint
 from ldm.embeddings import Embeddings, save_embeddings
@@ -130,6 +131,18 @@ def test_bad_clip_weights_are_clear_errors(clip_files, tmp_path):
     torch.save({"visual.proj": torch.zeros(2, 2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="are not ViT-B-32 weights .*pass the matching --clip_model"):
         load_clip(str(tmp_path / "other.pt"), "ViT-B-32")
+    # open_clip asserts when the text width differs from the architecture's.
+    torch.save({"positional_embedding": torch.zeros(77, 32)}, tmp_path / "narrow.pt")
+    with pytest.raises(ValueError, match=r"are not .* weights \(text pos_embed width changed!\); pass the matching"):
+        load_clip(str(tmp_path / "narrow.pt"), TINY_CLIP)
+    save_file({"text_model.embeddings.position_embedding.weight": torch.zeros(77, 64),
+               "vision_model.embeddings.class_embedding": torch.zeros(64)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="is a Hugging Face transformers CLIP file .*pass OpenAI's ViT-B-32.pt or an "
+                                         "open_clip state dict"):
+        load_clip(str(tmp_path / "model.safetensors"), TINY_CLIP)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:20])
+    with pytest.raises(ValueError, match="cannot be read \\(SafetensorError"):
+        load_clip(str(tmp_path / "cut.safetensors"), TINY_CLIP)
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +179,10 @@ def test_generation_run_scores_and_images_dir_rescoring_agree(script, clip_files
     assert scores["text_similarity"] == pytest.approx(evaluator.txt_to_img_similarity("a photo of with", generated),
                                                       abs=1e-2)
 
-    rescored = tmp_path / "rescored.json"
-    argv = common + ["--images_dir", str(outdir / "samples"), "--embedding_path", star, at, "--out", str(rescored)]
+    argv = common + ["--images_dir", str(outdir / "samples"), "--embedding_path", star, at]
     assert script.main(argv) == 0
-    again = json.loads(rescored.read_text())
+    assert json.loads((outdir / "clip_scores.json").read_text()) == scores  # not replaced by the rescoring
+    again = json.loads((outdir / "samples_clip_scores.json").read_text())
     assert again["n_samples"] == 4 and again["text_prompt"] == "a photo of with"
     assert again["image_similarity"] == pytest.approx(scores["image_similarity"], abs=1e-2)
     assert again["text_similarity"] == pytest.approx(scores["text_similarity"], abs=1e-2)
@@ -219,3 +232,39 @@ def test_evaluation_mistakes_fail_before_clip_loads(script, tmp_path, monkeypatc
     assert script.main(argv + [flag.format(empty=empty, images=images) for flag in flags]) == 1
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and re.search(expected, error), error
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--embedding_path", "{at}"], r"--prompt 'a photo of \*' holds none of the learned words \(@\), so it would "
+                                   r"score the model without them: write one into --prompt, e.g. 'a photo of @'"),
+    (["--embedding_path", "{sks}", "--prompt", "she asks"], r"--prompt 'she asks' holds none of the learned words"),
+    (["--images_dir", "{images}", "--embedding_path", "{at}"], r"holds none of the learned words \(@\)"),
+    (["--data_dir", "{broken}", "--embedding_path", "{star}"], r"cannot read image '.*bad.png'"),
+    (["--embedding_path", "{star}", "--outdir", "{run}"],
+     r"--out '.*run/clip_scores.json' already exists: pick another --outdir \(or --out\)"),
+    (["--embedding_path", "{star}", "--outdir", "{run}", "--out", "new.json"],
+     r"--outdir '.*run' holds an earlier run's images in '.*run/samples', .*pick another --outdir"),
+    (["--images_dir", "{run}"], r"--images_dir '.*run' is a generation run's --outdir \(its grids are not samples\): "
+                                r"pass its samples folder, '.*run/samples'"),
+    (["--images_dir", "{run}/samples"], r"--out '.*run/samples_clip_scores.json' already exists: pick another --out;"),
+])
+def test_runs_never_mix_and_mistakes_fail_before_clip_or_the_model_loads(script, tmp_path, monkeypatch, capsys,
+                                                                          flags, expected):
+    monkeypatch.chdir(tmp_path)
+    images, broken, run = draw_images(tmp_path / "images", count=2), tmp_path / "broken", tmp_path / "run"
+    draw_images(broken, count=1)
+    (broken / "bad.png").write_bytes(b"not a png")
+    draw_images(run / "samples", count=1)
+    for name in ("clip_scores.json", "samples_clip_scores.json"):
+        (run / name).write_text("{}")
+    words = {}
+    for name, placeholder in (("star", "*"), ("at", "@"), ("sks", "sks")):
+        words[name] = str(tmp_path / f"{name}.pt")
+        save_embeddings(Embeddings({placeholder: torch.randn(1, 32)}), words[name])
+    monkeypatch.setattr(script, "load_clip", lambda *args: pytest.fail("CLIP was loaded"))
+    monkeypatch.setattr(script, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    argv = ["--data_dir", str(images), "--clip_weights", "unused.pt", "--config", TINY_SD, "--device", "cpu"]
+    assert script.main(argv + [flag.format(images=images, broken=broken, run=run, **words) for flag in flags]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and re.search(expected, error), error
+    assert (run / "clip_scores.json").read_text() == "{}" and not (tmp_path / "new.json").exists()

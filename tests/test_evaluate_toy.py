@@ -186,6 +186,8 @@ def test_markdown_table_has_a_row_per_condition_and_a_column_per_metric():
     (["--grid", "{tmp}/grid.txt"], "--grid '.*grid.txt' has no image file extension: end it in .png"),
     (["--grid", "{tmp}/notes.txt/grid.png"], "--grid .*: its folder '.*notes.txt' is a file"),
     (["--out", "{tmp}"], "--out '.*' is a folder"),
+    (["--out", "{tmp}/r.png", "--grid", "{tmp}/r.png"], "--grid '.*r.png' is also --out: the picture would replace "
+                                                        "the results; pass another --grid"),
     (["--ddim_steps", "0"], "--ddim_steps must be at least 1"),
     (["--ddim_steps", "501"], "--ddim_steps 501 does not suit this model: .*at most 500"),
     (["--device", "cuda:9"], "--device 'cuda:9': "),
@@ -198,6 +200,20 @@ def test_mistakes_fail_before_any_image_is_made(tmp_path, monkeypatch, capsys, f
     assert evaluate_toy.main(argv + [flag.format(tmp=tmp_path) for flag in flags]) == 1
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and re.search(expected, error), error
+
+
+def test_the_shipped_files_are_the_defaults_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = evaluate_toy.parse_args(["--embedding_path", "e.pt", "--concept", "heart"])
+    assert all(os.path.isfile(path) for path in (args.config, args.ckpt, args.classifier))
+    save_embeddings(Embeddings({"*": torch.zeros(1, 8)}), "e.pt")
+    monkeypatch.setattr(evaluate_toy, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    argv = ["--embedding_path", "e.pt", "--concept", "heart", "--init_word", "circle", "--classifier", "judge.st",
+            "--device", "cpu"]
+    assert evaluate_toy.main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert re.fullmatch("evaluate_toy: error: --classifier 'judge.st' does not exist: pass the world classifier's "
+                        "weights, shipped as .*/models/ldm/toy/world_classifier.safetensors", error), error
 
 
 def test_the_results_are_written_before_the_grid(tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.modules.encoders.modules import BERTEmbedder, FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import bert_tokenizer, clip_tokenizer
+from scripts import evaluate_toy
 
 TINY_CLIP_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
@@ -57,8 +58,10 @@ def bert_id(text):
 
 
 def test_rename_merges_two_stars_and_the_clip_manager_substitutes_both(script, tmp_path, no_terminal, capsys):
-    first, first_vectors = write(tmp_path / "cat.pt", {"*": (2, 32)}, seed=1)
-    second, second_vectors = write(tmp_path / "style.pt", {"*": (1, 32)}, seed=2)
+    first, first_vectors = write(tmp_path / "cat.pt", {"*": (2, 32)}, seed=1,
+                                 metadata={"placeholder_strings": ["*"], "initializer_words": ["cat"]})
+    second, second_vectors = write(tmp_path / "style.pt", {"*": (1, 32)}, seed=2,
+                                   metadata={"placeholder_strings": ["*"], "initializer_words": ["painting"]})
     out = tmp_path / "merged.pt"
     assert script.main(["--manager_ckpts", first, second, "--rename", "2:*=@", "--output_path", str(out), "-sd"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"*: {first}", f"@: {second} (was '*')",
@@ -72,6 +75,8 @@ def test_rename_merges_two_stars_and_the_clip_manager_substitutes_both(script, t
     assert merged.metadata["merged_from"] == {"*": {"file": first, "placeholder": "*"},
                                               "@": {"file": second, "placeholder": "*"}}
     assert merged.metadata["model_family"] == "sd-v1" and merged.metadata["num_vectors_per_token"] == 2
+    assert merged.metadata["initializer_words"] == ["cat", "painting"]
+    assert evaluate_toy.default_init_word(merged, "@", str(out)) == "painting"
 
     torch.manual_seed(0)
     clip = FrozenCLIPEmbedder(text_config=TINY_CLIP_CONFIG).freeze()
@@ -88,7 +93,8 @@ def test_rename_merges_two_stars_and_the_clip_manager_substitutes_both(script, t
 def test_three_bert_files_merge_in_order_into_a_bert_manager(script, tmp_path, no_terminal):
     ldm = {"model_family": "ldm"}
     a, a_vectors = write(tmp_path / "a.pt", {"*": (1, 64)}, ldm, seed=1)
-    b, b_vectors = write(tmp_path / "b.pt", {"*": (3, 64), "&": (1, 64)}, ldm, seed=2)
+    b, b_vectors = write(tmp_path / "b.pt", {"*": (3, 64), "&": (1, 64)},
+                         {**ldm, "placeholder_strings": ["*", "&"], "initializer_words": ["cat", "toy"]}, seed=2)
     c, c_vectors = write(tmp_path / "c.pt", {"*": (2, 64)}, ldm, seed=3)
     out = str(tmp_path / "abc.pt")
     argv = ["--manager_ckpts", a, b, c, "--rename", "2:*=@", "--rename", "3:*=dog", "--output_path", out]
@@ -99,6 +105,7 @@ def test_three_bert_files_merge_in_order_into_a_bert_manager(script, tmp_path, n
     assert list(merged.vectors) == list(expected)
     assert all(torch.equal(merged.vectors[name], vectors) for name, vectors in expected.items())
     assert merged.token_ids == {name: bert_id(name) for name in expected}
+    assert merged.metadata["initializer_words"] == [None, "cat", "toy", None]
 
     torch.manual_seed(0)
     bert = BERTEmbedder(n_embed=64, n_layer=2).freeze()
@@ -202,6 +209,18 @@ def test_an_output_path_under_a_file_names_the_flag(script, tmp_path, no_termina
     assert script.main(argv) == 1
     error = capsys.readouterr().err.strip()
     assert "--output_path" in error and f"its folder '{tmp_path / 'notes.txt'}' is a file" in error
+
+
+def test_an_output_path_that_is_an_input_is_refused(script, tmp_path, no_terminal, capsys, monkeypatch):
+    first, _ = write(tmp_path / "cat.pt", {"*": (1, 32)})
+    second, _ = write(tmp_path / "style.pt", {"@": (1, 32)})
+    before = (tmp_path / "style.pt").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert script.main(["--manager_ckpts", first, second, "--output_path", "./style.pt", "-sd"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "--output_path './style.pt' is also one of --manager_ckpts, which would be replaced: pass another " \
+           "--output_path" in error and "\n" not in error
+    assert (tmp_path / "style.pt").read_bytes() == before
 
 
 def test_build_bert_vocab_has_help_without_blingfire_and_says_how_to_install_it(monkeypatch, capsys):

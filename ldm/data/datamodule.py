@@ -42,8 +42,8 @@ class SeededItems(Dataset):
         try:
             random.seed(seed)
             np.random.seed(seed % (2**32))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only, as it restores only that
+                torch.random.default_generator.manual_seed(seed)
                 return self.dataset[index]
         finally:
             random.setstate(py_state)

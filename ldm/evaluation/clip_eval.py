@@ -18,6 +18,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.factory import load_state_dict
+from safetensors import SafetensorError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
@@ -50,6 +52,16 @@ def is_torchscript_archive(path: str) -> bool:
         return any("/code/" in name or name.endswith("/constants.pkl") for name in archive.namelist())
 
 
+def is_transformers_clip(path: str) -> bool:
+    """Hugging Face transformers' CLIP files name their tensors text_model.* and vision_model.*, a layout open_clip
+    cannot load; asked only after a load failed, so a file that cannot be read at all is not one."""
+    try:
+        keys = load_state_dict(path)
+    except RuntimeError:
+        return False
+    return any(key.startswith("text_model.") for key in keys) and any(key.startswith("vision_model.") for key in keys)
+
+
 def load_clip(weights_path: str, model_name: str = "ViT-B-32", device="cpu"):
     """(model, tokenizer) from a local weights file; never downloads, so a model that needs the hub is refused."""
     require_file(weights_path, "--clip_weights", "pass a local CLIP ViT-B/32 checkpoint")
@@ -67,12 +79,16 @@ def load_clip(weights_path: str, model_name: str = "ViT-B-32", device="cpu"):
         try:
             model = open_clip.create_model(model_name, pretrained=os.path.abspath(weights_path),
                                            require_pretrained=True)
-        except (pickle.UnpicklingError, EOFError, IndexError, KeyError, struct.error) as error:
+        except (pickle.UnpicklingError, EOFError, IndexError, KeyError, struct.error, SafetensorError) as error:
             reason = str(error).rpartition("WeightsUnpickler error:")[2].strip().split("\n")[0]
             raise ValueError(f"--clip_weights '{weights_path}' cannot be read ({type(error).__name__}: {reason}): "
                              "pass OpenAI's ViT-B-32.pt or an open_clip state dict (.bin, .pt, .safetensors)"
                              ) from error
-        except (RuntimeError, ValueError) as error:
+        except (RuntimeError, ValueError, AssertionError) as error:  # open_clip asserts on another text width
+            if is_transformers_clip(weights_path):
+                raise ValueError(f"--clip_weights '{weights_path}' is a Hugging Face transformers CLIP file "
+                                 "(text_model.* and vision_model.* tensors), which open_clip cannot load: pass "
+                                 "OpenAI's ViT-B-32.pt or an open_clip state dict of --clip_model") from error
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"--clip_weights '{weights_path}' are not {model_name} weights ({reason}); "
                              "pass the matching --clip_model") from error
