@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ldm.modules.attention
 from ldm.checkpoint import build_random_model
 from ldm.models.diffusion.ddpm import fused_adamw
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.modules.lean_ops import LayerNorm, LeanConv
-from ldm.util import instantiate_from_config
+from ldm.util import channels_first, instantiate_from_config
 from tests.conftest import TINY_SD
 from tests.test_lean_ops import stock_gated_gelu
 
@@ -329,6 +330,35 @@ def test_channels_last_unet_gives_the_same_loss_and_gradient(dataset):
         assert F.cosine_similarity(grad.flatten(), reference_grad.flatten(), dim=0) > 1 - tolerance
     channels_last.model.use_channels_last(False)
     assert all(p.is_contiguous() for p in unet.parameters())
+
+
+class ConvolutionLayouts(TorchDispatchMode):
+    """The memory layout of every convolution's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.layouts = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket == torch.ops.aten.convolution:
+            x = args[0]
+            self.layouts.add("nchw" if x.is_contiguous() else
+                             "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "strided")
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_convolution_of_an_nchw_network_gets_an_nchw_input(dataset):
+    """A channels-last view leaving an attention block (UNet or VAE) would spread to every later layer, each
+    convolution then converting its weights and input at every call, unless the block lays out its output as its
+    input. (With `channels_last` the GroupNorms hand NCHW back, as CUDA's do: the lever's known cost.)"""
+    model = build_random_model(TINY_SD)
+    batch = batch_of(dataset, [0, 1], [False, True])
+    vector_gradient(model, batch, torch.float32)  # fills the latent cache: the next step runs the UNet alone
+    with ConvolutionLayouts() as unet:
+        vector_gradient(model, batch, torch.float32)
+    with ConvolutionLayouts() as vae, torch.no_grad():
+        model.decode_first_stage(model.encode_first_stage(channels_first(batch["image"])).mode())
+    assert unet.layouts == vae.layouts == {"nchw"}
 
 
 def test_attention_backend_puts_its_kernel_first_in_every_attention_of_the_unet(dataset, monkeypatch):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, memory_format_of, zero_module
 from ldm.modules.lean_ops import LayerNorm, LeanConv2d, gated_gelu, projected_gated_gelu
 from ldm.util import default
 
@@ -141,5 +141,8 @@ class SpatialTransformer(nn.Module):
         h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             h = block(h, context=context)
-        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)
+        # Laid out as x is (NCHW unless the UNet runs channels-last): the rearranged view is channels-last, and
+        # through proj_out and the residual sum it would spread to every later layer, each convolution then
+        # converting its weights and its input at every call.
+        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width).contiguous(memory_format=memory_format_of(x))
         return self.proj_out(h) + x

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules.util import GroupNorm32, upsample_nearest
+from ldm.modules.diffusionmodules.util import GroupNorm32, memory_format_of, upsample_nearest
 
 nonlinearity = F.silu
 
@@ -101,7 +101,9 @@ class AttnBlock(nn.Module):
         q, k, v = (proj(h).reshape(b, 1, c, height * width).transpose(2, 3).contiguous()
                    for proj in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(2, 3).reshape(b, c, height, width)
+        # In x's layout: the channels-last view would otherwise spread through every later layer (the decoder's
+        # whole upsampling path), each convolution converting its weights and input at every call.
+        h = h.transpose(2, 3).reshape(b, c, height, width).contiguous(memory_format=memory_format_of(x))
         return x + self.proj_out(h)
 
 

@@ -86,6 +86,13 @@ def avg_pool_nd(dims, *args, **kwargs):
     return pools[dims](*args, **kwargs)
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels-last NCHW tensor, else contiguous_format (also where both describe x)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm returned in the input's dtype, optionally followed by SiLU (`silu`).
 
