@@ -19,7 +19,7 @@ import sys
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -212,9 +212,6 @@ def build_config(opt, unknown, base_configs):
         if opt.init_word:
             words = list(p.get("initializer_words") or [])
             p.initializer_words = [opt.init_word] + words[1:]
-        if p.get("embedding_manager_ckpt"):
-            check_file_has_the_caption_placeholders(p.embedding_manager_ckpt, (p.get("placeholder_strings") or ["*"])[0],
-                                                    bool(p.get("per_image_tokens", False)))
     if "data" in config:
         data_params = config.data.setdefault("params", {})
         data_params.seed = model_params.seed
@@ -228,21 +225,30 @@ def build_config(opt, unknown, base_configs):
                     params.placeholder_token = (personalization.params.get("placeholder_strings") or ["*"])[0]
                     params.per_image_tokens = bool(personalization.params.get("per_image_tokens", False))
     absolute_paths(config)
+    if personalization is not None and personalization.params.get("embedding_manager_ckpt"):
+        p = personalization.params
+        check_file_has_the_caption_placeholders(p.embedding_manager_ckpt, (p.get("placeholder_strings") or ["*"])[0],
+                                                bool(p.get("per_image_tokens", False)))
     return config
 
 
-def absolute_paths(config):
-    """The run's saved config names its checkpoint, images and starting embeddings by absolute path, so that
-    `-r` works from any folder."""
-    model_params = config.model.params
-    holders = [(model_params, "ckpt_path"),
-               (model_params.get("personalization_config", {}).get("params", {}), "embedding_manager_ckpt")]
-    data_params = config.get("data", {}).get("params", {})
-    holders += [(data_params[split].get("params", {}), "data_root") for split in ("train", "validation")
-                if split in data_params]
-    for params, key in holders:
-        if params.get(key):
-            params[key] = os.path.abspath(os.path.expanduser(params[key]))
+# Config keys that name a file or folder, wherever they sit (the pretrained model's and its autoencoder's
+# checkpoints, starting embeddings, image folders, caption templates).
+PATH_KEYS = {"ckpt_path", "embedding_manager_ckpt", "data_root", "template_file"}
+
+
+def absolute_paths(node):
+    """Make every PATH_KEYS value under `node` absolute (`~` expanded), so that the run's saved config finds its
+    files from any folder (`-r`)."""
+    if isinstance(node, DictConfig):
+        for key, value in node.items_ex(resolve=False):
+            if key in PATH_KEYS and isinstance(value, str) and value:
+                node[key] = os.path.abspath(os.path.expanduser(value))
+            else:
+                absolute_paths(value)
+    elif isinstance(node, ListConfig):
+        for item in node:
+            absolute_paths(item)
 
 
 def check_file_has_the_caption_placeholders(path: str, placeholder: str, per_image_tokens: bool):

@@ -171,13 +171,14 @@ class StepTimes(Callback):
     """Times the run's own training loop (data loader, Lightning's hooks, logging, progress bar) for
     `scripts/benchmark.py --main_loop`: the time from each step's start to the next one's, recorded without waiting
     for the GPU (CUDA events there). Steps that met an image the latent cache did not hold yet, and the first
-    `warmup`, are left out; after `steps` others the run stops and `path` gets their times (seconds) and the most
-    memory any of them allocated (GiB, CUDA only)."""
+    `warmup`, are left out; after `steps` others the run stops and `path` gets their times (seconds), the most
+    memory any of them allocated and reserved (GiB, CUDA only: a CUDA graph's replay allocates nothing, its pool
+    is reserved) and how many steps ran."""
 
     def __init__(self, path: str, warmup: int, steps: int):
         super().__init__()
         self.path, self.warmup, self.steps = path, warmup, steps
-        self.starts, self.counted, self.peaks = [], [], []
+        self.starts, self.counted, self.peaks, self.reserved = [], [], [], []
         self._cached = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -195,6 +196,7 @@ class StepTimes(Callback):
         self.counted.append(counted)
         if counted and pl_module.device.type == "cuda":
             self.peaks.append(torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
+            self.reserved.append(torch.cuda.max_memory_reserved(pl_module.device) / 2**30)
         if sum(self.counted) > self.steps:  # the last one counted needs the next step's start
             trainer.should_stop = True
 
@@ -206,4 +208,5 @@ class StepTimes(Callback):
             seconds = [end - start for start, end in zip(self.starts, self.starts[1:])]
         times = [time for time, counted in zip(seconds, self.counted) if counted][:self.steps]
         with open(self.path, "w") as handle:
-            json.dump({"seconds": times, "peak_memory_gib": max(self.peaks, default=None)}, handle)
+            json.dump({"seconds": times, "peak_memory_gib": max(self.peaks, default=None),
+                       "peak_reserved_gib": max(self.reserved, default=None), "steps_run": len(self.starts)}, handle)

@@ -49,6 +49,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -97,7 +98,10 @@ FLOOR_GFLOP_PER_IMAGE = {"sd": 1669.2 + 26.8, "ldm": 364.8 + 196.7}
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINER_PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
 IMAGE_COUNT = 5
-MAIN_LOOP_MAX_STEPS = 1000  # --main_loop: enough for the warm-up, the steps that fill the latent cache and the timed
+# --main_loop: a cap well above the warm-up, the steps that fill the latent cache and the timed ones, where
+# StepTimes stops the run; and how long its process may take.
+MAIN_LOOP_MAX_STEPS = 1000
+MAIN_LOOP_TIMEOUT_S = 900
 CAPTION = "a photo of {}"
 SAMPLING_PROMPT = "a painting of {} in a garden"
 SAMPLING_BATCHES = (1, 8)
@@ -533,11 +537,10 @@ def main_loop_variant(variants: list[tuple[str, dict]]) -> tuple[str, dict]:
     return "eager", {}
 
 
-def main_loop_row(model, images: dict, variant: str, levers: dict, batch_size: int, args) -> dict:
-    """Ours trained by main.py itself, in a process of its own, on `model`'s weights and the benchmark's images:
-    its data loader, Lightning's loop and hooks, logging and progress bar included. The mean time from one step's
-    start to the next's after the warm-up, leaving out steps that met an image the latent cache did not hold yet
-    (`ldm.callbacks.StepTimes`); memory: the most any of those steps allocated."""
+@contextlib.contextmanager
+def main_loop_files(model, images: dict):
+    """`model`'s weights as a safetensors checkpoint and the benchmark's images as PNG files, in a temporary folder
+    (written once for all batch sizes: the SD checkpoint is gigabytes)."""
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = os.path.join(folder, "model.safetensors")
         save_file({key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()
@@ -546,6 +549,16 @@ def main_loop_row(model, images: dict, variant: str, levers: dict, batch_size: i
         os.makedirs(data_root)
         for index in range(IMAGE_COUNT):
             Image.fromarray(images["image"][index].numpy()).save(os.path.join(data_root, f"{index:02}.png"))
+        yield checkpoint, data_root
+
+
+def main_loop_row(files: tuple[str, str], variant: str, levers: dict, batch_size: int, args) -> dict:
+    """Ours trained by main.py itself, in a process of its own, on `main_loop_files`: its data loader,
+    Lightning's loop and hooks, logging and progress bar included. The mean time from one step's start to the
+    next's after the warm-up, leaving out steps that met an image the latent cache did not hold yet
+    (`ldm.callbacks.StepTimes`); memory: the most any of those steps allocated and reserved."""
+    checkpoint, data_root = files
+    with tempfile.TemporaryDirectory() as folder:
         times = os.path.join(folder, "step_times.json")
         device = ["--gpus", f"{args.device.index or 0},"] if args.device.type == "cuda" else []
         command = [
@@ -556,11 +569,16 @@ def main_loop_row(model, images: dict, variant: str, levers: dict, batch_size: i
             "lightning.modelcheckpoint.params.every_n_train_steps=0",
             "lightning.callbacks.image_logger.params.disabled=True",
             "lightning.callbacks.step_times.target=ldm.callbacks.StepTimes",
-            f"lightning.callbacks.step_times.params.path={times}",
+            f"lightning.callbacks.step_times.params.path={json.dumps(times)}",  # quoted: a dotlist value is YAML
             f"lightning.callbacks.step_times.params.warmup={max(args.warmup, 1)}",
             f"lightning.callbacks.step_times.params.steps={args.steps}", *lever_overrides(levers)]
-        run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        try:
+            run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=MAIN_LOOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired as error:  # its captured output is bytes, text=True or not
+            print((error.stderr or b"")[-3000:].decode(errors="replace"), file=sys.stderr)
+            raise RuntimeError(f"main.py took over {MAIN_LOOP_TIMEOUT_S} s") from None
         if run.returncode != 0:
+            print(run.stderr[-3000:], file=sys.stderr)
             last = (run.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"main.py exited with status {run.returncode}: {last}")
         with open(times) as handle:
@@ -575,8 +593,8 @@ def main_loop_row(model, images: dict, variant: str, levers: dict, batch_size: i
     per_step = sum(seconds) / len(seconds)
     return {"implementation": "ours, main.py", "batch_size": batch_size, "variant": variant,
             "ms_per_step": 1e3 * per_step, "images_per_s": batch_size / per_step,
-            "peak_memory_gib": measured["peak_memory_gib"], "peak_reserved_gib": None, "held_for_backward_mib": None,
-            "step_peak_mib": None,
+            "peak_memory_gib": measured["peak_memory_gib"], "peak_reserved_gib": measured["peak_reserved_gib"],
+            "held_for_backward_mib": None, "step_peak_mib": None, "steps_run": measured["steps_run"],
             "floor_fraction": floor_fraction(args.model, args.device, args.precision, batch_size / per_step,
                                              args.peak_tflops)}
 
@@ -804,9 +822,10 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
                      "ms/step: the mean time from one step's start to the next's after the warm-up, steps that "
                      "encoded an image new to the latent cache left out; peak: the most one of those steps allocated.")
         variant, levers = main_loop_variant(variants)
-        for batch_size in args.batch_sizes:
-            attempt(f"ours, main.py {variant} batch {batch_size}", lambda batch_size=batch_size: rows.append(
-                main_loop_row(model, images, variant, levers, batch_size, args)))
+        with main_loop_files(model, images) as files:
+            for batch_size in args.batch_sizes:
+                attempt(f"ours, main.py {variant} batch {batch_size}", lambda batch_size=batch_size: rows.append(
+                    main_loop_row(files, variant, levers, batch_size, args)))
     for variant, levers in variants:
         attempt(f"ours {variant}", partial(time_ours, variant, levers))
     model.to(device)
@@ -977,6 +996,9 @@ def write_json(report: dict, path: str | None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # A time limit's SIGTERM unwinds (temporary folders, e.g. --main_loop's checkpoint, are removed) instead of
+    # killing the process where it stands; --json holds what was measured.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     diffusers_logging.set_verbosity_error()  # it warns about every dtype cast the example script also makes
     report = run_benchmark(args, progress=partial(write_json, path=args.json))  # a run cut short keeps its rows
     print(format_report(report))

@@ -233,9 +233,13 @@ def test_main_py_runs_on_the_benchmark_weights_and_times_only_steps_with_cached_
     model = benchmark.build_ours("tiny-sd", torch.device("cpu"), "fp32")
     args = SimpleNamespace(model="tiny-sd", device=torch.device("cpu"), precision="fp32", warmup=1, steps=3,
                            peak_tflops=790.0)
-    row = benchmark.main_loop_row(model, benchmark.training_images(model), "eager", {}, 2, args)
+    with benchmark.main_loop_files(model, benchmark.training_images(model)) as files:
+        row = benchmark.main_loop_row(files, "eager", {}, 2, args)
     assert row["implementation"] == "ours, main.py" and row["batch_size"] == 2
     assert positive(row["ms_per_step"]) and row["images_per_s"] == pytest.approx(2e3 / row["ms_per_step"])
+    # StepTimes stopped it: the warm-up step, those that filled the cache (10 images and flips, 2 a step), the 3
+    # timed ones and the one whose start ends the last of them; not main.py's cap of 1,000.
+    assert 1 + 5 + 3 + 1 <= row["steps_run"] < 30
     assert benchmark.lever_overrides({"cuda_graphs": True, "use_checkpoint": True}) == [
         "model.params.cuda_graphs=True", "model.params.unet_config.params.use_checkpoint=True"]
     graphed, combined = ("cuda graphs", {"cuda_graphs": True}), ("combined: cuda graphs, channels last", {})

@@ -58,7 +58,7 @@ def test_a_save_cut_short_by_a_second_ctrl_c_is_made_again(tmp_path):
 
 
 def test_step_times_leave_out_the_warm_up_and_the_steps_that_filled_the_latent_cache(tmp_path, monkeypatch):
-    clock = iter(range(0, 100, 10))  # each step starts 10 s after the last
+    clock = iter([0, 1, 3, 6, 10, 15, 21])  # step n lasts n + 1 seconds
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     path = tmp_path / "times.json"
     timer = StepTimes(str(path), warmup=1, steps=2)
@@ -71,5 +71,6 @@ def test_step_times_leave_out_the_warm_up_and_the_steps_that_filled_the_latent_c
         timer.on_train_batch_end(trainer, module, None, None, 0)
     assert trainer.should_stop  # after 3 counted steps: 2 timed, the last one's end is the next one's start
     timer.on_train_end(trainer, module)
-    assert json.loads(path.read_text()) == {"seconds": [10, 10], "peak_memory_gib": None}
+    assert json.loads(path.read_text()) == {"seconds": [3, 5], "peak_memory_gib": None, "peak_reserved_gib": None,
+                                            "steps_run": 6}
     assert timer.counted == [False, False, True, False, True, True]

@@ -233,6 +233,23 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path,
     assert trainer.datamodule.datasets["train"].image_paths[0].startswith(str(images))
 
 
+def test_every_path_of_the_saved_config_is_absolute_wherever_it_sits(tmp_path, monkeypatch, images):
+    """Nested ones too (the toy model's autoencoder checkpoint), `~` expanded before any file is read."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_embeddings(Embeddings({"*": torch.zeros(1, 32)}), tmp_path / "start.pt")
+    opt, unknown = main_module.get_parser().parse_known_args(
+        ["--embedding_manager_ckpt", "~/start.pt", "--data_root", os.path.relpath(images)])
+    config = main_module.build_config(opt, unknown, [TINY_SD])
+    assert config.model.params.personalization_config.params.embedding_manager_ckpt == str(tmp_path / "start.pt")
+    assert config.data.params.train.params.data_root == str(images)
+    toy = main_module.build_config(*main_module.get_parser().parse_known_args([]), ["configs/toy/txt2img.yaml"])
+    autoencoder = toy.model.params.first_stage_config.params.ckpt_path
+    assert autoencoder == os.path.join(REPO, "models", "ldm", "toy", "autoencoder.safetensors")
+    finetune = main_module.build_config(*main_module.get_parser().parse_known_args([]), ["configs/toy/finetune.yaml"])
+    assert finetune.data.params.train.params.template_file == os.path.join(REPO, "configs", "toy", "templates.txt")
+
+
 def test_sigterm_to_the_process_group_saves_with_data_workers(tmp_path, images, tiny_sd_ckpt):
     """`timeout`, SLURM and a terminal signal every process of the group, data-loader workers too: the workers
     end quietly, and the main process saves, says how to continue and exits 128 + SIGTERM."""
