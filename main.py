@@ -242,7 +242,7 @@ def absolute_paths(node):
     files from any folder (`-r`)."""
     if isinstance(node, DictConfig):
         for key, value in node.items_ex(resolve=False):
-            if key in PATH_KEYS and isinstance(value, str) and value:
+            if key in PATH_KEYS and isinstance(value, str) and value and not OmegaConf.is_interpolation(node, key):
                 node[key] = os.path.abspath(os.path.expanduser(value))
             else:
                 absolute_paths(value)
