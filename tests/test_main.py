@@ -224,8 +224,8 @@ def test_a_resumed_run_uses_the_learning_rate_this_command_sets(tmp_path, images
 
 def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path, images, tiny_sd_ckpt, monkeypatch):
     monkeypatch.chdir(images.parent)
-    trainer = main_module.main(["--base", TINY_SD, "-t", "--actual_resume", os.path.relpath(tiny_sd_ckpt),
-                                "--data_root", images.name, "-l", "logs", "lightning.trainer.max_steps=2", *QUIET])
+    main_module.main(["--base", TINY_SD, "-t", "--actual_resume", os.path.relpath(tiny_sd_ckpt),
+                      "--data_root", images.name, "-l", "logs", "lightning.trainer.max_steps=2", *QUIET])
     run = os.path.abspath(only_run("logs"))
     monkeypatch.chdir(tmp_path.parent)
     trainer = main_module.main(["-r", run, "--max_steps", "3", *QUIET])
