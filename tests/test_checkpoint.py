@@ -4,6 +4,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
 from pytorch_lightning.utilities.parsing import AttributeDict
 from safetensors.torch import save_file
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 from ldm.checkpoint import (CheckpointError, PickledLightningObject, build_random_model, ema_state_dict, load_checkpoint,
                             restore)
 from scripts import make_random_checkpoint
+from ldm.util import instantiate_from_config
 from tests.conftest import TINY_SD
 
 
@@ -190,6 +192,57 @@ def test_a_checkpoint_of_another_model_is_refused_and_described(tmp_path):
 def test_an_ldm_checkpoint_in_the_sd_config_is_refused_before_training(tiny_ldm_ckpt):
     with pytest.raises(CheckpointError, match="none of the model's .* cond_stage_model"):
         restore(build_random_model(TINY_SD), tiny_ldm_ckpt, verbose=False)
+
+
+class ParameterFills(torch.overrides.TorchFunctionMode):
+    """Counts the random fills of parameters that reach it (those that `random_init_skipped` passes on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        self.count += getattr(func, "__name__", None) in ("uniform_", "normal_") and isinstance(target, torch.nn.Parameter)
+        return func(*args, **kwargs)
+
+
+def tiny_sd_from(ckpt_path, **params):
+    config = OmegaConf.load(TINY_SD)
+    config.model.params.update(ckpt_path=str(ckpt_path) if ckpt_path else None, **params)
+    with ParameterFills() as fills:
+        model = instantiate_from_config(config.model)
+    return model, fills.count
+
+
+def test_weights_a_checkpoint_sets_are_not_drawn_at_random_first(tiny_sd_ckpt):
+    model, fills = tiny_sd_from(tiny_sd_ckpt)
+    assert fills == 0
+    saved = load_checkpoint(tiny_sd_ckpt).state_dict
+    own = model.state_dict()
+    assert all(torch.equal(own[key], value) for key, value in saved.items())
+    buffers = dict(model.named_buffers())
+    assert torch.equal(buffers["cond_stage_model.transformer.text_model.embeddings.position_ids"][0], torch.arange(77))
+    _, fills_without_checkpoint = tiny_sd_from(None)
+    assert fills_without_checkpoint > 0
+
+
+@pytest.mark.parametrize("unset", ["missing", "ignored"])
+def test_weights_a_checkpoint_leaves_unset_are_initialised_as_always(tiny_sd_ckpt, tmp_path, unset):
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    state = load_checkpoint(tiny_sd_ckpt).state_dict
+    if unset == "missing":
+        partial = tmp_path / "partial.safetensors"
+        save_file({k: v for k, v in state.items() if k != key}, partial)
+        model, _ = tiny_sd_from(partial)
+    else:
+        model, _ = tiny_sd_from(tiny_sd_ckpt, ignore_keys=[key])
+    weight = model.state_dict()[key]
+    bound = 1 / weight[0].numel() ** 0.5  # kaiming_uniform_(a=sqrt(5)), a Conv2d's default
+    assert 0.5 * bound / 3**0.5 < weight.std() < 1.5 * bound / 3**0.5 and weight.abs().max() <= bound
+    other = "model.diffusion_model.out.2.weight"
+    assert torch.equal(model.state_dict()[other], state[other])
 
 
 def test_a_folder_is_named_as_one(tmp_path):

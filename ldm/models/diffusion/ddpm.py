@@ -15,6 +15,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from ldm.checkpoint import LoadedCheckpoint, build_filled_by, load_checkpoint, restore
 from ldm.modules.cuda_graphs import GraphedUNet
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -167,10 +168,17 @@ class DDPM(pl.LightningModule):
         self.seed = seed
         self.batch_positions = BatchPositions()
         self.learning_rate = 1.0e-4
-        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        # Read before the parts are built, so that they skip drawing the random weights it holds.
+        checkpoint = ckpt_path if isinstance(ckpt_path, LoadedCheckpoint) or not ckpt_path else load_checkpoint(ckpt_path)
+        self._pending_ckpt = (checkpoint, tuple(ignore_keys)) if checkpoint else None
+        self.model = self.build_part("model", lambda: DiffusionWrapper(unet_config, conditioning_key))
         print(f"{type(self.model).__name__} has {count_params(self.model) * 1e-6:.2f} M params.")
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
-        self._pending_ckpt = (ckpt_path, tuple(ignore_keys)) if ckpt_path else None
+
+    def build_part(self, name: str, build):
+        """`build()`, the part to be registered as `name`; weights the pending checkpoint sets are not drawn."""
+        checkpoint, ignore_keys = self._pending_ckpt or (None, ())
+        return build_filled_by(checkpoint, name, build, ignore_keys)
 
     def register_schedule(self, beta_schedule, timesteps, linear_start, linear_end, cosine_s):
         betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
@@ -291,15 +299,13 @@ class LatentDiffusion(DDPM):
             if self.model.graphed_unet.checkpointing:
                 warnings.warn("cuda_graphs does not apply with gradient checkpointing (use_checkpoint): the UNet "
                               "runs eagerly")
-        self.first_stage_model = _freeze(instantiate_from_config(first_stage_config))
+        self.first_stage_model = _freeze(self.build_part("first_stage_model", lambda: instantiate_from_config(first_stage_config)))
         self.frozen_parts = ["first_stage_model"]  # kept in eval mode by `train`
-        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        self.cond_stage_model = self.build_part("cond_stage_model", lambda: instantiate_from_config(cond_stage_config))
         if cuda_graphs and isinstance(self.cond_stage_model, TextConditioner):
             self.cond_stage_model.use_cuda_graphs()
         self.restored_from_checkpoint = self._pending_ckpt is not None
         if self._pending_ckpt:
-            from ldm.checkpoint import restore
-
             restore(self, self._pending_ckpt[0], ignore_keys=self._pending_ckpt[1], use_ema=self.use_ema)
         self.pretraining = self.unfreeze_model and personalization_config is None
         if not self.unfreeze_model:
