@@ -29,14 +29,22 @@ class SetupCallback(Callback):
 
 class LossProgressBar(TQDMProgressBar):
     """Lightning's progress bar showing the training loss, read only when the bar redraws. Reading a number from
-    the GPU waits for all its queued work; Lightning reads a metric logged with `prog_bar=True` at every step,
-    whatever the refresh rate, so the model logs its loss without it and the bar fetches it here."""
+    the GPU waits for all its queued work, and Lightning reads a metric logged with `prog_bar=True` at every step,
+    whatever the refresh rate; so the bar keeps each step's loss tensor and reads it when it redraws."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_loss = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Lightning hands on the loss divided by accumulate_grad_batches, as the backward sees it.
+        self.step_loss = outputs["loss"] * trainer.accumulate_grad_batches
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
-        loss = trainer.callback_metrics.get("loss")
-        if loss is not None:
-            metrics["loss"] = f"{loss.item():.3g}"
+        if self.step_loss is not None:
+            metrics["loss"] = f"{self.step_loss.item():.3g}"
         return metrics
 
 

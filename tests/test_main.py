@@ -10,9 +10,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main as main_module
 from ldm.checkpoint import build_random_model
+from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 from tests.conftest import REPO, TINY_LDM, TINY_SD
 
@@ -92,7 +94,8 @@ def train_in_process(tmp_path, images, ckpt, *extra, config=TINY_SD, steps=20):
 def test_ldm_multi_placeholder_multi_vector_and_captions(tmp_path, images, tiny_ldm_ckpt):
     trainer, run = train_in_process(
         tmp_path, images, tiny_ldm_ckpt, "--placeholder_string", "@",
-        "model.params.personalization_config.params.num_vectors_per_token=2", config=TINY_LDM, steps=10,
+        "model.params.personalization_config.params.num_vectors_per_token=2", "lightning.trainer.log_every_n_steps=5",
+        config=TINY_LDM, steps=10,
     )
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert trainer.progress_bar_callback.refresh_rate == main_module.PROGRESS_BAR_REFRESH_STEPS
@@ -110,14 +113,43 @@ def test_ldm_multi_placeholder_multi_vector_and_captions(tmp_path, images, tiny_
     assert not torch.equal(learned.vectors["@"][0], table[encoder.text_to_token_ids("@")[0]])
 
 
-def test_the_progress_bar_reads_the_loss_only_when_it_redraws(tmp_path, images, tiny_sd_ckpt):
+def test_the_progress_bar_reads_the_loss_only_when_it_redraws(tmp_path, images, tiny_sd_ckpt, monkeypatch):
     """Reading a number from the GPU waits for its queued work. Lightning reads every metric logged with
-    prog_bar=True at every step, whatever the refresh rate, so none may be: the bar fetches the loss itself when it
-    redraws (every PROGRESS_BAR_REFRESH_STEPS)."""
-    trainer, _ = train_in_process(tmp_path, images, tiny_sd_ckpt, steps=4)
-    assert trainer.progress_bar_metrics == {}
+    prog_bar=True at every step, whatever the refresh rate, so none may be: the bar keeps the step's loss and reads
+    it when it redraws (every PROGRESS_BAR_REFRESH_STEPS), undivided by gradient accumulation."""
+    losses = []
+    training_step = LatentDiffusion.training_step
+
+    def recording_step(module, *args):
+        loss = training_step(module, *args)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(LatentDiffusion, "training_step", recording_step)
+    trainer, _ = train_in_process(tmp_path, images, tiny_sd_ckpt, "lightning.trainer.accumulate_grad_batches=2", steps=2)
+    assert trainer.progress_bar_metrics == {} and len(losses) == 4
     shown = trainer.progress_bar_callback.get_metrics(trainer, trainer.lightning_module)
-    assert float(shown["loss"]) == pytest.approx(trainer.callback_metrics["loss"].item(), rel=1e-2)
+    assert float(shown["loss"]) == pytest.approx(losses[-1], rel=1e-2)
+
+
+def test_training_metrics_are_logged_only_at_the_steps_the_logger_writes(tmp_path, images, tiny_sd_ckpt, monkeypatch):
+    """Lightning drops step metrics between its writes, and each self.log costs CPU time at every step."""
+    logged_at = []
+    log = pl.LightningModule.log
+
+    def counting_log(module, name, *args, **kwargs):
+        if module.training:
+            logged_at.append((module.global_step, name))
+        return log(module, name, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "log", counting_log)
+    _, run = train_in_process(tmp_path, images, tiny_sd_ckpt, "lightning.trainer.log_every_n_steps=3", steps=7)
+    assert {step for step, _ in logged_at} == {2, 5}
+    assert {name for step, name in logged_at if step == 2} >= {"train/loss", "train/loss_simple", "train/norm/*"}
+    events = EventAccumulator(os.path.join(run, "tensorboard", "version_0"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [2, 5]
+    assert [event.step for event in events.Scalars("train/norm/*")] == [2, 5]
 
 
 class CtrlC(pl.Callback):
