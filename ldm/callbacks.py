@@ -37,8 +37,10 @@ class LossProgressBar(TQDMProgressBar):
         self.step_loss = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        # Lightning hands on the loss divided by accumulate_grad_batches, as the backward sees it.
-        self.step_loss = outputs["loss"] * trainer.accumulate_grad_batches
+        # Lightning hands on the loss divided by accumulate_grad_batches, as the backward sees it; no outputs
+        # when a step was skipped.
+        if isinstance(outputs, dict) and outputs.get("loss") is not None:
+            self.step_loss = outputs["loss"] * trainer.accumulate_grad_batches
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def get_metrics(self, trainer, pl_module):

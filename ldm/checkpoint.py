@@ -305,6 +305,7 @@ def build_filled_by(checkpoint: LoadedCheckpoint | None, prefix: str, build, ign
         module = build()
     if module is None or fills_every_parameter(checkpoint, prefix, module, ignore_keys):
         return module
+    del module  # freed first, so that the part is never held twice
     return build()
 
 

@@ -121,9 +121,9 @@ def test_the_progress_bar_reads_the_loss_only_when_it_redraws(tmp_path, images, 
     training_step = LatentDiffusion.training_step
 
     def recording_step(module, *args):
-        loss = training_step(module, *args)
-        losses.append(loss.item())
-        return loss
+        output = training_step(module, *args)
+        losses.append(output["loss"].item())
+        return output
 
     monkeypatch.setattr(LatentDiffusion, "training_step", recording_step)
     trainer, _ = train_in_process(tmp_path, images, tiny_sd_ckpt, "lightning.trainer.accumulate_grad_batches=2", steps=2)
@@ -144,8 +144,8 @@ def test_training_metrics_are_logged_only_at_the_steps_the_logger_writes(tmp_pat
 
     monkeypatch.setattr(pl.LightningModule, "log", counting_log)
     _, run = train_in_process(tmp_path, images, tiny_sd_ckpt, "lightning.trainer.log_every_n_steps=3", steps=7)
-    assert {step for step, _ in logged_at} == {2, 5}
-    assert {name for step, name in logged_at if step == 2} >= {"train/loss", "train/loss_simple", "train/norm/*"}
+    assert {step for step, _ in logged_at} == {3, 6}  # counted after the optimizer step
+    assert {name for step, name in logged_at if step == 3} >= {"train/loss", "train/loss_simple", "train/norm/*"}
     events = EventAccumulator(os.path.join(run, "tensorboard", "version_0"))
     events.Reload()
     assert [event.step for event in events.Scalars("train/loss")] == [2, 5]
@@ -181,6 +181,42 @@ def test_a_stopped_run_saves_at_the_end_of_a_step_inside_its_epoch(tmp_path, ima
     assert (last["global_step"], last["epoch"]) == (trainer.global_step, 0)
     batches = last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
     assert batches == trainer.global_step * accumulate
+
+
+class CtrlCTwiceInsideStep(pl.Callback):
+    """Presses Ctrl-C twice just before step `step`'s backward: the run stops inside the step and saves there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("stop", ["CtrlC", "CtrlCTwiceInsideStep"])
+def test_the_logger_gets_each_steps_own_metrics_at_a_stop_and_after_a_resume(tmp_path, images, tiny_sd_ckpt,
+                                                                             monkeypatch, stop):
+    """Lightning also writes the metrics of the step that it stops after, and after a resume from a save made
+    inside a step its count of steps runs one ahead of global_step: each point must still hold its step's value."""
+    losses = {}  # the step as Lightning counts it (and names it to the logger) -> that step's loss
+    training_step = LatentDiffusion.training_step
+
+    def recording_step(module, *args):
+        output = training_step(module, *args)
+        losses[module.trainer.fit_loop.epoch_loop._batches_that_stepped] = output["loss"].item()
+        return output
+
+    monkeypatch.setattr(LatentDiffusion, "training_step", recording_step)
+    _, run = train_in_process(tmp_path, images, tiny_sd_ckpt, "lightning.trainer.log_every_n_steps=3",
+                              f"lightning.callbacks.stop.target={__name__}.{stop}", "lightning.callbacks.stop.params.step=4",
+                              steps=40)
+    main_module.main(["-r", run, "lightning.trainer.max_steps=12", "lightning.callbacks.stop.params.step=1000", *QUIET])
+    events = EventAccumulator(os.path.join(run, "tensorboard", "version_0"))
+    events.Reload()
+    written = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert len(written) >= 4 and all(value == pytest.approx(losses[step]) for step, value in written), (written, losses)
 
 
 class SigtermAtFirstBatch(pl.Callback):

@@ -114,7 +114,8 @@ def fused_adamw(params, trainer) -> bool:
 
 
 class DDPM(pl.LightningModule):
-    """Noise schedule, forward noising and the epsilon-prediction loss."""
+    """Noise schedule, forward noising and the epsilon-prediction loss: the base of LatentDiffusion, which
+    restores `ckpt_path` once it has built all its parts."""
 
     def __init__(
         self,
@@ -307,6 +308,7 @@ class LatentDiffusion(DDPM):
         self.restored_from_checkpoint = self._pending_ckpt is not None
         if self._pending_ckpt:
             restore(self, self._pending_ckpt[0], ignore_keys=self._pending_ckpt[1], use_ema=self.use_ema)
+            self._pending_ckpt = None  # the checkpoint's memory, and no copy of it in a pickled model
         self.pretraining = self.unfreeze_model and personalization_config is None
         if not self.unfreeze_model:
             self.frozen_parts.append("model")
@@ -527,19 +529,20 @@ class LatentDiffusion(DDPM):
     def training_step(self, batch, batch_idx):
         generator = self.training_generator()
         loss, logs = self.shared_step(self.drop_conditioning(batch, generator), generator)
-        if self.logger_writes_this_step():
-            self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, on_epoch=False)
-            if self.embedding_manager is not None:
-                norms = {f"train/norm/{name}": n.detach().max() for name, n in self.embedding_manager.vector_norms().items()}
-                self.log_dict(norms, on_step=True, on_epoch=False)
-        return loss  # the progress bar shows it (ldm.callbacks.LossProgressBar)
+        # The progress bar shows the loss (ldm.callbacks.LossProgressBar); `on_train_batch_end` logs the rest.
+        return {"loss": loss, "logs": {name: value.detach() for name, value in logs.items()}}
 
-    def logger_writes_this_step(self) -> bool:
-        """Whether Lightning hands this training step's metrics to the logger: every `log_every_n_steps` optimizer
-        steps, and when the run stops early. It drops them at the other steps, and each `self.log` costs about
-        a millisecond of CPU time (5 ms a step on a 2-core CPU), which at batch 1 can be a good part of a step."""
-        every = self.trainer.log_every_n_steps
-        return bool(every) and (self.global_step + 1) % every == 0 or self.trainer.should_stop
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        """Log the step's metrics at the steps where Lightning writes them to the logger, by its own rule, which
+        this hook is the first to see settled (it runs after the callbacks, which may stop the run). Lightning
+        drops them at the other steps, and each `self.log` costs about a millisecond of CPU time (5 ms a step on
+        a 2-core CPU), which at batch 1 can be a good part of a step."""
+        if self.trainer.fit_loop.epoch_loop._should_accumulate() or not self.trainer._logger_connector.should_update_logs:
+            return
+        self.log_dict({f"train/{name}": value for name, value in outputs["logs"].items()}, on_step=True, on_epoch=False)
+        if self.embedding_manager is not None:
+            norms = {f"train/norm/{name}": n.detach().max() for name, n in self.embedding_manager.vector_norms().items()}
+            self.log_dict(norms, on_step=True, on_epoch=False)
 
     def optimizer_step(self, *args, **kwargs):
         """The norm cap and the EMA follow every optimizer step here, before any callback (checkpointing) sees
