@@ -504,6 +504,9 @@ def run_command_line(parser, argv=None) -> int:
         _check_arguments(args)
         prompts, grid_name = _read_prompts(args)
         device = parse_device(args.device)
+        # Every step has the same shapes: cuDNN tries its convolution algorithms once and keeps the fastest, as
+        # training does (`trainer: benchmark: True` in the configs) and as scripts/benchmark.py times sampling.
+        torch.backends.cudnn.benchmark = device.type == "cuda"
         if args.cuda_graphs and device.type != "cuda":
             print(f"{parser.prog}: note: --cuda_graphs has no effect with --device {args.device} (CUDA graphs exist "
                   "only on CUDA devices); sampling runs as usual", file=sys.stderr)
