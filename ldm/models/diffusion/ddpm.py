@@ -300,7 +300,8 @@ class LatentDiffusion(DDPM):
             if self.model.graphed_unet.checkpointing:
                 warnings.warn("cuda_graphs does not apply with gradient checkpointing (use_checkpoint): the UNet "
                               "runs eagerly")
-        self.first_stage_model = _freeze(self.build_part("first_stage_model", lambda: instantiate_from_config(first_stage_config)))
+        first_stage = self.build_part("first_stage_model", lambda: instantiate_from_config(first_stage_config))
+        self.first_stage_model = _freeze(first_stage)
         self.frozen_parts = ["first_stage_model"]  # kept in eval mode by `train`
         self.cond_stage_model = self.build_part("cond_stage_model", lambda: instantiate_from_config(cond_stage_config))
         if cuda_graphs and isinstance(self.cond_stage_model, TextConditioner):
