@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from ldm.checkpoint import (CheckpointError, PickledLightningObject, build_random_model, ema_state_dict, load_checkpoint,
                             restore)
-from scripts import make_random_checkpoint
 from ldm.util import instantiate_from_config
+from scripts import make_random_checkpoint
 from tests.conftest import TINY_SD
 
 

@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import main as main_module
 from ldm.checkpoint import build_random_model
-from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
+from ldm.models.diffusion.ddpm import LatentDiffusion
 from tests.conftest import REPO, TINY_LDM, TINY_SD
 
 QUIET = ["lightning.callbacks.image_logger.params.disabled=True"]
