@@ -152,6 +152,13 @@ def test_training_metrics_are_logged_only_at_the_steps_the_logger_writes(tmp_pat
     assert [event.step for event in events.Scalars("train/norm/*")] == [2, 5]
 
 
+def test_a_model_that_keeps_its_scale_factor_caches_latents_too(tmp_path, images, tiny_sd_ckpt):
+    """`scale_by_std` (the toy configs) holds the checkpoint's scale factor; the cache keeps unscaled posteriors."""
+    trainer, _ = train_in_process(tmp_path, images, tiny_sd_ckpt, "model.params.scale_by_std=true", steps=3)
+    model = trainer.lightning_module
+    assert model.cached_latent_count > 0 and float(model.scale_factor) == pytest.approx(0.18215)  # the config's
+
+
 class CtrlC(pl.Callback):
     """Presses Ctrl-C at the end of step `step`, twice with `again` as an impatient user does: the second press
     raises KeyboardInterrupt there, inside the training loop, and stops at once."""

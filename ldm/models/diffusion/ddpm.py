@@ -278,7 +278,7 @@ class LatentDiffusion(DDPM):
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
         self.cond_stage_key = cond_stage_key
         self.cond_stage_trainable = cond_stage_trainable
-        self.cache_latents = cache_latents and not scale_by_std
+        self.cache_latents = cache_latents
         self.park_first_stage = park_first_stage
         self.park_token_table = park_token_table
         self.frozen_weights_dtype = frozen_weights_dtype
@@ -508,7 +508,7 @@ class LatentDiffusion(DDPM):
         self.park_idle_weights(batch)
         fresh_start = not self.trainer.ckpt_path and not self.restored_from_checkpoint
         if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and fresh_start:
-            with torch.no_grad():
+            with torch.no_grad(), self.first_stage_on_device():
                 x = self.get_input(batch, self.first_stage_key).to(self.device)
                 z = self.encode_first_stage(x).sample()
             self.scale_factor = 1.0 / z.flatten().std()
