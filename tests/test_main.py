@@ -113,23 +113,29 @@ def test_ldm_multi_placeholder_multi_vector_and_captions(tmp_path, images, tiny_
     assert not torch.equal(learned.vectors["@"][0], table[encoder.text_to_token_ids("@")[0]])
 
 
+def record_step_losses(monkeypatch) -> dict:
+    """Every training batch's loss, by (step as Lightning counts it and names it to the logger, batch index)."""
+    losses = {}
+    training_step = LatentDiffusion.training_step
+
+    def recording_step(module, batch, batch_idx):
+        output = training_step(module, batch, batch_idx)
+        losses[module.trainer.fit_loop.epoch_loop._batches_that_stepped, batch_idx] = output["loss"].item()
+        return output
+
+    monkeypatch.setattr(LatentDiffusion, "training_step", recording_step)
+    return losses
+
+
 def test_the_progress_bar_reads_the_loss_only_when_it_redraws(tmp_path, images, tiny_sd_ckpt, monkeypatch):
     """Reading a number from the GPU waits for its queued work. Lightning reads every metric logged with
     prog_bar=True at every step, whatever the refresh rate, so none may be: the bar keeps the step's loss and reads
     it when it redraws (every PROGRESS_BAR_REFRESH_STEPS), undivided by gradient accumulation."""
-    losses = []
-    training_step = LatentDiffusion.training_step
-
-    def recording_step(module, *args):
-        output = training_step(module, *args)
-        losses.append(output["loss"].item())
-        return output
-
-    monkeypatch.setattr(LatentDiffusion, "training_step", recording_step)
+    losses = record_step_losses(monkeypatch)
     trainer, _ = train_in_process(tmp_path, images, tiny_sd_ckpt, "lightning.trainer.accumulate_grad_batches=2", steps=2)
     assert trainer.progress_bar_metrics == {} and len(losses) == 4
     shown = trainer.progress_bar_callback.get_metrics(trainer, trainer.lightning_module)
-    assert float(shown["loss"]) == pytest.approx(losses[-1], rel=1e-2)
+    assert float(shown["loss"]) == pytest.approx(list(losses.values())[-1], rel=1e-2)
 
 
 def test_training_metrics_are_logged_only_at_the_steps_the_logger_writes(tmp_path, images, tiny_sd_ckpt, monkeypatch):
@@ -207,15 +213,7 @@ def test_the_logger_gets_each_steps_own_metrics_at_a_stop_and_after_a_resume(tmp
                                                                              monkeypatch, stop):
     """Lightning also writes the metrics of the step that it stops after, and after a resume from a save made
     inside a step its count of steps runs one ahead of global_step: each point must still hold its step's value."""
-    losses = {}  # the step as Lightning counts it (and names it to the logger) -> that step's loss
-    training_step = LatentDiffusion.training_step
-
-    def recording_step(module, *args):
-        output = training_step(module, *args)
-        losses[module.trainer.fit_loop.epoch_loop._batches_that_stepped] = output["loss"].item()
-        return output
-
-    monkeypatch.setattr(LatentDiffusion, "training_step", recording_step)
+    losses = record_step_losses(monkeypatch)
     _, run = train_in_process(tmp_path, images, tiny_sd_ckpt, "lightning.trainer.log_every_n_steps=3",
                               f"lightning.callbacks.stop.target={__name__}.{stop}", "lightning.callbacks.stop.params.step=4",
                               steps=40)
@@ -223,7 +221,8 @@ def test_the_logger_gets_each_steps_own_metrics_at_a_stop_and_after_a_resume(tmp
     events = EventAccumulator(os.path.join(run, "tensorboard", "version_0"))
     events.Reload()
     written = [(event.step, event.value) for event in events.Scalars("train/loss")]
-    assert len(written) >= 4 and all(value == pytest.approx(losses[step]) for step, value in written), (written, losses)
+    last_of_step = {step: loss for (step, _), loss in losses.items()}  # one batch a step here
+    assert len(written) >= 4 and all(value == pytest.approx(last_of_step[step]) for step, value in written), written
 
 
 class SigtermAtFirstBatch(pl.Callback):
