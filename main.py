@@ -20,9 +20,9 @@ import sys
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from ldm.callbacks import ImageLogger, LossProgressBar, SetupCallback, TrainingCheckpoint
 from ldm.checkpoint import CheckpointError, load_pickled_checkpoint
@@ -401,9 +401,7 @@ def main(argv=None):
     try:
         with stop_and_save_signals(trainer, checkpointer):
             trainer.fit(model, data, ckpt_path=ckpt_to_resume)
-    except SIGTERMException:  # Lightning's own stop on SIGTERM, raised after TrainingCheckpoint has saved
-        trainer.stop_signal = signal.SIGTERM
-    except SystemExit:  # Lightning's exit after a second Ctrl-C, which TrainingCheckpoint has saved at
+    except SystemExit:  # Lightning's exit after a second Ctrl-C (TrainingCheckpoint saved) or an early SIGTERM
         if trainer.stop_signal is None:
             raise
     except Exception:
@@ -442,10 +440,27 @@ def stop_and_save_signals(trainer, checkpoint: TrainingCheckpoint):
     if hasattr(signal, "SIGUSR1"):
         handlers[signal.SIGUSR1] = request_save
     previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    reinstall = HandlersAtTrainStart(handlers)
+    trainer.callbacks.append(reinstall)
     try:
         yield
     finally:
+        trainer.callbacks.remove(reinstall)
         for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class HandlersAtTrainStart(Callback):
+    """Puts `handlers` back when training starts, over the SIGTERM handler Lightning installs just before: under
+    DDP that one broadcasts from inside the handler, so when every rank gets the signal (SLURM, `timeout`, a kill
+    of the process group) each rank's broadcast meets another collective of the others and the run hangs. Ours
+    only record the request (Lightning restores them, as the handlers it replaced, when training ends)."""
+
+    def __init__(self, handlers):
+        self.handlers = handlers
+
+    def on_train_start(self, trainer, pl_module):
+        for signum, handler in self.handlers.items():
             signal.signal(signum, handler)
 
 
