@@ -75,12 +75,18 @@ class TrainingCheckpoint(Callback):
         self.save_requested = False  # set from a signal handler; honoured at the next step boundary
         self._last_saved_step = -1
 
-    def save(self, trainer, pl_module):
+    def save(self, trainer, pl_module, collective: bool = True):
+        """`collective=False` writes from rank 0 without waiting for the other ranks: after an exception, which may
+        have stopped this rank alone, they would never join the save (the learned vectors are the same on all)."""
         step = trainer.global_step
         if step == self._last_saved_step:
             return
         last = os.path.join(self.ckptdir, "last.ckpt")
-        trainer.save_checkpoint(last + ".tmp", weights_only=False)
+        if collective:
+            trainer.save_checkpoint(last + ".tmp", weights_only=False)
+        elif trainer.is_global_zero:  # what trainer.save_checkpoint writes, without its closing barrier
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            trainer.strategy.save_checkpoint(checkpoint, last + ".tmp")
         if trainer.is_global_zero:
             os.replace(last + ".tmp", last)
             manager = getattr(pl_module, "embedding_manager", None)
@@ -113,8 +119,8 @@ class TrainingCheckpoint(Callback):
         if trainer.global_step > 0:
             signum = getattr(trainer, "stop_signal", None)  # main.py's record of a stop it was asked for
             cause = signal.Signals(signum).name if signum is not None else type(exception).__name__
-            print(f"\nTraining stopped ({cause}); saving at step {trainer.global_step}.")
-            self.save(trainer, pl_module)
+            pl_module.print(f"\nTraining stopped ({cause}); saving at step {trainer.global_step}.")
+            self.save(trainer, pl_module, collective=False)
 
 
 class ImageLogger(Callback):
@@ -207,7 +213,8 @@ class StepTimes(Callback):
         if counted and pl_module.device.type == "cuda":
             self.peaks.append(torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
             self.reserved.append(torch.cuda.max_memory_reserved(pl_module.device) / 2**30)
-        if sum(self.counted) > self.steps:  # the last one counted needs the next step's start
+        # The last one counted needs the next step's start. Ranks cache different images, so they agree on the stop.
+        if _on_any_rank(trainer, sum(self.counted) > self.steps)[0]:
             trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module):

@@ -63,7 +63,7 @@ def test_step_times_leave_out_the_warm_up_and_the_steps_that_filled_the_latent_c
     path = tmp_path / "times.json"
     timer = StepTimes(str(path), warmup=1, steps=2)
     module = SimpleNamespace(device=torch.device("cpu"), cached_latent_count=0)
-    trainer = SimpleNamespace(should_stop=False)
+    trainer = SimpleNamespace(should_stop=False, world_size=1)
     for cache_after_step in (1, 2, 2, 3, 3, 3):  # steps 0 and 1 fill it, then step 3
         assert not trainer.should_stop
         timer.on_train_batch_start(trainer, module, None, 0)

@@ -526,12 +526,12 @@ def test_two_process_ddp_on_cpu_writes_one_set_of_embeddings(tmp_path, images, t
     assert files == ["embeddings.pt", "embeddings_gs-10.pt", "last.ckpt"], files
 
 
-def start_ddp_run(logroot, images, tiny_sd_ckpt, **popen_kwargs):
+def start_ddp_run(logroot, images, tiny_sd_ckpt, *extra, **popen_kwargs):
     """A two-rank DDP training run on the CPU that saves every 5 steps and would go on for 2,000."""
     return subprocess.Popen(
         [sys.executable, "main.py", "--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root",
          str(images), "-l", str(logroot), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-         "lightning.trainer.max_steps=2000", "lightning.modelcheckpoint.params.every_n_train_steps=5", *QUIET],
+         "lightning.trainer.max_steps=2000", "lightning.modelcheckpoint.params.every_n_train_steps=5", *QUIET, *extra],
         cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, **popen_kwargs)
 
@@ -589,6 +589,36 @@ def test_sigterm_to_every_ddp_rank_saves_and_stops_without_hanging(tmp_path, ima
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         pytest.fail(f"the ranks hung after SIGTERM: {process.communicate()[0][-3000:]}")
+
+
+class FailOnRank(pl.Callback):
+    """Raises on one rank only, as an out-of-memory error on one GPU would."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"failure on rank {self.rank} alone")
+
+
+@pytest.mark.parametrize("rank", [pytest.param(0, marks=pytest.mark.slow), 1])
+def test_a_failure_on_one_ddp_rank_saves_its_step_without_waiting_for_the_others(tmp_path, images, tiny_sd_ckpt, rank):
+    """The save after an exception was collective: the failed rank waited in it for ranks that were in the next step
+    (a hang until the process group's timeout, 30 minutes by default), and nothing was written."""
+    logroot = tmp_path / "logs"
+    process = start_ddp_run(logroot, images, tiny_sd_ckpt, "lightning.callbacks.fail.target=tests.test_main.FailOnRank",
+                            f"lightning.callbacks.fail.params.rank={rank}", "lightning.callbacks.fail.params.step=7")
+    try:
+        output, _ = process.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"the ranks hung after one failed: {process.communicate()[0][-3000:]}")
+    assert process.returncode != 0 and f"failure on rank {rank} alone" in output, output[-3000:]
+    checkpoints = os.path.join(only_run(logroot), "checkpoints")
+    saved = load_embeddings(os.path.join(checkpoints, "embeddings.pt")).metadata["step"]
+    assert saved == 7 and torch.load(os.path.join(checkpoints, "last.ckpt"), weights_only=False)["global_step"] == 7
+    assert not glob.glob(os.path.join(checkpoints, "*.tmp")), os.listdir(checkpoints)
 
 
 def test_per_image_tokens_with_the_ldm_encoder(tmp_path, images, tiny_ldm_ckpt):

@@ -512,7 +512,8 @@ class LatentDiffusion(DDPM):
                 x = self.get_input(batch, self.first_stage_key).to(self.device)
                 z = self.encode_first_stage(x).sample()
             self.scale_factor = 1.0 / z.flatten().std()
-            print(f"Setting scale_factor to {self.scale_factor.item():.5f} (1 / std of the first batch's latents)")
+            # Under DDP the ranks' first batches differ; DDP hands rank 0's buffer to all.
+            self.print(f"Setting scale_factor to {self.scale_factor.item():.5f} (1 / std of the first batch's latents)")
 
     def drop_conditioning(self, batch, generator):
         """`ucg_training`: each item's entry under a configured key becomes `val` with probability `p`."""
