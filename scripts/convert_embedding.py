@@ -4,7 +4,8 @@ Reads every layout `ldm.embeddings` recognises (original / A1111 `.pt`, A1111 PN
 `.safetensors`, `emb_params`) and writes the chosen one; the output extension picks `.pt`/`.bin` or `.safetensors`.
 diffusers adds the placeholder to its tokenizer as a new token, so a placeholder its CLIP vocabulary already holds
 (the original's "*", any single character) has to be renamed with --token on the way there. An original-format
-file records each placeholder's tokenizer id, as the original's loader needs.
+file records each placeholder's tokenizer id, as the original's loader needs (a placeholder of several tokens,
+such as diffusers' "<cat-toy>", has none: a note says so).
 
 Example:
   python scripts/convert_embedding.py --input logs/cat/checkpoints/embeddings.pt \
@@ -97,6 +98,10 @@ def convert(args: argparse.Namespace) -> Embeddings:
         check_new_clip_tokens(embeddings, args.input)
     if args.format == "original":
         embeddings = with_token_ids(embeddings)
+        for placeholder in set(embeddings.vectors) - set(embeddings.token_ids):
+            print(f"convert_embedding: note: '{placeholder}' is not one token of its model's tokenizer, so the original "
+                  "repository's scripts cannot use it (this project's read it as written in prompts); --token '*' "
+                  "makes it one", file=sys.stderr)
     save_embeddings(embeddings, args.output, format=args.format)
     return load_embeddings(args.output)
 

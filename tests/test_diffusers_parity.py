@@ -226,7 +226,11 @@ def write_as_a1111(path, vectors):
     ],
     ids=["diffusers-safetensors", "diffusers-bin", "a1111-pt"],
 )
-def test_files_written_by_diffusers_and_a1111_load_in_ours_and_in_diffusers(pipe, tmp_path, file_name, write, trigger):
+@torch.no_grad()
+def test_files_written_by_diffusers_and_a1111_load_in_ours_and_in_diffusers(model, pipe, tmp_path, file_name, write,
+                                                                           trigger):
+    """Loaded as they are, and prompted with their own word (several tokens of CLIP's vocabulary), they give our
+    model the conditioning that diffusers computes."""
     vectors = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(6))
     path = tmp_path / file_name
     write(path, vectors)
@@ -234,9 +238,15 @@ def test_files_written_by_diffusers_and_a1111_load_in_ours_and_in_diffusers(pipe
     loaded = load_embeddings(path, expected_dim=WIDTH)
     assert list(loaded.vectors) == [trigger]
     assert torch.equal(loaded.vectors[trigger], vectors)
+    manager = EmbeddingManager(model.cond_stage_model)
+    manager.load(path)
+    prompt = f"a photo of {trigger}, in a box"
+    ours = model.cond_stage_model.encode([manager.separate_placeholders(prompt)], embedding_manager=manager)
 
     pipe = pipeline_with_own_text_encoder(pipe)
     pipe.load_textual_inversion(str(path))
     token_ids = pipe.tokenizer.convert_tokens_to_ids([trigger, f"{trigger}_1"])
     assert token_ids == [49408, 49409]
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_ids], vectors)
+    theirs, _ = pipe.encode_prompt(prompt, pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    assert relative_error(ours, theirs) < 1e-5

@@ -427,6 +427,10 @@ def test_convert_renames_the_a1111_trigger_and_records_token_ids_for_the_origina
                         "--token", "*"]) == 0
     raw = torch.load(original, weights_only=True)
     assert int(raw["string_to_token"]["*"]) == 265 and raw["name"] == "*"
+    capsys.readouterr()
+    kept = tmp_path / "kept.pt"
+    assert script.main(["--input", str(renamed), "--output", str(kept), "--format", "original"]) == 0
+    assert "'<c>' is not one token" in capsys.readouterr().err  # several tokens: no id for the original's loader
 
 
 class EmptyVocabulary:

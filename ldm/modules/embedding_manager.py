@@ -27,10 +27,13 @@ from torch import nn
 from ldm.data.templates import per_img_token_list
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 from ldm.modules.encoders.tokenizers import is_clip, ordinary_token_id, text_token_ids
-from ldm.text_encoders import SD_V1_WIDTH, width_label
+from ldm.text_encoders import model_family_of_width, width_label
 
 PROGRESSIVE_STEPS_PER_VECTOR = 2000
 PLACEHOLDER_CANDIDATES = ("*", "@", "&", "$", "§", "~")
+# Rare one-token symbols (in CLIP's BPE and LDM-BERT's vocabulary) that stand in for a file's word that is several
+# tokens, such as diffusers' "<cat-toy>": prompts are rewritten to the stand-in before tokenizing.
+STAND_IN_CANDIDATES = ("¢", "¥", "¿", "¡", "½", "²", "ø", "«", "»")
 ESCAPED_KEY_PREFIX = "utf8hex_"
 _PARAMETER_DICT_ATTRIBUTES = frozenset(dir(nn.ParameterDict()))
 
@@ -59,9 +62,10 @@ def _device_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 
 def model_family(tokenizer, token_dim: int) -> str | None:
-    """Which base model an embedding file is for: "sd-v1" (CLIP, 768-d) or "ldm" (LDM-BERT); None otherwise."""
-    if is_clip(tokenizer):
-        return "sd-v1" if token_dim == SD_V1_WIDTH else None
+    """Which base model an embedding file is for: "sd-v1" (CLIP; 768-d, or a width no other family has) or "ldm"
+    (LDM-BERT); None otherwise."""
+    if is_clip(tokenizer):  # tiny test models too: the family names the tokenizer that merging and converting use
+        return "sd-v1" if model_family_of_width(token_dim) in (None, "sd-v1") else None
     return "ldm" if type(tokenizer).__name__.startswith("Bert") else None
 
 
@@ -109,7 +113,8 @@ class EmbeddingManager(nn.Module):
         self.progressive_words = bool(progressive_words)
         self.max_vector_norm = None if max_vector_norm is None else float(max_vector_norm)
         self.training_step = 0
-        self.string_to_token_dict: dict[str, int] = {}
+        self.string_to_token_dict: dict[str, int] = {}  # placeholder -> the token id that it is read as
+        self.stand_ins: dict[str, str] = {}  # a file's word of several tokens -> the one-token symbol read in its place
         self.initializer_words: dict[str, str] = {}
         self.string_to_param_dict = nn.ParameterDict()
         self.initial_embeddings = nn.ParameterDict()
@@ -185,6 +190,21 @@ class EmbeddingManager(nn.Module):
             hint = f"use one of its single-token pieces ({', '.join(usable)}) or {shorter}" if usable else f"use {shorter}"
         raise ValueError(f"{role} '{text}' {problem}; it must be exactly one token: {hint}")
 
+    def _stand_ins(self, words: list[str], tokens: dict[str, int], source: str) -> dict[str, str]:
+        """A one-token symbol for each of `words` (several tokens each, as diffusers' "<cat-toy>" or an A1111 file
+        named "my-cat"), none of them a token of the placeholders in `tokens`, to which each is claimed."""
+        stand_ins = {}
+        free = (c for c in STAND_IN_CANDIDATES if self._is_single_token(c)
+                and ordinary_token_id(self.tokenizer, c) not in tokens.values())
+        for word in words:
+            stand_in = next(free, None)
+            if stand_in is None:
+                raise ValueError(f"{source}: placeholder '{word}' is several tokens, and this tokenizer has no symbol "
+                                 "left to read it as; rename it to one token: scripts/convert_embedding.py --token '*'")
+            self._claim_token(word, ordinary_token_id(self.tokenizer, stand_in), tokens)
+            stand_ins[word] = stand_in
+        return stand_ins
+
     @staticmethod
     def _claim_token(placeholder: str, token: int, claimed: dict[str, int]):
         """Add `placeholder` to `claimed` ({placeholder: token id}) unless another placeholder has its token."""
@@ -212,13 +232,22 @@ class EmbeddingManager(nn.Module):
         return min(num_vectors, 1 + self.training_step // PROGRESSIVE_STEPS_PER_VECTOR)
 
     def separate_placeholders(self, text: str) -> str:
-        """`text` with a space on each side of every placeholder made only of punctuation.
+        """`text` as the tokenizer must see it: each word of several tokens replaced by its stand-in symbol, and a
+        space on each side of every placeholder made only of punctuation.
 
         CLIP's tokenizer reads a run of punctuation as one token, so in "a photo of *, red" the placeholder would be
         the token "*," and go unreplaced. Letters and digits are split from punctuation anyway, so word placeholders
-        ("sks") are left alone, and the spaces change nothing else: the tokenizer collapses whitespace."""
-        symbols = sorted((p for p in self.string_to_token_dict if not any(c.isalnum() for c in p)), key=len,
-                         reverse=True)
+        ("sks") are left alone, and the spaces change nothing else: the tokenizer collapses whitespace. A word of
+        several tokens matches regardless of case (both tokenizers lowercase) and, where it begins or ends with a
+        letter or digit, only as a whole word ("cat-toy" is not found in "bobcat-toys")."""
+        if self.stand_ins:
+            words = sorted(self.stand_ins, key=len, reverse=True)
+            pattern = "|".join((r"(?<![^\W_])" if word[0].isalnum() else "") + re.escape(word)
+                               + (r"(?![^\W_])" if word[-1].isalnum() else "") for word in words)
+            lowered = {word.lower(): stand_in for word, stand_in in self.stand_ins.items()}
+            text = re.sub(pattern, lambda match: lowered[match.group(0).lower()], text, flags=re.IGNORECASE)
+        symbols = [p for p in self.string_to_token_dict if p not in self.stand_ins and not any(c.isalnum() for c in p)]
+        symbols = sorted([*symbols, *self.stand_ins.values()], key=len, reverse=True)
         if not symbols:
             return text
         return re.sub("|".join(map(re.escape, symbols)), lambda match: f" {match.group(0)} ", text)
@@ -327,21 +356,26 @@ class EmbeddingManager(nn.Module):
             )
         convertible = path if len(embeddings.vectors) == 1 else None  # convert_embedding.py renames one placeholder
         tokens = {}  # checked in full before anything is replaced, so a refused file leaves the manager as it was
+        several = [p for p in embeddings.vectors if len(text_token_ids(self.tokenizer, p)) > 1]
         for placeholder in embeddings.vectors:
+            if placeholder in several:
+                continue
             try:
                 token = self._single_token_id(placeholder, "placeholder", convertible, taken=tokens)
                 self._claim_token(placeholder, token, tokens)
             except ValueError as error:
                 raise ValueError(f"{source}: {error}") from None
+        stand_ins = self._stand_ins(several, tokens, source)
+        tokens = {placeholder: tokens[placeholder] for placeholder in embeddings.vectors}  # the file's order
         previous_initial = {p: self.initial_embeddings[parameter_key(p)] for p in self.initializer_words}
         previous_words = self.initializer_words
         device = self.embedding_parameters()[0].device
-        self.string_to_token_dict, self.initializer_words = tokens, {}
+        self.string_to_token_dict, self.stand_ins, self.initializer_words = tokens, stand_ins, {}
         self.string_to_param_dict, self.initial_embeddings = nn.ParameterDict(), nn.ParameterDict()
         for placeholder, vectors in embeddings.vectors.items():
             token = tokens[placeholder]
             recorded = embeddings.token_ids.get(placeholder)
-            if recorded is not None and int(recorded) != token:
+            if recorded is not None and int(recorded) != token and placeholder not in stand_ins:
                 warnings.warn(
                     f"{source} records token id {int(recorded)} for '{placeholder}' but this tokenizer "
                     f"gives {token}; the file may come from another tokenizer",
