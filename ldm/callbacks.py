@@ -111,6 +111,8 @@ class TrainingCheckpoint(Callback):
         if save or stop or last_step or periodic:
             self.save_requested = False
             self.save(trainer, pl_module)
+            if save and not stop:
+                pl_module.print(f"\nSaved at step {step}, as SIGUSR1 asked, in {self.ckptdir}; training goes on.")
 
     def on_train_end(self, trainer, pl_module):
         self.save(trainer, pl_module)

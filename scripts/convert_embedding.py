@@ -1,4 +1,4 @@
-"""Convert a textual-inversion embedding between the original, diffusers and AUTOMATIC1111 file formats.
+r"""Convert a textual-inversion embedding between the original, diffusers and AUTOMATIC1111 file formats.
 
 Reads every layout `ldm.embeddings` recognises (original / A1111 `.pt`, A1111 PNG, diffusers `.bin` /
 `.safetensors`, `emb_params`) and writes the chosen one; the output extension picks `.pt`/`.bin` or `.safetensors`.

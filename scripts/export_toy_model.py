@@ -1,4 +1,4 @@
-"""Turn a pretraining run's `last.ckpt` into the safetensors file that ships in `models/ldm/toy/`.
+r"""Turn a pretraining run's `last.ckpt` into the safetensors file that ships in `models/ldm/toy/`.
 
     python scripts/export_toy_model.py --ckpt logs/<autoencoder run>/checkpoints/last.ckpt \
         --out models/ldm/toy/autoencoder.safetensors

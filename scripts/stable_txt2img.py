@@ -2,7 +2,7 @@ r"""Generate images with Stable Diffusion v1 and learned words (the original sta
 
 Example:
   python scripts/stable_txt2img.py --ddim_eta 0.0 --n_samples 8 --n_iter 2 --scale 10.0 --ddim_steps 50 \
-      --embedding_path logs/cat/checkpoints/embeddings_gs-6099.pt \
+      --embedding_path logs/cat/checkpoints/embeddings_gs-6100.pt \
       --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompt "a photo of *"
 """
 import argparse

@@ -558,6 +558,7 @@ def assert_stopped_and_saved_once(process, logroot, signum):
     assert not glob.glob(os.path.join(checkpoints, "*.tmp")), os.listdir(checkpoints)
     stopped_at = load_embeddings(os.path.join(checkpoints, "embeddings.pt")).metadata["step"]
     assert torch.load(os.path.join(checkpoints, "last.ckpt"), weights_only=False)["global_step"] == stopped_at
+    return output
 
 
 def test_signals_to_one_ddp_rank_save_and_stop_all_ranks_at_one_step(tmp_path, images, tiny_sd_ckpt):
@@ -571,7 +572,8 @@ def test_signals_to_one_ddp_rank_save_and_stop_all_ranks_at_one_step(tmp_path, i
     requested = next(step for step in steps_saved(logroot) if step % 5)
     wait_for(process, lambda: max(steps_saved(logroot)) > requested, "training did not go on after the save")
     process.send_signal(signal.SIGINT)  # rank 0 only
-    assert_stopped_and_saved_once(process, logroot, signal.SIGINT)
+    output = assert_stopped_and_saved_once(process, logroot, signal.SIGINT)
+    assert output.count(f"Saved at step {requested}, as SIGUSR1 asked") == 1, output[-3000:]
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups")

@@ -89,7 +89,9 @@ def load_clip(weights_path: str, model_name: str = "ViT-B-32", device="cpu"):
                 raise ValueError(f"--clip_weights '{weights_path}' is a Hugging Face transformers CLIP file "
                                  "(text_model.* and vision_model.* tensors), which open_clip cannot load: pass "
                                  "OpenAI's ViT-B-32.pt or an open_clip state dict of --clip_model") from error
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = " ".join(str(error).split())  # load_state_dict's first line only says "Error(s) in ...:"
+            reason = reason if len(reason) <= 200 else reason[:200] + "..."
+            reason = reason or type(error).__name__
             raise ValueError(f"--clip_weights '{weights_path}' are not {model_name} weights ({reason}); "
                              "pass the matching --clip_model") from error
     tokenizer = open_clip.get_tokenizer(model_name, context_length=model.context_length)
