@@ -242,10 +242,9 @@ class EmbeddingManager(nn.Module):
         letter or digit, only as a whole word ("cat-toy" is not found in "bobcat-toys")."""
         if self.stand_ins:
             words = sorted(self.stand_ins, key=len, reverse=True)
-            pattern = "|".join((r"(?<![^\W_])" if word[0].isalnum() else "") + re.escape(word)
-                               + (r"(?![^\W_])" if word[-1].isalnum() else "") for word in words)
-            lowered = {word.lower(): stand_in for word, stand_in in self.stand_ins.items()}
-            text = re.sub(pattern, lambda match: lowered[match.group(0).lower()], text, flags=re.IGNORECASE)
+            pattern = "|".join("(" + (r"(?<![^\W_])" if word[0].isalnum() else "") + re.escape(word)
+                               + (r"(?![^\W_])" if word[-1].isalnum() else "") + ")" for word in words)
+            text = re.sub(pattern, lambda match: self.stand_ins[words[match.lastindex - 1]], text, flags=re.IGNORECASE)
         symbols = [p for p in self.string_to_token_dict if p not in self.stand_ins and not any(c.isalnum() for c in p)]
         symbols = sorted([*symbols, *self.stand_ins.values()], key=len, reverse=True)
         if not symbols:
