@@ -20,7 +20,7 @@ import sys
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -401,7 +401,7 @@ def main(argv=None):
     try:
         with stop_and_save_signals(trainer, checkpointer):
             trainer.fit(model, data, ckpt_path=ckpt_to_resume)
-    except SystemExit:  # Lightning's exit after a second Ctrl-C (TrainingCheckpoint saved) or an early SIGTERM
+    except SystemExit:  # Lightning's exit after a second Ctrl-C, which TrainingCheckpoint has saved at
         if trainer.stop_signal is None:
             raise
     except Exception:
@@ -429,7 +429,7 @@ def stop_and_save_signals(trainer, checkpoint: TrainingCheckpoint):
         if trainer.stop_signal is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            return  # SIGTERM again: under DDP a rank gets its process group's and Lightning's forwarded copy
+            return  # SIGTERM again: a second kill, or a rank's copy of a signal sent to the process group
         print(f"\n{signal.Signals(signum).name}: finishing this step, saving and stopping (press Ctrl-C again to stop now)")
         trainer.stop_signal = signum
 
@@ -440,27 +440,24 @@ def stop_and_save_signals(trainer, checkpoint: TrainingCheckpoint):
     if hasattr(signal, "SIGUSR1"):
         handlers[signal.SIGUSR1] = request_save
     previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
-    reinstall = HandlersAtTrainStart(handlers)
-    trainer.callbacks.append(reinstall)
+    # Lightning installs its own SIGTERM handler (with ours inside) just before training; under DDP it broadcasts
+    # from inside the handler, so when every rank gets the signal (SLURM, `timeout`, a kill of the process group)
+    # each rank's broadcast meets another collective of the others and the run hangs. Ours go straight back over
+    # it (Lightning restores them, as the handlers it replaced, when training ends).
+    connector = trainer._signal_connector
+    register_lightnings = connector.register_signal_handlers
+
+    def register_then_ours():
+        register_lightnings()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+    connector.register_signal_handlers = register_then_ours
     try:
         yield
     finally:
-        trainer.callbacks.remove(reinstall)
+        connector.register_signal_handlers = register_lightnings
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-class HandlersAtTrainStart(Callback):
-    """Puts `handlers` back when training starts, over the SIGTERM handler Lightning installs just before: under
-    DDP that one broadcasts from inside the handler, so when every rank gets the signal (SLURM, `timeout`, a kill
-    of the process group) each rank's broadcast meets another collective of the others and the run hangs. Ours
-    only record the request (Lightning restores them, as the handlers it replaced, when training ends)."""
-
-    def __init__(self, handlers):
-        self.handlers = handlers
-
-    def on_train_start(self, trainer, pl_module):
-        for signum, handler in self.handlers.items():
             signal.signal(signum, handler)
 
 

@@ -7,6 +7,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
 from ldm.util import make_grid, tensor_to_pil
 
@@ -74,6 +75,7 @@ class TrainingCheckpoint(Callback):
         self.every_n_train_steps = every_n_train_steps
         self.save_requested = False  # set from a signal handler; honoured at the next step boundary
         self._last_saved_step = -1
+        self._first_step = None  # the step training started at in this process
 
     def save(self, trainer, pl_module, collective: bool = True):
         """`collective=False` writes from rank 0 without waiting for the other ranks: after an exception, which may
@@ -114,15 +116,22 @@ class TrainingCheckpoint(Callback):
             if save and not stop:
                 pl_module.print(f"\nSaved at step {step}, as SIGUSR1 asked, in {self.ckptdir}; training goes on.")
 
+    def on_train_start(self, trainer, pl_module):
+        self._first_step = trainer.global_step
+
     def on_train_end(self, trainer, pl_module):
         self.save(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception):
-        if trainer.global_step > 0:
+        # Only a step this run finished is saved: a run that failed while resuming keeps the last.ckpt it resumed.
+        if self._first_step is not None and trainer.global_step > self._first_step:
             signum = getattr(trainer, "stop_signal", None)  # main.py's record of a stop it was asked for
             cause = signal.Signals(signum).name if signum is not None else type(exception).__name__
             pl_module.print(f"\nTraining stopped ({cause}); saving at step {trainer.global_step}.")
-            self.save(trainer, pl_module, collective=False)
+            # Without a collective where the strategy allows (one device, plain DDP): FSDP and DeepSpeed gather
+            # the state across ranks, so there the save stays collective.
+            plain = isinstance(trainer.strategy, SingleDeviceStrategy) or type(trainer.strategy) is DDPStrategy
+            self.save(trainer, pl_module, collective=not plain)
 
 
 class ImageLogger(Callback):

@@ -46,11 +46,17 @@ def renamed(embeddings: Embeddings, token: str) -> Embeddings:
     return Embeddings({token: vectors}, {}, metadata)
 
 
+def tokenizer_family(embeddings: Embeddings) -> str | None:
+    """"sd-v1" or "ldm" as the width says, else as the recorded model family says; None if neither does."""
+    family = model_family_of_width(embeddings.dim) or embeddings.metadata.get("model_family")
+    return family if family in ("sd-v1", "ldm") else None
+
+
 def with_token_ids(embeddings: Embeddings) -> Embeddings:
     """Record the tokenizer id of each placeholder that is one token of its model's tokenizer (the original's
-    loader finds placeholders by id); the model is told by the width, else by the recorded model family."""
-    family = model_family_of_width(embeddings.dim) or embeddings.metadata.get("model_family")
-    if family not in ("sd-v1", "ldm"):
+    loader finds placeholders by id)."""
+    family = tokenizer_family(embeddings)
+    if family is None:
         return embeddings
     tokenizer = family_tokenizer(family)
     token_ids = dict(embeddings.token_ids)
@@ -98,7 +104,8 @@ def convert(args: argparse.Namespace) -> Embeddings:
         check_new_clip_tokens(embeddings, args.input)
     if args.format == "original":
         embeddings = with_token_ids(embeddings)
-        for placeholder in set(embeddings.vectors) - set(embeddings.token_ids):
+        unusable = set(embeddings.vectors) - set(embeddings.token_ids) if tokenizer_family(embeddings) else set()
+        for placeholder in sorted(unusable):
             print(f"convert_embedding: note: '{placeholder}' is not one token of its model's tokenizer, so the original "
                   "repository's scripts cannot use it (this project's read it as written in prompts); --token '*' "
                   "makes it one", file=sys.stderr)

@@ -74,3 +74,19 @@ def test_step_times_leave_out_the_warm_up_and_the_steps_that_filled_the_latent_c
     assert json.loads(path.read_text()) == {"seconds": [3, 5], "peak_memory_gib": None, "peak_reserved_gib": None,
                                             "steps_run": 6}
     assert timer.counted == [False, False, True, False, True, True]
+
+
+def test_an_error_saves_only_a_step_this_run_finished(tmp_path):
+    """A resumed run that fails before its first step (restoring the optimizer, say) keeps the last.ckpt it read."""
+    saved = []
+    trainer = SimpleNamespace(global_step=40, is_global_zero=True, stop_signal=None, strategy=None,
+                              save_checkpoint=lambda path, weights_only=False: saved.append(path) or open(path, "w").close())
+    module = SimpleNamespace(print=print)
+    checkpoint = TrainingCheckpoint(str(tmp_path))
+    checkpoint.on_exception(trainer, module, RuntimeError("while restoring"))
+    checkpoint.on_train_start(trainer, module)
+    checkpoint.on_exception(trainer, module, RuntimeError("in the first step"))
+    assert saved == []
+    trainer.global_step = 41
+    checkpoint.on_exception(trainer, module, RuntimeError("in the second step"))
+    assert saved == [os.path.join(str(tmp_path), "last.ckpt.tmp")] and os.listdir(tmp_path) == ["last.ckpt"]

@@ -417,6 +417,10 @@ def test_a_files_word_of_several_tokens_is_read_through_a_stand_in_as_diffusers_
     for untouched in ["mycats", "a bobmycat", "my cat"]:
         assert manager.separate_placeholders(untouched) == untouched
     assert set(manager.stand_ins) == {"<cat-toy>", "mycat"} and list(manager.vector_norms()) == list(several.vectors)
+    manager.save(tmp_path / "saved.pt")  # a stand-in's token id is not the word's: not recorded
+    assert load_embeddings(tmp_path / "saved.pt").token_ids == {"*": token_id(conditioner, "*")}
+    with pytest.raises(ValueError, match="'<Cat-Toy>' and '<cat-toy>' differ only in case"):
+        manager.set_embeddings(Embeddings({"<Cat-Toy>": toy, "<cat-toy>": mine}))
 
 
 def test_a_word_of_several_tokens_needs_a_free_stand_in_symbol(tiny, tmp_path):

@@ -327,7 +327,7 @@ class EmbeddingManager(nn.Module):
         metadata.update(extra_metadata or {})
         embeddings = Embeddings(
             vectors={p: self.vectors(p).detach().float().cpu() for p in placeholders},
-            token_ids=dict(self.string_to_token_dict),
+            token_ids={p: t for p, t in self.string_to_token_dict.items() if p not in self.stand_ins},  # ids of words
             metadata=metadata,
         )
         save_embeddings(embeddings, path, format="original")
@@ -356,6 +356,12 @@ class EmbeddingManager(nn.Module):
         convertible = path if len(embeddings.vectors) == 1 else None  # convert_embedding.py renames one placeholder
         tokens = {}  # checked in full before anything is replaced, so a refused file leaves the manager as it was
         several = [p for p in embeddings.vectors if len(text_token_ids(self.tokenizer, p)) > 1]
+        folded = {}
+        for word in several:  # prompts name these words regardless of case
+            other = folded.setdefault(word.casefold(), word)
+            if other != word:
+                raise ValueError(f"{source}: placeholders '{other}' and '{word}' differ only in case, which prompts "
+                                 "do not tell apart; rename one with scripts/convert_embedding.py --token")
         for placeholder in embeddings.vectors:
             if placeholder in several:
                 continue
