@@ -31,7 +31,7 @@ from ldm.data.templates import per_img_token_list
 from ldm.embeddings import load_embeddings
 from ldm.models.diffusion.ddpm import DEFAULT_SEED
 from ldm.paths import check_output, require_file
-from ldm.util import instantiate_from_config, load_yaml
+from ldm.util import check_config_tree, instantiate_from_config, load_yaml
 
 __all__ = ["DataModuleFromConfig", "ImageLogger"]  # old configs name them `main.DataModuleFromConfig` / `main.ImageLogger`
 
@@ -336,6 +336,7 @@ def main(argv=None):
         raise UsageError("nothing to do without -t: add -t to train (main.py has no test stage)")
 
     config = build_config(opt, unknown, base_configs)
+    check_config_tree(config)
     lightning_config = config.pop("lightning", OmegaConf.create())
     textual_inversion = config.model.params.get("personalization_config") is not None
     if "data" not in config:
@@ -396,7 +397,6 @@ def main(argv=None):
         )
     except (TypeError, ValueError, MisconfigurationException) as error:  # a misspelt or impossible trainer setting
         raise UsageError(f"the trainer settings (lightning.trainer and the Trainer flags) are refused: {error}") from None
-    trainer.logdir = logdir
     trainer.stop_signal = None
     try:
         with stop_and_save_signals(trainer, checkpointer):

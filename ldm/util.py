@@ -1,5 +1,7 @@
 """Small helpers shared by the whole package: config-driven construction and image utilities."""
+import difflib
 import importlib
+import inspect
 import textwrap
 
 import numpy as np
@@ -44,7 +46,60 @@ def instantiate_from_config(config, **kwargs):
             return None
         raise KeyError("Expected key `target` to instantiate.")
     params = dict(config.get("params", None) or {})
-    return get_obj_from_str(config["target"])(**params, **kwargs)
+    target = get_obj_from_str(config["target"])
+    check_config_keys(target, params)
+    return target(**params, **kwargs)
+
+
+def config_parameters(target):
+    """The keyword names `target` (a class of this package or a function) accepts, following `**kwargs` that an
+    __init__ hands to its base class; and whether the last of them takes any other key as well."""
+    names, takes_any, found = set(), False, False
+    for owner in inspect.getmro(target) if inspect.isclass(target) else [target]:
+        function = owner.__dict__.get("__init__") if inspect.isclass(target) else owner
+        if function is None:
+            continue
+        if not owner.__module__.startswith("ldm."):
+            break
+        found = True
+        parameters = inspect.signature(function).parameters.values()
+        names.update(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters)
+        if not takes_any:
+            break
+    return names - {"self"}, takes_any or not found
+
+
+def check_config_keys(target, params):
+    """Refuse a misspelt config key in one line, naming the key and the likely intended one, before it becomes a
+    TypeError traceback or, for classes that take other keys (the original configs' unused ones) and only warn,
+    a run trained with a default the user meant to change."""
+    if not getattr(target, "__module__", "").startswith("ldm."):
+        return
+    names, takes_any = config_parameters(target)
+    for key in params:
+        if key in names:
+            continue
+        # A class that takes other keys gets an error only for a near-miss of its own (a typo, not another
+        # repository's key such as CompVis's scheduler_config): the cutoff sits above such pairs' similarity.
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.85 if takes_any else 0.6)
+        if takes_any and not close:
+            continue
+        hint = f": did you mean '{close[0]}'?" if close else f"; it takes {', '.join(sorted(names))}"
+        raise ValueError(f"config key '{key}' is not a setting of {target.__qualname__} ({target.__module__}){hint}")
+
+
+def check_config_tree(config):
+    """check_config_keys for every `target` in a config, so that a misspelt key fails before any weights load."""
+    stack = [OmegaConf.to_container(config) if OmegaConf.is_config(config) else config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("target"), str):
+                check_config_keys(get_obj_from_str(node["target"]), node.get("params") or {})
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def count_params(model: torch.nn.Module) -> int:

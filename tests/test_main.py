@@ -403,6 +403,9 @@ def test_command_line_mistakes_fail_before_any_model_loads(tmp_path, images, tin
 
     inversion = ["--actual_resume", tiny_sd_ckpt, "--data_root", str(images)]
     fails(["--base", TINY_SD, *inversion, "-l", str(tmp_path)], "nothing to do without -t")
+    fails(["--base", TINY_SD, "-t", *inversion, "-l", str(tmp_path),
+           "model.params.personalization_config.params.num_vectors_per_tokens=4"],
+          "did you mean 'num_vectors_per_token'", ValueError)
     broken = tmp_path / "broken.yaml"
     broken.write_text("model:\n  params: [unclosed\n")
     fails(["--base", str(broken), "-t", *inversion, "-l", str(tmp_path)], "broken.yaml' is not valid YAML", ValueError)
