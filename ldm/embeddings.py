@@ -20,6 +20,7 @@ import io
 import json
 import os
 import pickle
+import re
 import secrets
 import zipfile
 from dataclasses import dataclass, field
@@ -103,6 +104,23 @@ class Embeddings:
             return words[placeholders.index(placeholder)] or None
         return None
 
+    def renamed(self, old: str, new: str) -> "Embeddings":
+        """The same vectors with placeholder `old` called `new`, in its place, so that the recorded
+        placeholder_strings still align with initializer_words; its token id and A1111's `name` belonged to the
+        old string and are dropped."""
+        if old not in self.vectors:
+            raise ValueError(f"there is no placeholder '{old}' to rename (there are {', '.join(self.vectors)})")
+        if new == old:
+            return self
+        if new in self.vectors:
+            raise ValueError(f"cannot rename '{old}' to '{new}': '{new}' is another placeholder of the same file")
+        vectors = {new if placeholder == old else placeholder: v for placeholder, v in self.vectors.items()}
+        token_ids = {placeholder: i for placeholder, i in self.token_ids.items() if placeholder != old}
+        metadata = {key: value for key, value in self.metadata.items() if key != "name"}
+        if metadata.get("placeholder_strings"):
+            metadata["placeholder_strings"] = [new if p == old else p for p in metadata["placeholder_strings"]]
+        return Embeddings(vectors, token_ids, metadata)
+
     @property
     def dim(self) -> int:
         widths = {placeholder: vectors.shape[-1] for placeholder, vectors in self.vectors.items()}
@@ -113,20 +131,37 @@ class Embeddings:
             raise ValueError(f"the embeddings disagree in width: {described}")
         return next(iter(widths.values()))
 
+    def check_width(self, width: int, source: str) -> None:
+        """Refuse vectors made for another model's text encoder up front, naming both models; `source` names them."""
+        if self.dim != width:
+            raise ValueError(
+                f"the vectors of {source} are {width_label(self.dim)}; this model's text encoder is "
+                f"{width_label(width)}: use embeddings trained for this model"
+            )
+
+
+def replace_learned_words(text: str, replacements: dict[str, str]) -> str:
+    """`text` with each learned word of `replacements` replaced, found as the generation scripts find it in a
+    prompt: in any case (both tokenizers lowercase), and where it begins or ends with a letter or digit only as a
+    whole word ("cat-toy" is not in "bobcat-toys"); where two words overlap, the longer one."""
+    if not replacements:
+        return text
+    words = sorted(replacements, key=len, reverse=True)
+    pattern = "|".join("(" + (r"(?<![^\W_])" if word[0].isalnum() else "") + re.escape(word)
+                       + (r"(?![^\W_])" if word[-1].isalnum() else "") + ")" for word in words)
+    return re.sub(pattern, lambda match: replacements[words[match.lastindex - 1]], text, flags=re.IGNORECASE)
+
 
 def load_embeddings(path, expected_dim: int | None = None) -> Embeddings:
     """Read any supported embedding file; `expected_dim` turns a wrong-model file into a clear error up front."""
     path = require_file(path, "embedding file", "check the path")
     try:
         embeddings = _read(path)
-        dim = embeddings.dim
+        embeddings.dim  # raises for mixed widths
     except ValueError as error:
         raise ValueError(f"cannot load embeddings from '{path}': {error}") from error
-    if expected_dim is not None and dim != expected_dim:
-        raise ValueError(
-            f"embeddings in '{path}' are {width_label(dim)}; this model's text encoder is "
-            f"{width_label(expected_dim)}: use an embedding trained for this model"
-        )
+    if expected_dim is not None:
+        embeddings.check_width(expected_dim, f"embedding file '{path}'")
     return embeddings
 
 

@@ -19,6 +19,7 @@ FAMILIES_BY_WIDTH = {
     1280: TextEncoderFamily("LDM-BERT", "ldm", "configs/latent-diffusion/txt2img-1p4B-*.yaml"),
 }
 SD_V1_WIDTH = 768
+MODEL_FAMILIES = ("sd-v1", "ldm")  # those with a stock tokenizer here (`family_tokenizer`)
 
 
 def width_label(width: int) -> str:
@@ -31,6 +32,19 @@ def model_family_of_width(width: int) -> str | None:
     """"sd-v1" or "ldm" when the width alone says which model a file is for, else None."""
     family = FAMILIES_BY_WIDTH.get(width)
     return family.model_family if family else None
+
+
+def model_family(width: int, named: str | None, width_decides: bool = True) -> str | None:
+    """"sd-v1" or "ldm": the model, and so the stock tokenizer, that embeddings this wide are for; None if unknown.
+
+    `named` is the family a file records or a tokenizer belongs to; it counts where the width names the same family
+    or none (tiny test models, SD 2.x's 1024). Where the width names another, a file's record is the stale one, so
+    the width decides; a live tokenizer (`width_decides=False`) is not, so no stock model fits and the answer is None.
+    """
+    by_width = model_family_of_width(width)
+    if by_width not in (None, named):
+        return by_width if width_decides else None
+    return named if named in MODEL_FAMILIES else by_width
 
 
 def configs_for_width(width: int) -> str:

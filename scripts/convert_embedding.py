@@ -18,7 +18,7 @@ import sys
 from ldm.embeddings import FORMATS, Embeddings, load_embeddings, save_embeddings
 from ldm.modules.encoders.tokenizers import clip_tokenizer, family_tokenizer, ordinary_token_id
 from ldm.paths import check_output
-from ldm.text_encoders import SD_V1_WIDTH, model_family_of_width, width_label
+from ldm.text_encoders import SD_V1_WIDTH, model_family, model_family_of_width, width_label
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,32 +33,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def renamed(embeddings: Embeddings, token: str) -> Embeddings:
-    """The same vectors under `token`; a recorded tokenizer id and name belonged to the old string, so they go."""
+    """The one placeholder of `embeddings` renamed to `token`."""
     if len(embeddings.vectors) != 1:
         raise ValueError(
             f"--token renames a single placeholder, but the input holds {len(embeddings.vectors)} "
             f"({', '.join(embeddings.vectors)})"
         )
-    ((placeholder, vectors),) = embeddings.vectors.items()
-    if token == placeholder:
-        return embeddings
-    metadata = {key: value for key, value in embeddings.metadata.items() if key != "name"}
-    return Embeddings({token: vectors}, {}, metadata)
+    return embeddings.renamed(next(iter(embeddings.vectors)), token)
 
 
-def tokenizer_family(embeddings: Embeddings) -> str | None:
-    """"sd-v1" or "ldm" as the width says, else as the recorded model family says; None if neither does."""
-    family = model_family_of_width(embeddings.dim) or embeddings.metadata.get("model_family")
-    return family if family in ("sd-v1", "ldm") else None
-
-
-def with_token_ids(embeddings: Embeddings) -> Embeddings:
-    """Record the tokenizer id of each placeholder that is one token of its model's tokenizer (the original's
+def with_token_ids(embeddings: Embeddings, tokenizer) -> Embeddings:
+    """Record the tokenizer id of each placeholder that is one token of `tokenizer`, its model's (the original's
     loader finds placeholders by id)."""
-    family = tokenizer_family(embeddings)
-    if family is None:
-        return embeddings
-    tokenizer = family_tokenizer(family)
     token_ids = dict(embeddings.token_ids)
     for placeholder in set(embeddings.vectors) - set(token_ids):
         token_id = ordinary_token_id(tokenizer, placeholder)
@@ -102,10 +88,10 @@ def convert(args: argparse.Namespace) -> Embeddings:
               f"and A1111 run SD models ({width_label(SD_V1_WIDTH)} for SD v1), which cannot use them", file=sys.stderr)
     if args.format == "diffusers":
         check_new_clip_tokens(embeddings, args.input)
-    if args.format == "original":
-        embeddings = with_token_ids(embeddings)
-        unusable = set(embeddings.vectors) - set(embeddings.token_ids) if tokenizer_family(embeddings) else set()
-        for placeholder in sorted(unusable):
+    family = model_family(embeddings.dim, embeddings.metadata.get("model_family"))
+    if args.format == "original" and family is not None:
+        embeddings = with_token_ids(embeddings, family_tokenizer(family))
+        for placeholder in sorted(set(embeddings.vectors) - set(embeddings.token_ids)):
             print(f"convert_embedding: note: '{placeholder}' is not one token of its model's tokenizer, so the original "
                   "repository's scripts cannot use it (this project's read it as written in prompts); --token '*' "
                   "makes it one", file=sys.stderr)

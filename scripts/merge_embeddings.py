@@ -19,11 +19,9 @@ import os
 import sys
 
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
-from ldm.modules.encoders.tokenizers import family_tokenizer, ordinary_token_id, text_token_ids
+from ldm.modules.encoders.tokenizers import TOKENIZER_NAMES, family_tokenizer, one_token_problem, ordinary_token_id
 from ldm.paths import check_output
-from ldm.text_encoders import model_family_of_width, width_label
-
-TOKENIZER_NAMES = {"sd-v1": "CLIP (SD v1)", "ldm": "BERT (LDM)"}
+from ldm.text_encoders import model_family, width_label
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,14 +62,11 @@ def common_width(paths: list[str], files: list[Embeddings]) -> int:
 
 def choose_family(width: int, files: list[Embeddings], stable_diffusion: bool) -> str:
     """The family ("sd-v1" or "ldm") from the width, else from the files' recorded model family, else from -sd."""
-    family = model_family_of_width(width)
-    if family is None:
-        recorded = {embeddings.metadata.get("model_family") for embeddings in files} - {None}
-        if len(recorded) > 1:
-            raise ValueError(f"the files record different model families ({', '.join(sorted(recorded))}); merge one kind")
-        if not recorded:
-            return "sd-v1" if stable_diffusion else "ldm"
-        family = recorded.pop()
+    recorded = {embeddings.metadata.get("model_family") for embeddings in files} - {None}
+    family = model_family(width, next(iter(recorded)) if len(recorded) == 1 else None)
+    if family is None and len(recorded) > 1:
+        raise ValueError(f"the files record different model families ({', '.join(sorted(recorded))}); merge one kind")
+    family = family or ("sd-v1" if stable_diffusion else "ldm")
     if stable_diffusion and family != "sd-v1":
         raise ValueError(
             f"-sd asks for the CLIP tokenizer, but the files are {width_label(width)} embeddings for "
@@ -91,11 +86,10 @@ class MergedPlaceholders:
 
     def problem(self, name: str) -> str | None:
         """Why `name` cannot join the merged placeholders, or None when it can."""
+        problem = one_token_problem(self.tokenizer, name)
+        if problem is not None:
+            return problem
         token = ordinary_token_id(self.tokenizer, name)
-        if token is None:
-            ids = text_token_ids(self.tokenizer, name)
-            pieces = [piece.removesuffix("</w>") for piece in self.tokenizer.convert_ids_to_tokens(ids)]
-            return f"is not one {TOKENIZER_NAMES[self.family]} token (it becomes {pieces})"
         if name in self.sources:
             return f"is already taken by '{self.sources[name]}'"
         for other, token_id in self.token_ids.items():

@@ -18,6 +18,7 @@ from ldm.modules.encoders.modules import (
     FrozenCLIPEmbedder,
     TextConditioner,
 )
+from ldm.text_encoders import model_family
 from tests.conftest import TINY_SD
 
 TINY_VOCAB = [
@@ -366,8 +367,17 @@ def test_real_conditioners_read_the_learned_vectors(name, request):
         two.vectors("*").copy_(table[[token_id(conditioner, "*"), token_id(conditioner, "cat")]])
     assert torch.equal(conditioner.encode(prompt, embedding_manager=two), conditioner.encode(["a photo of * cat"]))
 
-    expected_family = {"clip": "sd-v1", "bert": "ldm"}[name]  # names the tokenizer, at any width but SD 2.x's
+    expected_family = {"clip": "sd-v1", "bert": "ldm"}[name]  # names the tokenizer at a width no other family has
     assert manager.model_family == expected_family
+
+
+def test_model_family_trusts_the_width_over_a_file_but_not_over_a_tokenizer():
+    assert model_family(768, "ldm") == "sd-v1" and model_family(1280, None) == "ldm"
+    assert model_family(1024, "sd-v1") == "sd-v1" and model_family(32, "ldm") == "ldm"  # the width names none
+    assert model_family(32, "sd-2") is None and model_family(32, None) is None
+    assert model_family(768, "sd-v1", width_decides=False) == "sd-v1"
+    assert model_family(1280, "sd-v1", width_decides=False) is None  # a CLIP tokenizer with LDM-BERT's width
+    assert model_family(768, None, width_decides=False) is None  # a tokenizer of no stock family
 
 
 @pytest.mark.parametrize("name", ["clip", "bert"])

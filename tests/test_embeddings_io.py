@@ -384,6 +384,33 @@ def test_convert_original_to_diffusers_with_token(tmp_path, capsys):
     assert_same_vectors(load_embeddings(named).vectors, {"cattoy": vectors})
 
 
+def test_convert_token_renames_the_placeholder_in_the_metadata_too(tmp_path, capsys):
+    source, target = tmp_path / "star.pt", tmp_path / "cat-toy.pt"
+    metadata = {"model_family": "sd-v1", "placeholder_strings": ["*"], "initializer_words": ["toy"], "name": "*"}
+    save_embeddings(Embeddings({"*": random_vectors(1)}, {"*": 265}, metadata), source)
+    argv = ["--input", str(source), "--output", str(target), "--format", "original", "--token", "<cat-toy>"]
+    assert load_script().main(argv) == 0
+    converted = load_embeddings(target)
+    assert converted.metadata == {"model_family": "sd-v1", "placeholder_strings": ["<cat-toy>"],
+                                  "initializer_words": ["toy"]}
+    assert converted.initializer_word("<cat-toy>") == "toy" and converted.token_ids == {}
+
+
+def test_renamed_keeps_each_word_with_its_initializer_word():
+    metadata = {"placeholder_strings": ["*", "@"], "initializer_words": ["cat", "painting"], "step": 5}
+    embeddings = Embeddings({"*": torch.zeros(1, 8), "@": torch.ones(2, 8)}, {"*": 265, "@": 339}, metadata)
+    renamed = embeddings.renamed("*", "<cat>")
+    assert list(renamed.vectors) == ["<cat>", "@"] and torch.equal(renamed.vectors["@"], torch.ones(2, 8))
+    assert renamed.token_ids == {"@": 339}  # "<cat>" is another string: its id is unknown
+    assert [renamed.initializer_word(p) for p in renamed.vectors] == ["cat", "painting"]
+    assert renamed.metadata["step"] == 5 and embeddings.metadata == metadata  # the original is left alone
+    assert embeddings.renamed("@", "@") is embeddings
+    with pytest.raises(ValueError, match="cannot rename '\\*' to '@': '@' is another placeholder"):
+        embeddings.renamed("*", "@")
+    with pytest.raises(ValueError, match="no placeholder '&' to rename"):
+        embeddings.renamed("&", "$")
+
+
 def test_convert_errors_exit_non_zero_with_one_line(tmp_path, capsys):
     script = load_script()
     missing = tmp_path / "missing.pt"

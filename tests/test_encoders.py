@@ -2,6 +2,7 @@
 against independent implementations (transformers' CLIPTextModel loaded through diffusers, a plain-torch LDM-BERT)."""
 import copy
 import hashlib
+import re
 
 import pytest
 import torch
@@ -306,6 +307,15 @@ def test_token_ids_are_remembered_per_caption_until_the_encoder_moves(clip, monk
     clip.cpu()  # a move forgets them
     clip.tokens("a dusty photo of *")
     assert calls[1:] == [["a dusty photo of *"]]
+
+
+@pytest.mark.parametrize("name", ["clip", "bert"])
+def test_anything_but_captions_is_a_clear_type_error(name, request):
+    conditioner = request.getfixturevalue(name)
+    ids = conditioner.tokenize(["a photo of *"])
+    for texts, described in [(ids, "a Tensor"), ([ids[0]], "a list holding ['Tensor']"), (None, "a NoneType")]:
+        with pytest.raises(TypeError, match=rf"encodes a str or a list of str, not {re.escape(described)}$"):
+            conditioner.encode(texts)
 
 
 @pytest.mark.parametrize("name", ["clip", "bert"])

@@ -78,6 +78,22 @@ def test_placeholders_are_removed_as_the_paper_removed_star():
     assert remove_placeholders("a *-shaped mug", ["*"]) == "a -shaped mug"
 
 
+def test_placeholders_are_removed_where_generation_reads_them():
+    """Any case, and a word that begins or ends with a letter or digit only as a whole word ("_" ends a word)."""
+    assert remove_placeholders("a photo of <Cat-Toy>, on a table", ["<cat-toy>"]) == "a photo of , on a table"
+    assert remove_placeholders("Sks_dog and SKS, not asks", ["sks"]) == "_dog and , not asks"
+    assert remove_placeholders("mycats and a bobmycat", ["mycat"]) == "mycats and a bobmycat"
+
+
+def test_a_prompt_naming_a_learned_word_in_another_case_is_scored(script, tmp_path):
+    path = str(tmp_path / "cat-toy.pt")
+    save_embeddings(Embeddings({"<cat-toy>": torch.randn(1, 32)}), path)
+    images = str(draw_images(tmp_path / "images", count=1))
+    args = script.parse_args(["--data_dir", images, "--images_dir", images, "--clip_weights", "unused.pt",
+                              "--embedding_path", path, "--prompt", "a photo of <Cat-Toy>"])
+    assert script.check_inputs(args) == ["<cat-toy>"]
+
+
 def test_preprocessing_maps_minus1_1_to_clip_input(evaluator):
     gray = torch.full((2, 3, 40, 60), 0.5)
     inputs = evaluator.preprocess(gray)

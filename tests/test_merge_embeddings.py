@@ -179,6 +179,31 @@ def test_at_the_terminal_a_multi_token_answer_is_asked_again(script, tmp_path, t
     assert torch.equal(merged.vectors["@"], second_vectors["*"])
 
 
+def test_merging_refuses_a_placeholder_in_the_embedding_managers_words(script):
+    merged = script.MergedPlaceholders("sd-v1")
+    torch.manual_seed(0)
+    clip = FrozenCLIPEmbedder(text_config=TINY_CLIP_CONFIG)
+    for name in ["<cat>", "", "<|endoftext|>"]:
+        problem = merged.problem(name)
+        with pytest.raises(ValueError) as error:
+            EmbeddingManager(clip, placeholder_strings=[name])
+        assert str(error.value).startswith(f"placeholder '{name}' {problem}: try one of")
+
+
+def test_family_comes_from_the_width_then_the_record_then_the_flag(script):
+    def files(*families):
+        return [Embeddings({"*": torch.zeros(1, 8)}, metadata={"model_family": f} if f else {}) for f in families]
+
+    assert script.choose_family(768, files("ldm"), False) == "sd-v1"  # the width outranks a record
+    assert script.choose_family(32, files("sd-v1", None), False) == "sd-v1"
+    assert script.choose_family(32, files(None), True) == "sd-v1" and script.choose_family(32, files(), False) == "ldm"
+    with pytest.raises(ValueError, match=r"record different model families \(ldm, sd-v1\)"):
+        script.choose_family(32, files("sd-v1", "ldm"), False)
+    with pytest.raises(ValueError, match="-sd asks for the CLIP tokenizer, but the files are 32-wide embeddings for "
+                                         r"BERT \(LDM\): drop -sd"):
+        script.choose_family(32, files("ldm"), True)
+
+
 def test_same_token_under_another_spelling_is_a_conflict(script, tmp_path, no_terminal, capsys):
     first, _ = write(tmp_path / "a.pt", {"x": (1, 1280)})
     second, _ = write(tmp_path / "b.pt", {"X": (1, 1280)})

@@ -10,7 +10,6 @@ named by `model_name`. OpenAI's weights as an open_clip state dict need QuickGEL
 """
 import os
 import pickle
-import re
 import struct
 import zipfile
 
@@ -23,6 +22,7 @@ from safetensors import SafetensorError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from ldm.embeddings import replace_learned_words
 from ldm.paths import GIT_LFS_FIX, is_git_lfs_pointer, require_file
 
 
@@ -32,16 +32,9 @@ def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def remove_placeholders(prompt: str, placeholders) -> str:
-    """The prompt the text score compares with: every placeholder removed, whitespace collapsed.
-
-    A placeholder that starts or ends with a letter or digit is removed only as a whole word, so removing "sks"
-    leaves "asks" alone; "*" is removed wherever it occurs, as the paper's code did.
-    """
-    for placeholder in sorted(placeholders, key=len, reverse=True):
-        before = r"(?<!\w)" if re.match(r"\w", placeholder[0]) else ""
-        after = r"(?!\w)" if re.match(r"\w", placeholder[-1]) else ""
-        prompt = re.sub(before + re.escape(placeholder) + after, " ", prompt)
-    return " ".join(prompt.split())
+    """The prompt the text score compares with: every placeholder removed where generation reads it (so "sks"
+    leaves "asks" alone, and "*" goes wherever it occurs, as in the paper's code), whitespace collapsed."""
+    return " ".join(replace_learned_words(prompt, dict.fromkeys(placeholders, " ")).split())
 
 
 def is_torchscript_archive(path: str) -> bool:

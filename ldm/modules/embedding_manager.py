@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from ldm.data.templates import per_img_token_list
-from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
-from ldm.modules.encoders.tokenizers import is_clip, ordinary_token_id, text_token_ids
-from ldm.text_encoders import model_family_of_width, width_label
+from ldm.embeddings import Embeddings, load_embeddings, replace_learned_words, save_embeddings
+from ldm.modules.encoders.tokenizers import (one_token_problem, ordinary_token_id, text_token_ids, token_pieces,
+                                             tokenizer_family)
+from ldm.text_encoders import model_family
 
 PROGRESSIVE_STEPS_PER_VECTOR = 2000
 PLACEHOLDER_CANDIDATES = ("*", "@", "&", "$", "§", "~")
@@ -59,14 +60,6 @@ def _device_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tenso
     """`values` on `device`, made once: building it at every step would copy from the host, which waits for the
     GPU to finish its queued work. Read only."""
     return torch.tensor(values, device=device)
-
-
-def model_family(tokenizer, token_dim: int) -> str | None:
-    """Which base model an embedding file is for: "sd-v1" (CLIP; 768-d, or a width no other family has) or "ldm"
-    (LDM-BERT); None otherwise."""
-    if is_clip(tokenizer):  # tiny test models too: the family names the tokenizer that merging and converting use
-        return "sd-v1" if model_family_of_width(token_dim) in (None, "sd-v1") else None
-    return "ldm" if type(tokenizer).__name__.startswith("Bert") else None
 
 
 class EmbeddingManager(nn.Module):
@@ -108,7 +101,8 @@ class EmbeddingManager(nn.Module):
 
         self.tokenizer = embedder.tokenizer
         self.token_dim = int(embedder.token_dim)
-        self.model_family = model_family(self.tokenizer, self.token_dim)
+        # Recorded in saved files: it names the stock tokenizer that merging and converting them use (tiny models too).
+        self.model_family = model_family(self.token_dim, tokenizer_family(self.tokenizer), width_decides=False)
         self.num_vectors_per_token = int(num_vectors_per_token)
         self.progressive_words = bool(progressive_words)
         self.max_vector_norm = None if max_vector_norm is None else float(max_vector_norm)
@@ -160,19 +154,9 @@ class EmbeddingManager(nn.Module):
         """The one token id of `text`, or a ValueError that shows the split and names strings that would work
         (other than the placeholders `taken`); for a placeholder read from embedding file `path`, the command that
         renames it there."""
-        token = ordinary_token_id(self.tokenizer, text)
-        if token is not None:
-            return token
-        ids = text_token_ids(self.tokenizer, text)
-        pieces = [piece.removesuffix("</w>") for piece in self.tokenizer.convert_ids_to_tokens(ids)]
-        if not ids:
-            problem = "maps to no token"
-        elif ids == [self.tokenizer.unk_token_id]:
-            problem = f"is unknown to the tokenizer (it becomes {pieces[0]})"
-        elif len(ids) == 1:
-            problem = f"is the tokenizer's special token {pieces[0]}"
-        else:
-            problem = f"is split by the tokenizer into {len(ids)} tokens {pieces}"
+        problem = one_token_problem(self.tokenizer, text)
+        if problem is None:
+            return ordinary_token_id(self.tokenizer, text)
         if role == "placeholder":
             taken = set(taken) | {text}
             usable = [c for c in PLACEHOLDER_CANDIDATES if c not in taken and self._is_single_token(c)]
@@ -184,11 +168,11 @@ class EmbeddingManager(nn.Module):
                         f"--input {shlex.quote(path)} --output {converted} --format original "
                         f"--token {shlex.quote(usable[0])}")
         else:
-            words = dict.fromkeys(piece.removeprefix("##") for piece in pieces)
+            words = dict.fromkeys(piece.removeprefix("##") for piece in token_pieces(self.tokenizer, text))
             usable = [word for word in words if word and word != text and self._is_single_token(word)]
             shorter = "a shorter common word that describes the concept"
             hint = f"use one of its single-token pieces ({', '.join(usable)}) or {shorter}" if usable else f"use {shorter}"
-        raise ValueError(f"{role} '{text}' {problem}; it must be exactly one token: {hint}")
+        raise ValueError(f"{role} '{text}' {problem}: {hint}")
 
     def _stand_ins(self, words: list[str], tokens: dict[str, int], source: str) -> dict[str, str]:
         """A one-token symbol for each of `words` (several tokens each, as diffusers' "<cat-toy>" or an A1111 file
@@ -240,11 +224,7 @@ class EmbeddingManager(nn.Module):
         ("sks") are left alone, and the spaces change nothing else: the tokenizer collapses whitespace. A word of
         several tokens matches regardless of case (both tokenizers lowercase) and, where it begins or ends with a
         letter or digit, only as a whole word ("cat-toy" is not found in "bobcat-toys")."""
-        if self.stand_ins:
-            words = sorted(self.stand_ins, key=len, reverse=True)
-            pattern = "|".join("(" + (r"(?<![^\W_])" if word[0].isalnum() else "") + re.escape(word)
-                               + (r"(?![^\W_])" if word[-1].isalnum() else "") + ")" for word in words)
-            text = re.sub(pattern, lambda match: self.stand_ins[words[match.lastindex - 1]], text, flags=re.IGNORECASE)
+        text = replace_learned_words(text, self.stand_ins)
         symbols = [p for p in self.string_to_token_dict if p not in self.stand_ins and not any(c.isalnum() for c in p)]
         symbols = sorted([*symbols, *self.stand_ins.values()], key=len, reverse=True)
         if not symbols:
@@ -334,8 +314,7 @@ class EmbeddingManager(nn.Module):
 
     def load(self, path: str):
         """Replace all placeholders and vectors with those of an embedding file (see `set_embeddings`)."""
-        self.set_embeddings(load_embeddings(path, expected_dim=self.token_dim), source=f"embedding file '{path}'",
-                            path=path)
+        self.set_embeddings(load_embeddings(path), source=f"embedding file '{path}'", path=path)
 
     def set_embeddings(self, embeddings: Embeddings, source: str = "the embeddings", path: str | None = None):
         """Replace all placeholders and vectors with those of `embeddings`, e.g. several files merged in memory.
@@ -348,11 +327,7 @@ class EmbeddingManager(nn.Module):
         """
         if not embeddings.vectors:
             raise ValueError(f"{source} holds no vectors")
-        if embeddings.dim != self.token_dim:
-            raise ValueError(
-                f"{source} holds {width_label(embeddings.dim)} vectors; this model's text encoder is "
-                f"{width_label(self.token_dim)}: use embeddings trained for this model"
-            )
+        embeddings.check_width(self.token_dim, source)
         convertible = path if len(embeddings.vectors) == 1 else None  # convert_embedding.py renames one placeholder
         tokens = {}  # checked in full before anything is replaced, so a refused file leaves the manager as it was
         several = [p for p in embeddings.vectors if len(text_token_ids(self.tokenizer, p)) > 1]

@@ -61,10 +61,16 @@ def _as_batch(texts) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
 
+def _describe_texts(texts) -> str:
+    if isinstance(texts, (list, tuple)):
+        return f"a {type(texts).__name__} holding {sorted({type(text).__name__ for text in texts})}"
+    return f"a {type(texts).__name__}"
+
+
 class TextConditioner(nn.Module, abc.ABC):
     """What the EmbeddingManager relies on: tokenize, look tokens up, let the manager edit them, then encode.
 
-    Subclasses set `max_length` and `tokenizer` and provide the four abstract members.
+    Subclasses set `max_length` and `tokenizer` and provide the three abstract members.
     """
 
     max_length: int
@@ -126,8 +132,7 @@ class TextConditioner(nn.Module, abc.ABC):
         tokenizing or copying one to the GPU waits for the GPU's queued work, a stall in every step."""
         captions = [texts] if isinstance(texts, str) else texts
         if not (isinstance(captions, (list, tuple)) and all(isinstance(caption, str) for caption in captions)):
-            ids = self.tokenize(texts)  # ids already
-            return ids, self.embed_tokens(ids)
+            raise TypeError(f"a text conditioner encodes a str or a list of str, not {_describe_texts(texts)}")
         new = [caption for caption in dict.fromkeys(captions) if caption not in self._caption_memo]
         if new:
             ids = self.tokenize(new)

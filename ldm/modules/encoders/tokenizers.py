@@ -19,6 +19,7 @@ CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # The first line of the BPE file is a version header; CLIP keeps the next 49152 - 256 - 2 merges.
 CLIP_MERGE_COUNT = 49152 - 256 - 2
 BERT_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab", "bert-base-uncased-vocab.txt")
+TOKENIZER_NAMES = {"sd-v1": "CLIP (SD v1)", "ldm": "BERT (LDM)"}  # by model family, for messages
 
 
 def clean_clip_text(text: str) -> str:
@@ -33,6 +34,13 @@ def is_clip(tokenizer) -> bool:
     return type(tokenizer).__name__.startswith("CLIP")
 
 
+def tokenizer_family(tokenizer) -> str | None:
+    """The model family whose stock tokenizer is of `tokenizer`'s kind (the inverse of `family_tokenizer`)."""
+    if is_clip(tokenizer):
+        return "sd-v1"
+    return "ldm" if type(tokenizer).__name__.startswith("Bert") else None
+
+
 def text_token_ids(tokenizer, text: str) -> list[int]:
     """Ids of `text` without special tokens or padding; CLIP text is cleaned first, as SD v1's tokenizer did."""
     return tokenizer(clean_clip_text(text) if is_clip(tokenizer) else text, add_special_tokens=False).input_ids
@@ -43,6 +51,28 @@ def ordinary_token_id(tokenizer, text: str) -> int | None:
     not split, not unknown (every unknown string shares [UNK]), not special ([PAD], [CLS], CLIP's EOS)."""
     ids = text_token_ids(tokenizer, text)
     return ids[0] if len(ids) == 1 and ids[0] not in tokenizer.all_special_ids else None
+
+
+def token_pieces(tokenizer, text: str) -> list[str]:
+    """The tokens `text` becomes, as an error shows them (without CLIP's end-of-word mark)."""
+    ids = text_token_ids(tokenizer, text)
+    return [piece.removesuffix("</w>") for piece in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def one_token_problem(tokenizer, text: str) -> str | None:
+    """Why `text` cannot be a placeholder or an initializer word, which must be one ordinary token
+    (`ordinary_token_id`); None when it can. One wording for the EmbeddingManager and for merging files."""
+    if ordinary_token_id(tokenizer, text) is not None:
+        return None
+    ids, pieces = text_token_ids(tokenizer, text), token_pieces(tokenizer, text)
+    if not ids:
+        return "maps to no token"
+    if ids == [tokenizer.unk_token_id]:
+        return f"is unknown to the tokenizer (it becomes {pieces[0]})"
+    if len(ids) == 1:
+        return f"is the tokenizer's special token {pieces[0]}"
+    name = TOKENIZER_NAMES.get(tokenizer_family(tokenizer), type(tokenizer).__name__)
+    return f"is not one {name} token (it becomes {pieces})"
 
 
 def _byte_symbols() -> list[str]:
