@@ -36,7 +36,7 @@ from ldm.modules.diffusionmodules.openaimodel import Downsample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.paths import check_output, require_file
-from ldm.util import channels_first, instantiate_from_config, load_yaml, make_grid, tensor_to_pil
+from ldm.util import channels_first, check_config_tree, instantiate_from_config, load_yaml, make_grid, tensor_to_pil
 
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler}
 PRECISIONS = ("autocast", "full")
@@ -103,7 +103,12 @@ def check_ddim_steps(steps: int, num_timesteps: int):
 
 def check_ddim_steps_for_config(steps: int, config_path):
     """`check_ddim_steps` against the timesteps the config's model will have, before the checkpoint loads."""
-    check_ddim_steps(steps, int(read_config(config_path).model.params.get("timesteps", DEFAULT_TIMESTEPS)))
+    check_ddim_steps(steps, config_timesteps(config_path))
+
+
+def config_timesteps(config_path) -> int:
+    """How many diffusion timesteps the config's model will have."""
+    return int(read_config(config_path).model.params.get("timesteps", DEFAULT_TIMESTEPS))
 
 
 def read_config(config_path, flag: str = "--config"):
@@ -116,6 +121,7 @@ def read_config(config_path, flag: str = "--config"):
         raise ValueError(f"{flag} '{config_path}' is not a text file (a checkpoint?): pass a .yaml config") from None
     if "model" not in config or "params" not in config.model:
         raise ValueError(f"config '{config_path}' has no model.params section: pass an inference config")
+    check_config_tree(config.model)
     return config
 
 
@@ -243,6 +249,22 @@ def _check_strength(strength) -> None:
         raise ValueError(f"--strength must be between 0 and 1 (0 keeps the init image, 1 ignores it), got {strength}")
 
 
+def check_generation_settings(*, n_samples: int, n_iter: int, steps: int, num_timesteps: int, sampler: str,
+                              img2img: bool, strength: float | None) -> None:
+    """The checks of plain values that both the command line (before the model loads) and `generate` make: the
+    sampler, the counts, the step count against the model's `num_timesteps` and the img2img rules."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler '{sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
+    require_at_least(1, n_samples=n_samples, n_iter=n_iter)
+    check_ddim_steps(steps, num_timesteps)
+    if img2img:
+        if sampler != "ddim":
+            raise ValueError(IMG2IMG_NEEDS_DDIM)
+        _check_strength(strength)
+    elif strength is not None:
+        raise ValueError("strength applies only to img2img: pass an init image too")
+
+
 def _sample_from_noise(sampler, noise, cond, uc, *, steps, scale, eta, generator, progress):
     samples, _ = sampler.sample(steps, noise.shape[0], tuple(noise.shape[1:]), cond, eta=eta, x_T=noise,
                                 unconditional_guidance_scale=scale, unconditional_conditioning=uc,
@@ -284,12 +306,10 @@ def generate(model: LatentDiffusion, prompts, *, n_samples: int, n_iter: int, st
     `torch.autocast` in fp16 on a GPU; on the CPU, where half precision is slower, it stays fp32 like "full". `latent_channels` and
     `downsampling_factor` (--C, --f) are checked against the model, which alone decides the latent shape.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler '{sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
+    check_generation_settings(n_samples=n_samples, n_iter=n_iter, steps=steps, num_timesteps=model.num_timesteps,
+                              sampler=sampler, img2img=init_image is not None, strength=strength)
     if precision not in PRECISIONS:
         raise ValueError(f"precision '{precision}' is unknown: use one of {', '.join(PRECISIONS)}")
-    require_at_least(1, n_iter=n_iter, n_samples=n_samples)
-    check_ddim_steps(steps, model.num_timesteps)
     stored = next(model.model.parameters()).dtype
     if precision == "full" and stored != torch.float32:
         raise ValueError(f"precision 'full' needs float32 weights, but the model's are stored in {stored}: load it "
@@ -302,17 +322,12 @@ def generate(model: LatentDiffusion, prompts, *, n_samples: int, n_iter: int, st
     settings = dict(steps=steps, scale=scale, eta=eta, generator=generator, progress=progress)
     with autocast:
         if init_image is None:
-            if strength is not None:
-                raise ValueError("strength applies only to img2img: pass an init image too")
             factor = first_stage_factor(model)
             height, width = height or model.image_size * factor, width or model.image_size * factor
             _check_image_size(model, height, width)
             latent_shape = (model.channels, height // factor, width // factor)
             denoise = partial(_sample_from_noise, SAMPLERS[sampler](model), **settings)
         else:
-            if sampler != "ddim":
-                raise ValueError(IMG2IMG_NEEDS_DDIM)
-            _check_strength(strength)
             _check_image_size(model, height, width)
             image = load_init_image(init_image, pixel_multiple(model), height, width).to(device)
             init_latent = encode_image(model, image)
@@ -481,17 +496,20 @@ def parse_device(name: str, flag: str = "--device") -> torch.device:
     return device
 
 
+def _sampler_name(args) -> str:
+    return "plms" if args.plms else "ddim"
+
+
 def _check_arguments(args) -> None:
     """What can be checked before the model loads: the numbers, the config, the init image and the output folder."""
-    require_at_least(1, n_samples=args.n_samples, n_iter=args.n_iter, H=args.H, W=args.W)
+    check_generation_settings(n_samples=args.n_samples, n_iter=args.n_iter, steps=args.ddim_steps,
+                              num_timesteps=config_timesteps(args.config), sampler=_sampler_name(args),
+                              img2img=args.init_img is not None, strength=args.strength)
+    require_at_least(1, H=args.H, W=args.W)
     require_at_least(0, n_rows=args.n_rows, ddim_eta=args.ddim_eta)
-    check_ddim_steps_for_config(args.ddim_steps, args.config)
     if args.plms and args.ddim_eta != 0:
         raise ValueError(f"--plms is deterministic: drop --ddim_eta {args.ddim_eta}, or drop --plms to sample with DDIM")
-    if args.plms and args.init_img is not None:
-        raise ValueError(IMG2IMG_NEEDS_DDIM)
     if args.init_img is not None:
-        _check_strength(args.strength)
         require_file(args.init_img, "--init_img", "check the path")
     check_output(args.outdir, "--outdir", folder=True)
 
@@ -515,7 +533,7 @@ def run_command_line(parser, argv=None) -> int:
                            channels_last=args.channels_last, attention_backend=args.attention_backend)
         images = generate(
             model, prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.ddim_steps, scale=args.scale,
-            eta=args.ddim_eta, seed=args.seed, height=args.H, width=args.W, sampler="plms" if args.plms else "ddim",
+            eta=args.ddim_eta, seed=args.seed, height=args.H, width=args.W, sampler=_sampler_name(args),
             fixed_code=args.fixed_code, init_image=args.init_img, strength=args.strength, precision=args.precision,
             latent_channels=args.C, downsampling_factor=args.f,
         )

@@ -236,6 +236,8 @@ def test_released_configs_have_the_original_size_and_keys(context_dim, millions)
         (dict(n_embed=16), "n_embed"),
         (dict(context_dim=None), "context_dim"),
         (dict(num_heads=-1), "num_heads"),
+        (dict(dims=3), "dims must be 2"),
+        (dict(dims=1), "dims must be 2"),
     ],
 )
 def test_unsupported_or_inconsistent_configs_are_rejected(overrides, message):

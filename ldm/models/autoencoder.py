@@ -11,16 +11,11 @@ import torch
 import torch.nn as nn
 from taming.modules.vqvae.quantize import VectorQuantizer2
 
+from ldm.checkpoint import restore
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import BatchPositions, batches_per_step, channels_first, instantiate_from_config, step_generator
 
-
-def _restore(model, ckpt_path, ignore_keys):
-    # Imported lazily: building a model from a config must not depend on the checkpoint-loading code.
-    from ldm.checkpoint import restore
-
-    restore(model, ckpt_path, ignore_keys=ignore_keys)
 
 class AutoencoderKL(pl.LightningModule):
     """KL-regularised autoencoder (SD v1's VAE): `encode` gives a Gaussian posterior, `decode` an image.
@@ -48,7 +43,7 @@ class AutoencoderKL(pl.LightningModule):
         if colorize_nlabels is not None:
             self.register_buffer("colorize", torch.randn(3, colorize_nlabels, 1, 1))
         if ckpt_path is not None:
-            _restore(self, ckpt_path, ignore_keys)
+            restore(self, ckpt_path, ignore_keys=ignore_keys)
 
     def encode(self, x):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
@@ -116,7 +111,7 @@ class VQModel(nn.Module):
         if colorize_nlabels is not None:
             self.register_buffer("colorize", torch.randn(3, colorize_nlabels, 1, 1))
         if ckpt_path is not None:
-            _restore(self, ckpt_path, ignore_keys)
+            restore(self, ckpt_path, ignore_keys=ignore_keys)
 
     def encode(self, x):
         """Returns `(quant, emb_loss, (perplexity, min_encodings, indices))` as taming's quantiser does."""

@@ -19,6 +19,8 @@ import torch
 
 # Other threads (the data loader's pin-memory thread) may call CUDA while a graph records; in the default "global"
 # mode such a call breaks the recording, in "thread_local" mode only this thread's calls are checked.
+# make_graphed_callables takes the mode in torch 2.14, not in 2.11 (the GPU machine's): older versions need
+# `thread_local_capture`.
 _TAKES_CAPTURE_MODE = "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters
 _CAPTURE_OPTIONS = {"capture_error_mode": "thread_local"} if _TAKES_CAPTURE_MODE else {}
 

@@ -19,8 +19,9 @@ needs (SD v1 at batch 1 under bf16 autocast on a GPU: about 875 MiB kept, 432 Mi
   shares it). The CPU's autocast does not upcast, so a CPU measurement of the stock layer does not show this.
 Each layer's gradient comes from the same kernels on the same values as the stock layer's, bit for bit; through a
 whole UNet they agree to float32 rounding, as autograd may add up a tensor's gradients in another order. The
-native LayerNorm's output is the float32 path's rounded once, as before; its input gradient sums the gradients of
-the linears it feeds in the half dtype rather than in float32 (as a model stored and run in bf16 does).
+native LayerNorm's output is the float32 path's rounded once to the half dtype, which the next linear's cast
+makes of it anyway; its input gradient sums the gradients of the linears it feeds in the half dtype rather than
+in float32 (as a model stored and run in bf16 does).
 """
 from contextlib import nullcontext
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d}
 
 
 def autocast_disabled(device_type: str):
@@ -78,7 +79,7 @@ class _ConvFrozenWeight(torch.autograd.Function):
 
 
 class LeanConv:
-    """Mixin for nn.Conv1d/2d/3d: with frozen weights and bias, keep no copy of the input for backward."""
+    """Mixin for nn.Conv1d/2d: with frozen weights and bias, keep no copy of the input for backward."""
 
     def _conv_forward(self, input, weight, bias):
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
@@ -93,10 +94,6 @@ class LeanConv1d(LeanConv, nn.Conv1d):
 
 
 class LeanConv2d(LeanConv, nn.Conv2d):
-    pass
-
-
-class LeanConv3d(LeanConv, nn.Conv3d):
     pass
 
 

@@ -13,14 +13,14 @@ class DDIMSampler(StepSampler):
         return update(x, predict_eps(x, index), index)
 
     @torch.no_grad()
-    def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, use_original_steps: bool = False,
-                          noise: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None):
         """Noise x0 to step `t` in one jump: sqrt(a) * x0 + sqrt(1 - a) * noise.
 
-        `t` (B,) indexes the steps of the last `make_schedule` (or the raw timesteps with `use_original_steps`),
-        so img2img can start `decode` partway through the same schedule.
+        `t` (B,) indexes the steps of the last `make_schedule`, so img2img can start `decode` partway through the
+        same schedule.
         """
-        alphas = self._require_schedule(use_original_steps).alphas[t.to(self.model.device)]
+        alphas = self._require_schedule().alphas[t.to(self.model.device)]
         alphas = alphas.reshape(-1, *[1] * (x0.ndim - 1))
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -28,14 +28,14 @@ class DDIMSampler(StepSampler):
 
     @torch.no_grad()
     def decode(self, x_latent: torch.Tensor, cond, t_start: int, unconditional_guidance_scale: float = 1.,
-               unconditional_conditioning=None, use_original_steps: bool = False,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+               unconditional_conditioning=None, generator: torch.Generator | None = None,
+               progress: bool = False) -> torch.Tensor:
         """Denoise x_latent from step t_start - 1 down to step 0 of the last `make_schedule`.
 
         t_start=0 returns x_latent unchanged; t_start equal to the number of steps is a full `sample` from x_latent.
         Uses the eta given to `make_schedule`, with noise from `generator`.
         """
-        schedule = self._require_schedule(use_original_steps)
+        schedule = self._require_schedule()
         if not 0 <= t_start <= len(schedule.timesteps):
             raise ValueError(f"t_start must be between 0 and {len(schedule.timesteps)} (the number of steps), "
                              f"got {t_start}")

@@ -50,16 +50,12 @@ def make_ddim_sampling_parameters(alphacums: torch.Tensor, ddim_timesteps: np.nd
     index = torch.as_tensor(ddim_timesteps, dtype=torch.long, device=alphacums.device)
     alphas = alphacums[index]
     alphas_prev = torch.cat([alphacums[:1], alphacums[index[:-1]]])
-    sigmas = ddim_sigmas(alphas, alphas_prev, eta)
+    # Noise scale of each step: eta=0 is the deterministic DDIM ODE, eta=1 the DDPM posterior variance.
+    sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
     if verbose:
         print(f"Selected alphas for the DDIM sampler: a_t {alphas.tolist()}; a_(t-1) {alphas_prev.tolist()}")
         print(f"With eta {eta} the sigmas are {sigmas.tolist()}")
     return sigmas, alphas, alphas_prev
-
-
-def ddim_sigmas(alphas: torch.Tensor, alphas_prev: torch.Tensor, eta: float) -> torch.Tensor:
-    """Noise scale of each step: eta=0 is the deterministic DDIM ODE, eta=1 the DDPM posterior variance."""
-    return eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
 
 
 @dataclass(frozen=True)
@@ -109,41 +105,33 @@ class StepSampler(ABC):
     """Base of DDIMSampler and PLMSSampler: the schedule, `sample`, and the loop over the steps.
 
     Subclasses define `_step`, which turns x at one step into x at the next.
-    `schedule` is accepted for compatibility with the original's signature; the noise schedule is the model's.
     """
 
     progress_label = "Sampling"
 
-    def __init__(self, model, schedule: str = "linear"):
+    def __init__(self, model):
         if model.parameterization != "eps":
             raise ValueError(f"{type(self).__name__} needs a model that predicts eps (parameterization: eps), "
                              f"got parameterization '{model.parameterization}'")
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
-        self.schedule = schedule
         self.ddim_schedule: StepSchedule | None = None
-        self.full_schedule: StepSchedule | None = None
 
     @property
     def ddim_timesteps(self) -> np.ndarray:
-        return self._require_schedule(use_original_steps=False).timesteps
+        return self._require_schedule().timesteps
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.,
                       verbose: bool = False) -> None:
-        """Choose the steps and their coefficients; also builds the all-timesteps schedule `use_original_steps` uses."""
+        """Choose the steps and their coefficients for `sample`, `stochastic_encode` and `decode`."""
         alphas_cumprod = self.model.alphas_cumprod.detach().cpu().double()  # cast on the CPU: MPS has no float64
         if alphas_cumprod.shape[0] != self.ddpm_num_timesteps:
             raise ValueError(f"model.alphas_cumprod has {alphas_cumprod.shape[0]} entries but the model has "
                              f"{self.ddpm_num_timesteps} timesteps")
-        device = self.model.device
         timesteps = make_ddim_timesteps(ddim_discretize, ddim_num_steps, self.ddpm_num_timesteps, verbose=verbose)
         self.ddim_schedule = StepSchedule.build(
             timesteps, *make_ddim_sampling_parameters(alphas_cumprod, timesteps, ddim_eta, verbose=verbose),
-            ddim_eta, device)
-        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-        self.full_schedule = StepSchedule.build(
-            np.arange(self.ddpm_num_timesteps), ddim_sigmas(alphas_cumprod, alphas_cumprod_prev, ddim_eta),
-            alphas_cumprod, alphas_cumprod_prev, ddim_eta, device)
+            ddim_eta, self.model.device)
 
     @torch.no_grad()
     def sample(self, S: int, batch_size: int, shape, conditioning=None, callback=None, eta: float = 0.,
@@ -172,11 +160,10 @@ class StepSampler(ABC):
                              unconditional_conditioning=unconditional_conditioning, generator=generator,
                              progress=progress)
 
-    def _require_schedule(self, use_original_steps: bool) -> StepSchedule:
-        schedule = self.full_schedule if use_original_steps else self.ddim_schedule
-        if schedule is None:
+    def _require_schedule(self) -> StepSchedule:
+        if self.ddim_schedule is None:
             raise RuntimeError(f"{type(self).__name__} has no schedule yet: call make_schedule(ddim_num_steps) first")
-        return schedule
+        return self.ddim_schedule
 
     def _denoise(self, x, cond, schedule: StepSchedule, num_steps: int, *, callback=None, temperature=1.,
                  log_every_t=None, unconditional_guidance_scale=1., unconditional_conditioning=None,

@@ -40,38 +40,33 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling (of the inner two dimensions for 3-D data), optionally followed by a conv."""
+    """Nearest-neighbour 2x upsampling, optionally followed by a conv."""
 
     def __init__(self, channels, use_conv, dims=2, out_channels=None, padding=1):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
-        self.dims = dims
         if use_conv:
             self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
 
     def forward(self, x):
-        if self.dims == 3:
-            x = upsample_nearest(x, size=(x.shape[2], x.shape[3] * 2, x.shape[4] * 2))
-        else:
-            x = upsample_nearest(x, scale_factor=2)
+        x = upsample_nearest(x, scale_factor=2)
         if self.use_conv:
             x = self.conv(x)
         return x
 
 
 class Downsample(nn.Module):
-    """2x downsampling (of the inner two dimensions for 3-D data) by a strided conv or average pooling."""
+    """2x downsampling by a strided conv or average pooling."""
 
     def __init__(self, channels, use_conv, dims=2, out_channels=None, padding=1):
         super().__init__()
         out_channels = out_channels or channels
-        stride = 2 if dims != 3 else (1, 2, 2)
         if use_conv:
-            self.op = conv_nd(dims, channels, out_channels, 3, stride=stride, padding=padding)
+            self.op = conv_nd(dims, channels, out_channels, 3, stride=2, padding=padding)
         elif channels == out_channels:
-            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+            self.op = avg_pool_nd(dims, kernel_size=2, stride=2)
         else:
             raise ValueError(f"Downsample without a conv cannot change channels ({channels} -> {out_channels})")
 
@@ -259,6 +254,8 @@ class UNetModel(nn.Module):
             raise ValueError("UNetModel: set num_heads or num_head_channels")
         if n_embed is not None:
             raise ValueError("UNetModel: n_embed (codebook-index prediction) is not supported; remove it")
+        if dims != 2:
+            raise ValueError(f"UNetModel: dims must be 2 (image latents), got {dims}; remove it or set it to 2")
 
         self.image_size = image_size
         self.in_channels = in_channels

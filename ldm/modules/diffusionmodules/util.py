@@ -1,5 +1,6 @@
-"""Building blocks shared by the diffusion UNet and the samplers: noise schedules, timestep embeddings,
-layer factories and gradient checkpointing, with the names and numerics of CompVis latent-diffusion."""
+"""Building blocks of the diffusion UNet, some also used by the autoencoder, the transformer blocks and DDPM:
+noise schedules, timestep embeddings, layer factories, group norms and gradient checkpointing, with the names and
+numerics of CompVis latent-diffusion."""
 import math
 from contextlib import nullcontext
 
@@ -11,7 +12,6 @@ import torch.utils.checkpoint
 from ldm.modules.lean_ops import (
     LeanConv1d,
     LeanConv2d,
-    LeanConv3d,
     autocast_disabled,
     group_norm_silu,
     shares_dtype,
@@ -66,10 +66,10 @@ def zero_module(module):
 
 
 def conv_nd(dims, *args, **kwargs):
-    """A 1-, 2- or 3-D convolution that keeps no input for backward while its weights are frozen."""
-    convs = {1: LeanConv1d, 2: LeanConv2d, 3: LeanConv3d}
+    """A 1-D (attention's qkv) or 2-D convolution that keeps no input for backward while its weights are frozen."""
+    convs = {1: LeanConv1d, 2: LeanConv2d}
     if dims not in convs:
-        raise ValueError(f"unsupported dims {dims}; use 1, 2 or 3")
+        raise ValueError(f"unsupported dims {dims}; use 1 or 2")
     return convs[dims](*args, **kwargs)
 
 
@@ -79,10 +79,10 @@ def linear(*args, **kwargs):
 
 
 def avg_pool_nd(dims, *args, **kwargs):
-    """A 1-, 2- or 3-D average pooling."""
-    pools = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+    """A 1- or 2-D average pooling."""
+    pools = {1: nn.AvgPool1d, 2: nn.AvgPool2d}
     if dims not in pools:
-        raise ValueError(f"unsupported dims {dims}; use 1, 2 or 3")
+        raise ValueError(f"unsupported dims {dims}; use 1 or 2")
     return pools[dims](*args, **kwargs)
 
 
