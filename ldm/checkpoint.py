@@ -309,20 +309,21 @@ def build_filled_by(checkpoint: LoadedCheckpoint | None, prefix: str, build, ign
     return build()
 
 
-def build_random_model(config_path, seed: int = 0) -> torch.nn.Module:
-    """The model of a config with every weight random, zero-initialised layers included (for tests, demos and
-    benchmarks: a zero output layer would hide most of the network)."""
+def build_random_model(config, seed: int = 0, device=None) -> torch.nn.Module:
+    """The model of a config (a path or a loaded config) with every weight random, zero-initialised layers included
+    (for tests, demos and benchmarks: a zero output layer would hide most of the network), built on `device`."""
     from omegaconf import OmegaConf
 
     from ldm.util import instantiate_from_config
 
-    config = OmegaConf.load(config_path)
+    config = OmegaConf.load(config) if isinstance(config, (str, os.PathLike)) else config.copy()
     config.model.params.pop("ckpt_path", None)
     torch.manual_seed(seed)
-    model = instantiate_from_config(config.model)
+    with torch.device(device or "cpu"):
+        model = instantiate_from_config(config.model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not name.startswith("embedding_manager.") and p.abs().sum() == 0:
+            if not name.startswith("embedding_manager.") and not p.any():
                 p.normal_(0, 0.02)
     return model
 

@@ -81,6 +81,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
+from ldm.checkpoint import build_random_model
 from ldm.generate import first_stage_factor, generate, parse_device, sampling_weights_dtype
 from ldm.measure import CudaAutocastOnCPU
 from ldm.models.diffusion.ddpm import COMPILE_MODES
@@ -88,7 +89,7 @@ from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import clip_tokenizer
 from ldm.paths import check_output
-from ldm.util import NAMED_CONFIGS, channels_first, instantiate_from_config
+from ldm.util import NAMED_CONFIGS, channels_first
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # GFLOP per image of the least work a textual-inversion step needs: UNet forward plus the backward to its inputs,
@@ -124,13 +125,8 @@ def build_ours(model_name: str, device: torch.device, precision: str, use_checkp
     config.model.params.cuda_graphs = cuda_graphs
     config.model.params.offload_unet = offload_unet
     config.model.params.channels_last = channels_last
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = instantiate_from_config(config.model)
+    model = build_random_model(config, seed, device)
     model.to(device)  # also tells Lightning's `model.device` where the weights are
-    for name, parameter in model.named_parameters():
-        if not name.startswith("embedding_manager.") and not parameter.any():
-            parameter.normal_(0, 0.02)
     model.prepare_for_training(TRAINER_PRECISION[precision])  # as a Lightning run does: half-precision weights
     model.learning_rate = config.model.base_learning_rate
     return model.train()

@@ -262,3 +262,18 @@ def test_inference_mode_gets_its_own_recording():
     with torch.no_grad():
         unet(x, t, context)
     assert len(recorder.recorded) == 2
+
+
+def test_autocast_gets_its_own_recording():
+    """A recording replays the precision it was made in: the same shapes with and without autocast (a float32
+    sampling call after bf16 training, say) must not replay each other's graph."""
+    recorder = Recorder()
+    unet = graphed_model(recorder).model.graphed_unet
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        unet(x, t, context)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            unet(x, t, context)
+        with torch.autocast("cpu", dtype=torch.float16):
+            unet(x, t, context)
+    assert [r["autocast"] for r in recorder.recorded] == [False, True, True]

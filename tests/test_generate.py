@@ -54,6 +54,24 @@ def test_same_seed_gives_identical_images_and_another_seed_different_ones(sd_mod
     assert (first[0] - first[1]).abs().mean() > 1e-3, "the images of one batch must start from different noise"
 
 
+def test_guidance_mixes_in_the_empty_prompts_prediction_at_the_given_scale(sd_model, monkeypatch):
+    calls = []
+    sample = DDIMSampler.sample
+
+    def recorded(self, *args, **kwargs):
+        calls.append(kwargs)
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMSampler, "sample", recorded)
+    guided = torch.stack(generate(sd_model, "a photo of a cat", seed=7, **FAST))
+    unguided = torch.stack(generate(sd_model, "a photo of a cat", seed=7, **dict(FAST, scale=1.0)))
+    assert calls[0]["unconditional_guidance_scale"] == FAST["scale"]
+    empty = sd_model.get_learned_conditioning(FAST["n_samples"] * [""])
+    assert torch.equal(calls[0]["unconditional_conditioning"], empty)
+    assert calls[1]["unconditional_conditioning"] is None  # scale 1 is the conditional prediction alone
+    assert (guided - unguided).abs().mean() > 1e-3
+
+
 def test_image_size_defaults_to_the_size_the_model_was_trained_at(sd_model):
     native = sd_model.image_size * 2  # the tiny autoencoder downsamples by 2
     images = generate(sd_model, "a cat", seed=0, **dict(FAST, n_samples=1, height=None, width=None))

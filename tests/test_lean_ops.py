@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.modules.diffusionmodules.util import GroupNorm32, upsample_nearest
 from ldm.modules.lean_ops import (LayerNorm, LeanConv1d, LeanConv2d, gated_gelu, group_norm_silu, native_layer_norms,
@@ -141,15 +140,17 @@ def test_gated_gelu_backward_allocates_nothing_but_its_gradient():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_group_norm_on_half_inputs_and_weights_runs_natively_without_a_float32_copy(dtype):
+def test_group_norm_on_half_inputs_and_weights_runs_natively_without_a_float32_copy(dtype, monkeypatch):
     torch.manual_seed(0)
     norm = GroupNorm32(4, 16)
     with torch.no_grad():
         norm.weight.normal_(1, 0.1), norm.bias.normal_(0, 0.1)
     norm.to(dtype).requires_grad_(False)
     x = (torch.randn(2, 16, 8, 8) * 3 + 1).to(dtype).requires_grad_(True)
+    recorder = AutocastAtCalls(monkeypatch, "group_norm")  # CUDA's autocast would run it in float32: step out
     with torch.autocast("cpu", dtype=torch.bfloat16):
         kept, output = kept_for_backward(lambda: norm(x))
+    assert recorder.autocast_on["group_norm"] is False
     assert output.dtype == dtype
     assert all(t.dtype != torch.float32 or t.numel() < x.numel() for t in kept)  # only per-group statistics in fp32
     reference = F.group_norm(x.float(), 4, norm.weight.float(), norm.bias.float(), norm.eps).to(dtype)
@@ -193,16 +194,20 @@ def test_group_norm_silu_without_gradients_is_plain():
         assert torch.equal(group_norm_silu(x, 2, weight, bias, 1e-6), F.silu(F.group_norm(x, 2, weight, bias, 1e-6)))
 
 
-class AutocastAtOps(TorchDispatchMode):
-    """Records, for each aten op run, whether autocast was on for the CPU when it ran."""
+class AutocastAtCalls:
+    """Records, for each `torch.nn.functional` function named, whether CPU autocast was on when it was first called.
+    (A dispatch mode cannot tell: it runs below autocast's dispatch key, where autocast always reads as off.)"""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, monkeypatch, *names):
         self.autocast_on = {}
+        for name in names:
+            monkeypatch.setattr(F, name, self._recorded(name, getattr(F, name)))
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.autocast_on.setdefault(func.__name__.split(".")[0], torch.is_autocast_enabled("cpu"))
-        return func(*args, **(kwargs or {}))
+    def _recorded(self, name, function):
+        def recorded(*args, **kwargs):
+            self.autocast_on.setdefault(name, torch.is_autocast_enabled("cpu"))
+            return function(*args, **kwargs)
+        return recorded
 
 
 def test_cuda_autocast_runs_layer_norm_and_nearest_upsampling_in_float32():
@@ -214,17 +219,17 @@ def test_cuda_autocast_runs_layer_norm_and_nearest_upsampling_in_float32():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_layer_norm_in_its_weights_dtype_runs_natively_with_the_float32_paths_values(dtype):
+def test_layer_norm_in_its_weights_dtype_runs_natively_with_the_float32_paths_values(dtype, monkeypatch):
     torch.manual_seed(0)
     norm = LayerNorm(32)
     with torch.no_grad():
         norm.weight.normal_(1, 0.1), norm.bias.normal_(0, 0.1)
     norm.to(dtype).requires_grad_(False)
     x = (torch.randn(2, 10, 32) * 3 + 1).to(dtype).requires_grad_(True)
-    recorder = AutocastAtOps()
-    with torch.autocast("cpu", dtype=dtype), recorder:
+    recorder = AutocastAtCalls(monkeypatch, "layer_norm")
+    with torch.autocast("cpu", dtype=dtype):
         kept, output = kept_for_backward(lambda: norm(x))
-    assert recorder.autocast_on["native_layer_norm"] is False
+    assert recorder.autocast_on["layer_norm"] is False
     assert output.dtype == dtype
     assert all(t.dtype != torch.float32 or t.numel() < x.numel() for t in kept)  # fp32 mean and rstd only
     # What CUDA autocast computes: float32 input and weights, the output rounded when the next linear casts it.
@@ -259,11 +264,11 @@ def test_native_layer_norms_converts_in_place_and_keeps_the_state():
 
 
 @pytest.mark.parametrize("size, scale_factor", [(None, 2), ((8, 10), None)])
-def test_nearest_upsampling_keeps_the_dtype_and_copies_exactly(size, scale_factor):
+def test_nearest_upsampling_keeps_the_dtype_and_copies_exactly(size, scale_factor, monkeypatch):
     x = torch.randn(2, 3, 4, 5).bfloat16()
-    recorder = AutocastAtOps()
-    with torch.autocast("cpu", dtype=torch.bfloat16), recorder:
+    recorder = AutocastAtCalls(monkeypatch, "interpolate")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         upsampled = upsample_nearest(x, size=size, scale_factor=scale_factor)
-    assert not any(recorder.autocast_on.values())
+    assert recorder.autocast_on == {"interpolate": False}
     assert upsampled.dtype == torch.bfloat16
     assert torch.equal(upsampled, F.interpolate(x.float(), size=size, scale_factor=scale_factor).bfloat16())

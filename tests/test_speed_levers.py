@@ -215,20 +215,27 @@ def test_lean_layers_give_the_stock_loss_and_gradient(dataset, monkeypatch):
     assert F.cosine_similarity(lean_grad.flatten(), stock_grad.flatten(), dim=0) > 0.99
 
 
-def test_recomputing_the_feedforward_projection_gives_the_same_loss_and_gradient(dataset):
+def test_recomputing_the_feedforward_projection_gives_the_same_loss_and_gradient(dataset, monkeypatch):
     kept_projection = build_random_model(TINY_SD)
-    recomputed = copy.deepcopy(kept_projection)
+    config = OmegaConf.load(TINY_SD)
+    config.model.params.unet_config.params.recompute_feedforward = True  # the YAML switch, as a user sets it
+    recomputed = build_random_model(config)
     geglus = [m for m in recomputed.model.diffusion_model.modules() if isinstance(m, ldm.modules.attention.GEGLU)]
-    assert geglus
-    for geglu in geglus:
-        geglu.recompute_projection = True
+    assert geglus and all(geglu.recompute_projection for geglu in geglus)
+    recomputations = []
+    recompute = ldm.modules.attention.projected_gated_gelu
+    monkeypatch.setattr(ldm.modules.attention, "projected_gated_gelu",
+                        lambda *args: recomputations.append(1) or recompute(*args))
     batch = batch_of(dataset, [0, 1], [False, True])
     for dtype in (torch.float32, torch.bfloat16):
         if dtype == torch.bfloat16:
             for model in (kept_projection, recomputed):
                 model.store_frozen_weights(torch.bfloat16)
         loss, grad = vector_gradient(kept_projection, batch, dtype)
+        assert not recomputations
         recomputed_loss, recomputed_grad = vector_gradient(recomputed, batch, dtype)
+        assert len(recomputations) == len(geglus)  # the lean path ran, once per block
+        recomputations.clear()
         assert torch.equal(loss, recomputed_loss)
         torch.testing.assert_close(recomputed_grad, grad, rtol=1e-5, atol=1e-8)
 
@@ -279,6 +286,9 @@ def test_logged_images_run_in_the_stored_half_precision(dataset):
     logs = model.log_images(batch_of(dataset, [0, 1], [False, True]), N=2, ddim_steps=2)
     assert set(logs) == {"inputs", "reconstruction", "conditioning", "samples", "samples_scaled"}
     assert all(torch.isfinite(images.float()).all() for images in logs.values())
+    # what each name says: samples are sampled (not the reconstruction), and the guided ones are guided
+    assert not torch.equal(logs["samples"], logs["reconstruction"])
+    assert not torch.equal(logs["samples_scaled"], logs["samples"])
 
 
 def test_a_half_frozen_weights_dtype_needs_a_mixed_precision():

@@ -84,16 +84,22 @@ def test_gradient_checkpointing_uploads_again_for_the_recomputation(dataset, mon
     assert offload.host_of_storage == {} and all(offload.waits_on_host(p) for p in offload.host)
 
 
-def test_sampling_and_a_cast_keep_the_weights_in_cpu_memory_and_the_values():
-    model, resident = offloaded_model().eval(), build_random_model(TINY_SD).eval()
+def test_a_cast_keeps_the_weights_in_cpu_memory():
+    model = offloaded_model()
     for dtype in (torch.float64, torch.float32):
         model.model.to(dtype)
         assert all(p.dtype == dtype and p.data_ptr() == model.model.weight_offload.host[p].data_ptr()
                    for p in model.model.diffusion_model.parameters())
+
+
+def test_sampling_uploads_each_blocks_weights_and_drops_them_after(monkeypatch):
+    model, resident = offloaded_model(monkeypatch).eval(), build_random_model(TINY_SD).eval()
     settings = dict(n_samples=2, n_iter=1, steps=3, scale=7.5, eta=0.0, seed=0, height=32, width=32,
                     precision="full", progress=False)
     images, reference = generate(model, "a photo of *", **settings), generate(resident, "a photo of *", **settings)
     assert all(torch.equal(a, b) for a, b in zip(images, reference))
+    offload = model.model.weight_offload
+    assert offload.host_of_storage == {} and all(offload.waits_on_host(p) for p in offload.host)
 
 
 @pytest.mark.parametrize("other, message", [("cuda_graphs", "cuda_graphs cannot replay an offloaded UNet"),
