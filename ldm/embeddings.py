@@ -140,6 +140,48 @@ class Embeddings:
             )
 
 
+def common_width(files: list[tuple[str, Embeddings]]) -> int:
+    """The one width of `files` ((source, embeddings) pairs); files of different models cannot share a prompt."""
+    widths = {source: embeddings.dim for source, embeddings in files}
+    if len(set(widths.values())) > 1:
+        described = ", ".join(f"'{source}' is {width_label(width)}" for source, width in widths.items())
+        raise ValueError(f"cannot merge embeddings of different widths ({described}): merge files of one model only")
+    return next(iter(widths.values()))
+
+
+def merge_embeddings(files: list[tuple[str, Embeddings]], names: list[dict[str, str]] | None = None) -> Embeddings:
+    """Every placeholder of `files` ((source, embeddings) pairs) in one Embeddings, in file order, so that one
+    prompt can combine their concepts; `names` renames them, a {placeholder: new name} per file.
+
+    A name that two files share is refused: a prompt could not say which vectors it means. The metadata records
+    each name's initializer word and, under "merged_from", {name: {"file": source, "placeholder": its name
+    there}}; no training step, so every vector is active. A renamed placeholder's recorded token id is dropped.
+    """
+    width = common_width(files)
+    vectors, token_ids, words, merged_from = {}, {}, {}, {}
+    for (source, embeddings), renamed in zip(files, names or [{}] * len(files), strict=True):
+        for placeholder, placeholder_vectors in embeddings.vectors.items():
+            name = renamed.get(placeholder, placeholder)
+            if name in merged_from:
+                raise ValueError(
+                    f"placeholder '{name}' is defined in both '{merged_from[name]['file']}' and '{source}': merge "
+                    f"them with scripts/merge_embeddings.py --manager_ckpts <both files> --rename '2:{name}=NEW'"
+                )
+            vectors[name] = placeholder_vectors
+            if name == placeholder and placeholder in embeddings.token_ids:
+                token_ids[name] = embeddings.token_ids[placeholder]
+            words[name] = embeddings.initializer_word(placeholder)
+            merged_from[name] = {"file": source, "placeholder": placeholder}
+    metadata = {
+        "dim": width,
+        "placeholder_strings": list(vectors),
+        "initializer_words": list(words.values()),
+        "num_vectors_per_token": max(v.shape[0] for v in vectors.values()),
+        "merged_from": merged_from,
+    }
+    return Embeddings(vectors, token_ids, metadata)
+
+
 def replace_learned_words(text: str, replacements: dict[str, str]) -> str:
     """`text` with each learned word of `replacements` replaced, found as the generation scripts find it in a
     prompt: in any case (both tokenizers lowercase), and where it begins or ends with a letter or digit only as a

@@ -26,7 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.checkpoint import load_checkpoint
-from ldm.embeddings import Embeddings, load_embeddings
+from ldm.cli import default_device, parse_device, read_config, require_at_least
+from ldm.embeddings import load_embeddings, merge_embeddings
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import DEFAULT_TIMESTEPS, LatentDiffusion
 from ldm.models.diffusion.plms import PLMSSampler
@@ -36,7 +37,7 @@ from ldm.modules.diffusionmodules.openaimodel import Downsample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.paths import check_output, require_file
-from ldm.util import channels_first, check_config_tree, instantiate_from_config, load_yaml, make_grid, tensor_to_pil
+from ldm.util import channels_first, instantiate_from_config, make_grid, tensor_to_pil
 
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler}
 PRECISIONS = ("autocast", "full")
@@ -111,38 +112,6 @@ def config_timesteps(config_path) -> int:
     return int(read_config(config_path).model.params.get("timesteps", DEFAULT_TIMESTEPS))
 
 
-def read_config(config_path, flag: str = "--config"):
-    """The config at `config_path`, given with `flag`; a missing file, a folder, bad YAML or a config without
-    model.params is a one-line error."""
-    require_file(config_path, flag, "check the path")
-    try:
-        config = load_yaml(config_path)
-    except UnicodeDecodeError:
-        raise ValueError(f"{flag} '{config_path}' is not a text file (a checkpoint?): pass a .yaml config") from None
-    if "model" not in config or "params" not in config.model:
-        raise ValueError(f"config '{config_path}' has no model.params section: pass an inference config")
-    check_config_tree(config.model)
-    return config
-
-
-def merge_embedding_files(paths, expected_dim: int | None = None) -> Embeddings:
-    """All placeholders of several embedding files as one Embeddings; a placeholder in two files is an error."""
-    loaded = [load_embeddings(path, expected_dim=expected_dim) for path in paths]
-    vectors, token_ids, owners = {}, {}, {}
-    for path, embeddings in zip(paths, loaded):
-        for placeholder in embeddings.vectors:
-            if placeholder in owners:
-                raise ValueError(
-                    f"placeholder '{placeholder}' is defined in both '{owners[placeholder]}' and '{path}': "
-                    f"merge them with scripts/merge_embeddings.py --manager_ckpts <both files> --rename '2:{placeholder}=NEW'"
-                )
-            owners[placeholder] = path
-        vectors.update(embeddings.vectors)
-        token_ids.update(embeddings.token_ids)
-    metadata = loaded[0].metadata if len(loaded) == 1 else {"merged_from": [os.fspath(p) for p in paths]}
-    return Embeddings(vectors, token_ids, metadata)
-
-
 def load_learned_words(model: LatentDiffusion, embedding_paths) -> None:
     """Put the words of `embedding_paths` into the model's EmbeddingManager, building one if the config has none."""
     if not embedding_paths:
@@ -150,7 +119,10 @@ def load_learned_words(model: LatentDiffusion, embedding_paths) -> None:
             print(f"No --embedding_path: the config's placeholders {describe_learned_words(model.embedding_manager)} "
                   "hold initial vectors, not learned ones")
         return
-    embeddings = merge_embedding_files(embedding_paths, expected_dim=model.cond_stage_model.token_dim)
+    loaded = [(os.fspath(path), load_embeddings(path, expected_dim=model.cond_stage_model.token_dim))
+              for path in embedding_paths]
+    # One file is used as it is, so its recorded training step still decides a progressive config's active vectors.
+    embeddings = loaded[0][1] if len(loaded) == 1 else merge_embeddings(loaded)
     if model.embedding_manager is None:
         model.embedding_manager = EmbeddingManager(model.cond_stage_model)
     files = ", ".join(f"'{path}'" for path in embedding_paths)
@@ -235,13 +207,6 @@ def _prompt_batches(prompts, n_samples: int) -> list[list[str]]:
     if not prompts:
         raise ValueError("there are no prompts: pass --prompt or a --from-file with one prompt per line")
     return [prompts[i:i + n_samples] for i in range(0, len(prompts), n_samples)]
-
-
-def require_at_least(minimum, **flags) -> None:
-    """A one-line error naming the first flag below `minimum` (keywords are flag names; None means unset)."""
-    for flag, value in flags.items():
-        if value is not None and value < minimum:
-            raise ValueError(f"--{flag} must be at least {minimum}, got {value}")
 
 
 def _check_strength(strength) -> None:
@@ -403,11 +368,6 @@ def save_outputs(images, outdir, prompt: str, n_rows: int, skip_grid: bool = Fal
 
 
 # --- command line shared by scripts/txt2img.py, stable_txt2img.py and img2img.py -----------------------------
-def default_device() -> str:
-    """The machine's accelerator (CUDA, MPS, XPU, ...) when one is usable, else the CPU."""
-    return str(torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu"))
-
-
 def add_generation_arguments(parser, *, img2img: bool = False) -> None:
     """The flags every generation script takes, with the defaults of the original stable_txt2img.py (SD v1).
 
@@ -474,26 +434,6 @@ def _read_prompts(args) -> tuple[list[str] | str, str]:
     if not prompts:
         raise ValueError(f"--from-file '{args.from_file}' holds no prompts: write one prompt per line")
     return prompts, os.path.splitext(os.path.basename(args.from_file))[0]
-
-
-def parse_device(name: str, flag: str = "--device") -> torch.device:
-    """The device `name` when this machine has it; otherwise a one-line error naming `flag`, not the traceback
-    (or the silent fallback) a later `.to(device)` would give."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"{flag} '{name}' is not a device: use e.g. cpu, cuda, cuda:1 or mps") from None
-    if device.type == "cpu":
-        return device
-    accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if accelerator is None or accelerator.type != device.type:
-        raise ValueError(f"{flag} '{name}': this machine has no usable {device.type} device: use {flag} "
-                         f"{default_device()}")
-    count = torch.accelerator.device_count()
-    if device.index is not None and device.index >= count:
-        names = f"{device.type}:0" if count == 1 else f"{device.type}:0 to {device.type}:{count - 1}"
-        raise ValueError(f"{flag} '{name}': this machine's {device.type} devices are {names}: pass one of them")
-    return device
 
 
 def _sampler_name(args) -> str:

@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ldm.generate import parse_device
+from ldm.cli import parse_device
 from ldm.measure import CudaAutocastOnCPU
 from ldm.util import NAMED_CONFIGS, instantiate_from_config
 

@@ -82,7 +82,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
 from ldm.checkpoint import build_random_model
-from ldm.generate import first_stage_factor, generate, parse_device, sampling_weights_dtype
+from ldm.cli import parse_device
+from ldm.generate import first_stage_factor, generate, sampling_weights_dtype
 from ldm.measure import CudaAutocastOnCPU
 from ldm.models.diffusion.ddpm import COMPILE_MODES
 from ldm.modules.attention import ATTENTION_BACKENDS
@@ -994,9 +995,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # A time limit's SIGTERM unwinds (temporary folders, e.g. --main_loop's checkpoint, are removed) instead of
     # killing the process where it stands; --json holds what was measured.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     diffusers_logging.set_verbosity_error()  # it warns about every dtype cast the example script also makes
-    report = run_benchmark(args, progress=partial(write_json, path=args.json))  # a run cut short keeps its rows
+    try:
+        report = run_benchmark(args, progress=partial(write_json, path=args.json))  # a run cut short keeps its rows
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() called from Python (the tests) leaves no handler behind
     print(format_report(report))
     write_json(report, args.json)
     if args.json:

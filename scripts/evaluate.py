@@ -23,11 +23,12 @@ import sys
 
 import torch
 
+from ldm.cli import default_device, parse_device, require_at_least
 from ldm.data.personalized import IMAGE_EXTENSIONS, PersonalizedBase, list_images, load_upright_rgb
 from ldm.embeddings import load_embeddings
 from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, remove_placeholders
-from ldm.generate import (PRECISIONS, check_ddim_steps_for_config, default_device, first_stage_factor, generate,
-                          load_model, parse_device, require_at_least, sampling_weights_dtype, save_outputs)
+from ldm.generate import (PRECISIONS, check_ddim_steps_for_config, first_stage_factor, generate, load_model,
+                          sampling_weights_dtype, save_outputs)
 from ldm.paths import check_output
 from ldm.util import channels_first
 

@@ -12,7 +12,8 @@ of a generated image can be read back, so both questions of the Textual Inversio
 
 The same prompts and the same sampling noise are run for three vectors of the placeholder: ours (the learned
 vectors), the init-word baseline (the initializer word's token-embedding row, i.e. the prompt with the word itself)
-and the random baseline (as many vectors as ours, drawn from N(mean, std) of the token table per dimension).
+and the random baseline (as many vectors as ours, drawn from N(mean, std) of the token table per dimension), both
+built as training starts a word (`initial_vectors` in ldm/modules/embedding_manager.py).
 
 Example:
   python scripts/evaluate_toy.py --embedding_path logs/heart/checkpoints/embeddings.pt --concept heart \
@@ -27,12 +28,12 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
+from ldm.cli import default_device, parse_device, require_at_least
 from ldm.data.procedural import HELD_OUT_CONCEPTS, HeldOutConcept, held_out_concept
 from ldm.embeddings import Embeddings, load_embeddings
 from ldm.evaluation.world_classifier import load_classifier
-from ldm.generate import (check_ddim_steps_for_config, default_device, first_stage_factor, generate, load_model,
-                          parse_device, require_at_least)
-from ldm.modules.encoders.tokenizers import ordinary_token_id
+from ldm.generate import check_ddim_steps_for_config, first_stage_factor, generate, load_model
+from ldm.modules.embedding_manager import initial_vectors
 from ldm.paths import check_output, require_file
 from ldm.util import log_txt_as_img, make_grid, tensor_to_pil
 
@@ -129,23 +130,6 @@ def score_condition(prompts: list[EvalPrompt], predictions: list[dict], concept:
     return scores
 
 
-def init_word_vector(embedder, word: str) -> torch.Tensor:
-    """(1, D): the init word's raw token-embedding row, so the placeholder reads exactly as the word itself."""
-    token = ordinary_token_id(embedder.tokenizer, word)
-    if token is None:
-        raise ValueError(f"--init_word '{word}' is not one ordinary token of this tokenizer: pass a single known word")
-    return embedder.token_embedding.weight[token].detach().float().cpu().unsqueeze(0)
-
-
-def random_vectors(table: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """(count, D) drawn from N(mean, std) of the token table per dimension: a word of the right scale that means
-    nothing, the same for a given seed on every device."""
-    table = table.detach().float().cpu()
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(count, table.shape[1], generator=generator)
-    return noise * table.std(dim=0) + table.mean(dim=0)
-
-
 def default_init_word(embeddings: Embeddings, placeholder: str, path: str) -> str:
     """The initializer word the embedding file records for `placeholder`."""
     word = embeddings.initializer_word(placeholder)
@@ -155,14 +139,17 @@ def default_init_word(embeddings: Embeddings, placeholder: str, path: str) -> st
 
 
 def condition_vectors(model, embeddings: Embeddings, placeholder: str, init_word: str, seed: int) -> dict:
-    """The placeholder's vectors under each condition."""
+    """The placeholder's vectors under each condition. The baselines are built as training starts a word
+    (`initial_vectors`): the init word's row once, so that the placeholder reads exactly as the word itself, and as
+    many random vectors as ours, the same for a given seed on every device."""
     learned = embeddings.vectors[placeholder]
     embedder = model.cond_stage_model
-    return {
-        "ours": learned,
-        "init_word": init_word_vector(embedder, init_word),
-        "random": random_vectors(embedder.token_embedding.weight, learned.shape[0], seed),
-    }
+    try:
+        init_word_vectors = initial_vectors(embedder, init_word, 1)
+    except ValueError as error:
+        raise ValueError(f"--init_word: {error}") from None
+    random = initial_vectors(embedder, None, learned.shape[0], torch.Generator().manual_seed(seed))
+    return {"ours": learned, "init_word": init_word_vectors, "random": random}
 
 
 def classify(classifier, images: list[torch.Tensor], prompts: list[EvalPrompt], n_samples: int) -> list[dict]:

@@ -10,7 +10,7 @@ import os
 import sys
 
 from ldm.checkpoint import write_random_checkpoint
-from ldm.generate import read_config
+from ldm.cli import read_config
 from ldm.paths import check_output
 
 

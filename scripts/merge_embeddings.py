@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
+from ldm.embeddings import Embeddings, common_width, load_embeddings, merge_embeddings, save_embeddings
 from ldm.modules.encoders.tokenizers import TOKENIZER_NAMES, family_tokenizer, one_token_problem, ordinary_token_id
 from ldm.paths import check_output
 from ldm.text_encoders import model_family, width_label
@@ -50,14 +50,6 @@ def parse_renames(specs: list[str], file_count: int) -> dict[tuple[int, str], st
             raise ValueError(f"--rename gives placeholder '{old}' of file {number} two new names")
         renames[key] = new
     return renames
-
-
-def common_width(paths: list[str], files: list[Embeddings]) -> int:
-    widths = {path: embeddings.dim for path, embeddings in zip(paths, files)}
-    if len(set(widths.values())) > 1:
-        described = ", ".join(f"'{path}' is {width_label(width)}" for path, width in widths.items())
-        raise ValueError(f"cannot merge embeddings of different widths ({described}): merge files of one model only")
-    return next(iter(widths.values()))
 
 
 def choose_family(width: int, files: list[Embeddings], stable_diffusion: bool) -> str:
@@ -126,37 +118,27 @@ def resolve_name(placeholder: str, path: str, number: int, renamed_to: str | Non
 
 
 def merge(paths: list[str], renames: dict[tuple[int, str], str], stable_diffusion: bool, interactive: bool,
-          input_fn) -> tuple[Embeddings, dict[str, str]]:
-    """The merged embeddings, with each merged placeholder's old name (renamed ones only)."""
-    files = [load_embeddings(path) for path in paths]
+          input_fn) -> Embeddings:
+    """The merged embeddings, each placeholder under the name it resolves to, with this family's token ids."""
+    files = [(path, load_embeddings(path)) for path in paths]
     for (number, old), new in renames.items():
-        if old not in files[number - 1].vectors:
-            raise ValueError(
-                f"--rename {number}:{old}={new}: '{paths[number - 1]}' has no placeholder '{old}' "
-                f"(it has {', '.join(files[number - 1].vectors)})"
-            )
-    width = common_width(paths, files)
-    merged = MergedPlaceholders(choose_family(width, files, stable_diffusion))
-    vectors, old_names, words = {}, {}, {}
-    for number, (path, embeddings) in enumerate(zip(paths, files), start=1):
-        for placeholder, placeholder_vectors in embeddings.vectors.items():
+        path, embeddings = files[number - 1]
+        if old not in embeddings.vectors:
+            raise ValueError(f"--rename {number}:{old}={new}: '{path}' has no placeholder '{old}' "
+                             f"(it has {', '.join(embeddings.vectors)})")
+    family = choose_family(common_width(files), [embeddings for _, embeddings in files], stable_diffusion)
+    merged = MergedPlaceholders(family)
+    names = []  # per file, {placeholder: merged name}
+    for number, (path, embeddings) in enumerate(files, start=1):
+        file_names = {}
+        for placeholder in embeddings.vectors:
             name = resolve_name(placeholder, path, number, renames.get((number, placeholder)), merged,
                                 interactive, input_fn)
             merged.add(name, path)
-            vectors[name] = placeholder_vectors
-            words[name] = embeddings.initializer_word(placeholder)
-            if name != placeholder:
-                old_names[name] = placeholder
-    metadata = {
-        "model_family": merged.family,
-        "dim": width,
-        "placeholder_strings": list(vectors),
-        "initializer_words": [words[name] for name in vectors],
-        "num_vectors_per_token": max(v.shape[0] for v in vectors.values()),
-        "merged_from": {name: {"file": path, "placeholder": old_names.get(name, name)}
-                        for name, path in merged.sources.items()},
-    }
-    return Embeddings(vectors, dict(merged.token_ids), metadata), old_names
+            file_names[placeholder] = name
+        names.append(file_names)
+    combined = merge_embeddings(files, names)
+    return Embeddings(combined.vectors, merged.token_ids, {"model_family": family, **combined.metadata})
 
 
 def main(argv=None, input_fn=input) -> int:
@@ -167,8 +149,7 @@ def main(argv=None, input_fn=input) -> int:
             raise ValueError(f"--output_path '{args.output_path}' is also one of --manager_ckpts, which would be "
                              "replaced: pass another --output_path")
         renames = parse_renames(args.rename, len(args.manager_ckpts))
-        embeddings, old_names = merge(args.manager_ckpts, renames, args.stable_diffusion, sys.stdin.isatty(),
-                                      input_fn)
+        embeddings = merge(args.manager_ckpts, renames, args.stable_diffusion, sys.stdin.isatty(), input_fn)
         save_embeddings(embeddings, args.output_path, format="original")
     except EOFError:
         print("merge_embeddings: error: no replacement placeholder was entered; pass --rename N:OLD=NEW",
@@ -178,7 +159,7 @@ def main(argv=None, input_fn=input) -> int:
         print(f"merge_embeddings: error: {error}", file=sys.stderr)
         return 1
     for name, source in embeddings.metadata["merged_from"].items():
-        renamed = f" (was '{old_names[name]}')" if name in old_names else ""
+        renamed = f" (was '{source['placeholder']}')" if source["placeholder"] != name else ""
         print(f"{name}: {source['file']}{renamed}")
     print(f"wrote {len(embeddings.vectors)} placeholders to {args.output_path}")
     return 0

@@ -241,7 +241,7 @@ def test_files_written_by_diffusers_and_a1111_load_in_ours_and_in_diffusers(mode
     manager = EmbeddingManager(model.cond_stage_model)
     manager.load(path)
     prompt = f"a photo of {trigger}, in a box"
-    ours = model.cond_stage_model.encode([manager.separate_placeholders(prompt)], embedding_manager=manager)
+    ours = model.cond_stage_model.encode([manager.prompt_for_tokenizer(prompt)], embedding_manager=manager)
 
     pipe = pipeline_with_own_text_encoder(pipe)
     pipe.load_textual_inversion(str(path))

@@ -388,11 +388,11 @@ def test_a_placeholder_touching_punctuation_is_still_replaced(name, request):
     with torch.no_grad():
         manager.vectors("*").normal_()
     for prompt, spaced in [("a photo of *, red mug", "a photo of * , red mug"), ("(*) in dog's room.", "( * ) in dog's room.")]:
-        separated = manager.separate_placeholders(prompt)
+        separated = manager.prompt_for_tokenizer(prompt)
         assert torch.equal(conditioner.encode([separated], manager), conditioner.encode([spaced], manager))
     if name == "clip":
         assert token_id(conditioner, "*") not in conditioner.tokenize(["a photo of *, red mug"])[0].tolist()
-    assert manager.separate_placeholders("a hotdog, a dog") == "a hotdog, a dog"
+    assert manager.prompt_for_tokenizer("a hotdog, a dog") == "a hotdog, a dog"
 
 
 def test_the_model_separates_placeholders_in_training_captions_and_prompts():
@@ -420,12 +420,12 @@ def test_a_files_word_of_several_tokens_is_read_through_a_stand_in_as_diffusers_
     single.set_embeddings(Embeddings({"@": toy, "&": mine, "*": star}))
 
     def encode(manager_, prompt):
-        return conditioner.encode([manager_.separate_placeholders(prompt)], manager_)
+        return conditioner.encode([manager_.prompt_for_tokenizer(prompt)], manager_)
 
     assert torch.equal(encode(manager, "a photo of <Cat-Toy>, mycat and *"), encode(single, "a photo of @ , & and *"))
     assert torch.equal(encode(manager, "MyCat."), encode(single, "& ."))
     for untouched in ["mycats", "a bobmycat", "my cat"]:
-        assert manager.separate_placeholders(untouched) == untouched
+        assert manager.prompt_for_tokenizer(untouched) == untouched
     assert set(manager.stand_ins) == {"<cat-toy>", "mycat"} and list(manager.vector_norms()) == list(several.vectors)
     manager.save(tmp_path / "saved.pt")  # a stand-in's token id is not the word's: not recorded
     assert load_embeddings(tmp_path / "saved.pt").token_ids == {"*": token_id(conditioner, "*")}

@@ -16,7 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
 from ldm import embeddings as embeddings_module
-from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
+from ldm.embeddings import Embeddings, load_embeddings, merge_embeddings, save_embeddings
 
 
 def load_script():
@@ -409,6 +409,32 @@ def test_renamed_keeps_each_word_with_its_initializer_word():
         embeddings.renamed("*", "@")
     with pytest.raises(ValueError, match="no placeholder '&' to rename"):
         embeddings.renamed("&", "$")
+
+
+def test_merging_keeps_file_order_and_records_where_each_word_came_from(tmp_path):
+    cat = Embeddings({"*": random_vectors(2, 8, seed=1), "@": random_vectors(1, 8, seed=2)}, {"*": 265, "@": 339},
+                     {"placeholder_strings": ["*", "@"], "initializer_words": ["cat", None], "step": 7})
+    style = Embeddings({"*": random_vectors(1, 8, seed=3)}, {"*": 265},
+                       {"placeholder_strings": ["*"], "initializer_words": ["painting"]})
+    merged = merge_embeddings([("cat.pt", cat), ("style.pt", style)], [{}, {"*": "&"}])
+    assert list(merged.vectors) == ["*", "@", "&"] and torch.equal(merged.vectors["&"], style.vectors["*"])
+    assert merged.token_ids == {"*": 265, "@": 339}  # "&" is another string: its id is unknown
+    assert merged.metadata == {
+        "dim": 8, "placeholder_strings": ["*", "@", "&"], "initializer_words": ["cat", None, "painting"],
+        "num_vectors_per_token": 2,
+        "merged_from": {"*": {"file": "cat.pt", "placeholder": "*"}, "@": {"file": "cat.pt", "placeholder": "@"},
+                        "&": {"file": "style.pt", "placeholder": "*"}},
+    }  # no step: a progressive config uses every vector
+    save_embeddings(merged, tmp_path / "merged.pt")
+    assert load_embeddings(tmp_path / "merged.pt").metadata == merged.metadata
+
+    with pytest.raises(ValueError) as error:
+        merge_embeddings([("cat.pt", cat), ("style.pt", style)])
+    assert str(error.value) == ("placeholder '*' is defined in both 'cat.pt' and 'style.pt': merge them with "
+                                "scripts/merge_embeddings.py --manager_ckpts <both files> --rename '2:*=NEW'")
+    wide = Embeddings({"$": random_vectors(1, 768)})
+    with pytest.raises(ValueError, match=r"different widths \('cat.pt' is 8-wide, 'wide.pt' is 768-wide"):
+        merge_embeddings([("cat.pt", cat), ("wide.pt", wide)])
 
 
 def test_convert_errors_exit_non_zero_with_one_line(tmp_path, capsys):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from ldm.data.procedural import HELD_OUT_CONCEPTS, LABEL_NAMES
 from ldm.embeddings import Embeddings, save_embeddings
 from ldm.evaluation.world_classifier import WorldClassifier, save_classifier
 from ldm.generate import generate
+from ldm.modules.embedding_manager import EmbeddingManager, initial_vectors
 from scripts import evaluate_toy
 from tests.conftest import REPO
 
@@ -82,26 +84,20 @@ def toy_embedder():
     return build_random_model(TOY).cond_stage_model
 
 
-def test_init_word_baseline_is_the_word_s_token_row(toy_embedder):
-    vector = evaluate_toy.init_word_vector(toy_embedder, "circle")
+def test_baselines_are_what_training_starts_from(toy_embedder):
+    model = SimpleNamespace(cond_stage_model=toy_embedder)
+    learned = Embeddings({"*": torch.zeros(3, toy_embedder.token_dim)})
+    vectors = evaluate_toy.condition_vectors(model, learned, "*", "circle", seed=3)
     (token,) = toy_embedder.text_to_token_ids("circle")
-    assert vector.shape == (1, toy_embedder.token_dim)
-    assert torch.equal(vector[0], toy_embedder.token_embedding.weight[token].detach())
-    assert not torch.equal(vector, evaluate_toy.init_word_vector(toy_embedder, "square"))
-    with pytest.raises(ValueError, match="--init_word"):
-        evaluate_toy.init_word_vector(toy_embedder, "striped yellow")
-
-
-def test_random_baseline_has_the_table_statistics_and_its_seed():
-    generator = torch.Generator().manual_seed(1)
-    mean, std = torch.linspace(-2, 3, 6), torch.linspace(0.1, 4, 6)
-    table = torch.randn(50_000, 6, generator=generator) * std + mean
-    vectors = evaluate_toy.random_vectors(table, 20_000, seed=3)
-    assert vectors.shape == (20_000, 6)
-    assert torch.allclose(vectors.mean(dim=0), table.mean(dim=0), atol=0.06)
-    assert torch.allclose(vectors.std(dim=0), table.std(dim=0), rtol=0.03)
-    assert torch.equal(evaluate_toy.random_vectors(table, 2, seed=3), evaluate_toy.random_vectors(table, 2, seed=3))
-    assert not torch.equal(evaluate_toy.random_vectors(table, 2, seed=4), evaluate_toy.random_vectors(table, 2, seed=3))
+    assert torch.equal(vectors["init_word"], toy_embedder.token_embedding.weight[token].detach()[None])
+    assert torch.equal(EmbeddingManager(toy_embedder, initializer_words=["circle"]).vectors("*"), vectors["init_word"])
+    torch.manual_seed(3)  # training draws from the global generator
+    assert torch.equal(EmbeddingManager(toy_embedder, num_vectors_per_token=3).vectors("*"), vectors["random"])
+    again = evaluate_toy.condition_vectors(model, learned, "*", "square", seed=4)
+    assert not torch.equal(again["init_word"], vectors["init_word"])
+    assert again["random"].shape == (3, toy_embedder.token_dim) and not torch.equal(again["random"], vectors["random"])
+    with pytest.raises(ValueError, match="--init_word: initializer word 'striped yellow' is not one"):
+        evaluate_toy.condition_vectors(model, learned, "*", "striped yellow", seed=3)
 
 
 def test_default_init_word_comes_from_the_file_metadata():
@@ -120,7 +116,7 @@ def test_script_runs_end_to_end_on_a_tiny_random_toy_model(tmp_path, capsys, mon
     embedding_path = str(tmp_path / "embeddings.pt")
     # The learned word is the init word's row, so ours and the init-word baseline give identical images exactly
     # when both conditions sample the same noise.
-    learned = evaluate_toy.init_word_vector(toy_embedder, "circle")
+    learned = initial_vectors(toy_embedder, "circle", 1)
     metadata = {"placeholder_strings": ["*"], "initializer_words": ["circle"]}
     save_embeddings(Embeddings({"*": learned}, metadata=metadata), embedding_path)
     torch.manual_seed(0)
@@ -166,7 +162,7 @@ def test_script_runs_end_to_end_on_a_tiny_random_toy_model(tmp_path, capsys, mon
                                 2 + n_prompts * (32 + 2))
 
     assert evaluate_toy.main(argv + ["--init_word", "two words"]) == 1
-    assert "--init_word 'two words'" in capsys.readouterr().err
+    assert "--init_word: initializer word 'two words'" in capsys.readouterr().err
 
 
 def test_markdown_table_has_a_row_per_condition_and_a_column_per_metric():

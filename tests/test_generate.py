@@ -13,7 +13,7 @@ from PIL import Image
 
 from ldm import generate as generate_module
 from ldm.embeddings import Embeddings, save_embeddings
-from ldm.generate import generate, load_model, parse_device, read_config, sampling_weights_dtype, save_outputs
+from ldm.generate import generate, load_model, sampling_weights_dtype, save_outputs
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from scripts import img2img, stable_txt2img, txt2img
@@ -401,28 +401,3 @@ def test_cuda_graphs_on_the_cpu_say_they_do_nothing_and_sampling_goes_on(tiny_sd
     assert stable_txt2img.main(argv) == 0
     assert "--cuda_graphs has no effect with --device cpu" in capsys.readouterr().err
     assert os.listdir(tmp_path / "samples") == ["00000.png"]
-
-
-def test_devices_are_checked_against_the_machine(monkeypatch):
-    assert parse_device("cpu") == torch.device("cpu")
-    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
-    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
-    assert parse_device("cuda:1") == torch.device("cuda:1") and parse_device("cuda") == torch.device("cuda")
-    with pytest.raises(ValueError, match="--device 'cuda:2': this machine's cuda devices are cuda:0 to cuda:1"):
-        parse_device("cuda:2")
-    with pytest.raises(ValueError, match="--device 'mps': this machine has no usable mps device: use --device cuda"):
-        parse_device("mps")
-    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
-    with pytest.raises(ValueError, match="--gpu 'cuda': this machine has no usable cuda device: use --gpu cpu"):
-        parse_device("cuda", flag="--gpu")
-
-
-def test_config_mistakes_are_one_line_errors(tmp_path, tiny_sd_ckpt):
-    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
-    for path, expected in [(tmp_path / "bad.yaml", "is not valid YAML"),
-                           (tiny_sd_ckpt, "is not a text file .*a checkpoint"),
-                           (tmp_path, "is a folder"),
-                           (tmp_path / "none.yaml", "does not exist")]:
-        with pytest.raises(ValueError if expected != "does not exist" else FileNotFoundError, match=expected) as info:
-            read_config(str(path), flag="--base")
-        assert "\n" not in str(info.value)

@@ -62,6 +62,33 @@ def _device_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tenso
     return torch.tensor(values, device=device)
 
 
+def _initializer_token_id(tokenizer, word: str) -> int:
+    """The one token id of initializer word `word`, or a ValueError that shows its split and its pieces that would
+    work."""
+    problem = one_token_problem(tokenizer, word)
+    if problem is None:
+        return ordinary_token_id(tokenizer, word)
+    pieces = dict.fromkeys(piece.removeprefix("##") for piece in token_pieces(tokenizer, word))
+    usable = [p for p in pieces if p and p != word and ordinary_token_id(tokenizer, p) is not None]
+    shorter = "a shorter common word that describes the concept"
+    hint = f"use one of its single-token pieces ({', '.join(usable)}) or {shorter}" if usable else f"use {shorter}"
+    raise ValueError(f"initializer word '{word}' {problem}: {hint}")
+
+
+def initial_vectors(embedder, word: str | None, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The (count, D) float32 vectors a placeholder starts training from, on the token table's device: its
+    initializer `word`'s raw token-embedding row repeated, or without a word N(mean, std) of the token table per
+    dimension, so that it begins at the scale of real words (the noise drawn on the CPU from `generator`, None:
+    torch's global one, so a seed gives the same noise on every device). scripts/evaluate_toy.py builds its
+    baselines here too, so that they stay what training starts from."""
+    table = embedder.token_embedding.weight.detach()
+    if word:
+        return table[_initializer_token_id(embedder.tokenizer, word)].float().expand(count, -1).clone()
+    table = table.float()
+    noise = torch.randn(count, table.shape[1], generator=generator, device="cpu").to(table.device)
+    return noise * table.std(dim=0) + table.mean(dim=0)
+
+
 class EmbeddingManager(nn.Module):
     """Holds one (k, D) fp32 Parameter per placeholder string and substitutes it wherever the placeholder occurs.
 
@@ -115,23 +142,16 @@ class EmbeddingManager(nn.Module):
 
         if per_image_tokens:
             placeholders = placeholders + self._per_image_tokens()
-        table = embedder.token_embedding.weight.detach().float()
-        table_mean, table_std = table.mean(dim=0), table.std(dim=0)
         for index, placeholder in enumerate(placeholders):
-            token = self._single_token_id(placeholder, "placeholder", taken=self.string_to_token_dict)
+            token = self._placeholder_token_id(placeholder, taken=self.string_to_token_dict)
             self._claim_token(placeholder, token, self.string_to_token_dict)
             word = initializer_words[index] if index < len(initializer_words) else None
+            vectors = initial_vectors(embedder, word, self.num_vectors_per_token)
             if word:
-                row = table[self._single_token_id(word, "initializer word")]
-                initial = row.expand(self.num_vectors_per_token, -1).clone()
-                self.initial_embeddings[parameter_key(placeholder)] = nn.Parameter(initial, requires_grad=False)
+                self.initial_embeddings[parameter_key(placeholder)] = nn.Parameter(vectors.clone(), requires_grad=False)
                 self.initializer_words[placeholder] = word
-                vectors = initial.clone()
-            else:
-                noise = torch.randn(self.num_vectors_per_token, self.token_dim).to(table.device)
-                vectors = noise * table_std + table_mean
             self.string_to_param_dict[parameter_key(placeholder)] = nn.Parameter(vectors)
-        self.to(table.device)
+        self.to(embedder.token_embedding.weight.device)
 
         if embedding_manager_ckpt:
             self.load(embedding_manager_ckpt)
@@ -150,29 +170,23 @@ class EmbeddingManager(nn.Module):
     def _is_single_token(self, text: str) -> bool:
         return ordinary_token_id(self.tokenizer, text) is not None
 
-    def _single_token_id(self, text: str, role: str, path: str | None = None, taken=()) -> int:
-        """The one token id of `text`, or a ValueError that shows the split and names strings that would work
+    def _placeholder_token_id(self, placeholder: str, path: str | None = None, taken=()) -> int:
+        """The one token id of `placeholder`, or a ValueError that shows the split and names symbols that would work
         (other than the placeholders `taken`); for a placeholder read from embedding file `path`, the command that
         renames it there."""
-        problem = one_token_problem(self.tokenizer, text)
+        problem = one_token_problem(self.tokenizer, placeholder)
         if problem is None:
-            return ordinary_token_id(self.tokenizer, text)
-        if role == "placeholder":
-            taken = set(taken) | {text}
-            usable = [c for c in PLACEHOLDER_CANDIDATES if c not in taken and self._is_single_token(c)]
-            hint = f"try one of {' '.join(usable)}" if usable else "try a single symbol or a short rare word"
-            if path is not None and usable:
-                path = os.fspath(path)
-                converted = shlex.quote(os.path.splitext(path)[0] + "-converted.pt")
-                hint = (f"convert the file and write {usable[0]} in prompts: python scripts/convert_embedding.py "
-                        f"--input {shlex.quote(path)} --output {converted} --format original "
-                        f"--token {shlex.quote(usable[0])}")
-        else:
-            words = dict.fromkeys(piece.removeprefix("##") for piece in token_pieces(self.tokenizer, text))
-            usable = [word for word in words if word and word != text and self._is_single_token(word)]
-            shorter = "a shorter common word that describes the concept"
-            hint = f"use one of its single-token pieces ({', '.join(usable)}) or {shorter}" if usable else f"use {shorter}"
-        raise ValueError(f"{role} '{text}' {problem}: {hint}")
+            return ordinary_token_id(self.tokenizer, placeholder)
+        taken = set(taken) | {placeholder}
+        usable = [c for c in PLACEHOLDER_CANDIDATES if c not in taken and self._is_single_token(c)]
+        hint = f"try one of {' '.join(usable)}" if usable else "try a single symbol or a short rare word"
+        if path is not None and usable:
+            path = os.fspath(path)
+            converted = shlex.quote(os.path.splitext(path)[0] + "-converted.pt")
+            hint = (f"convert the file and write {usable[0]} in prompts: python scripts/convert_embedding.py "
+                    f"--input {shlex.quote(path)} --output {converted} --format original "
+                    f"--token {shlex.quote(usable[0])}")
+        raise ValueError(f"placeholder '{placeholder}' {problem}: {hint}")
 
     def _stand_ins(self, words: list[str], tokens: dict[str, int], source: str) -> dict[str, str]:
         """A one-token symbol for each of `words` (several tokens each, as diffusers' "<cat-toy>" or an A1111 file
@@ -215,7 +229,7 @@ class EmbeddingManager(nn.Module):
             return num_vectors
         return min(num_vectors, 1 + self.training_step // PROGRESSIVE_STEPS_PER_VECTOR)
 
-    def separate_placeholders(self, text: str) -> str:
+    def prompt_for_tokenizer(self, text: str) -> str:
         """`text` as the tokenizer must see it: each word of several tokens replaced by its stand-in symbol, and a
         space on each side of every placeholder made only of punctuation.
 
@@ -341,7 +355,7 @@ class EmbeddingManager(nn.Module):
             if placeholder in several:
                 continue
             try:
-                token = self._single_token_id(placeholder, "placeholder", convertible, taken=tokens)
+                token = self._placeholder_token_id(placeholder, convertible, taken=tokens)
                 self._claim_token(placeholder, token, tokens)
             except ValueError as error:
                 raise ValueError(f"{source}: {error}") from None

@@ -337,7 +337,7 @@ class LatentDiffusion(DDPM):
     def get_learned_conditioning(self, texts):
         texts = [texts] if isinstance(texts, str) else list(texts)
         if self.embedding_manager is not None:
-            texts = [self.embedding_manager.separate_placeholders(text) for text in texts]
+            texts = [self.embedding_manager.prompt_for_tokenizer(text) for text in texts]
         return self.cond_stage_model.encode(texts, embedding_manager=self.embedding_manager)
 
     @contextmanager

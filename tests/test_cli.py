@@ -1,0 +1,36 @@
+"""The command-line checks every script shares: devices against the machine, counts, configs."""
+import pytest
+import torch
+
+from ldm.cli import parse_device, read_config, require_at_least
+
+
+def test_devices_are_checked_against_the_machine(monkeypatch):
+    assert parse_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    assert parse_device("cuda:1") == torch.device("cuda:1") and parse_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match="--device 'cuda:2': this machine's cuda devices are cuda:0 to cuda:1"):
+        parse_device("cuda:2")
+    with pytest.raises(ValueError, match="--device 'mps': this machine has no usable mps device: use --device cuda"):
+        parse_device("mps")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
+    with pytest.raises(ValueError, match="--gpu 'cuda': this machine has no usable cuda device: use --gpu cpu"):
+        parse_device("cuda", flag="--gpu")
+
+
+def test_config_mistakes_are_one_line_errors(tmp_path, tiny_sd_ckpt):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    for path, expected in [(tmp_path / "bad.yaml", "is not valid YAML"),
+                           (tiny_sd_ckpt, "is not a text file .*a checkpoint"),
+                           (tmp_path, "is a folder"),
+                           (tmp_path / "none.yaml", "does not exist")]:
+        with pytest.raises(ValueError if expected != "does not exist" else FileNotFoundError, match=expected) as info:
+            read_config(str(path), flag="--base")
+        assert "\n" not in str(info.value)
+
+
+def test_counts_below_the_minimum_name_their_flag():
+    require_at_least(1, n_samples=1, n_iter=None)  # None: not given
+    with pytest.raises(ValueError, match="^--n_iter must be at least 1, got 0$"):
+        require_at_least(1, n_samples=3, n_iter=0, batch_size=-1)
