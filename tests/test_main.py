@@ -367,14 +367,15 @@ def test_usage_errors_are_one_line(tmp_path, images, tiny_sd_ckpt):
         with pytest.raises(main_module.UsageError, match="sees none"):
             main_module.main(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images), "--gpus", "0,", "-l", str(tmp_path)])
 
-    multi = run_cli(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images),
-                     "--init_word", "leavanny", "-l", str(tmp_path)])
-    assert multi.returncode == 2 and "leavanny" in multi.stderr, multi.stderr[-2000:]
-
+    # main.py prints these ValueErrors in one line and exits 2, as the first (in-process: a start-up less each)
+    with pytest.raises(ValueError, match="initializer word 'leavanny' is not one CLIP"):
+        main_module.main(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images),
+                          "--init_word", "leavanny", "-l", str(tmp_path)])
     empty = tmp_path / "empty"
     empty.mkdir()
-    nothing = run_cli(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(empty), "-l", str(tmp_path)])
-    assert nothing.returncode == 2 and str(empty) in nothing.stderr
+    with pytest.raises(ValueError, match=f"data_root '{empty}' holds no images"):
+        main_module.main(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(empty),
+                          "-l", str(tmp_path)])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -579,6 +580,7 @@ def test_signals_to_one_ddp_rank_save_and_stop_all_ranks_at_one_step(tmp_path, i
     assert output.count(f"Saved at step {requested}, as SIGUSR1 asked") == 1, output[-3000:]
 
 
+@pytest.mark.slow  # 20 s; the single-rank process-group test and the one-rank DDP signal test stay in the default run
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups")
 def test_sigterm_to_every_ddp_rank_saves_and_stops_without_hanging(tmp_path, images, tiny_sd_ckpt):
     """SLURM, `timeout` and a kill of the process group send SIGTERM to every rank at once. Lightning's own SIGTERM

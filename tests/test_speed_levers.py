@@ -394,7 +394,8 @@ def test_attention_backend_puts_its_kernel_first_in_every_attention_of_the_unet(
         cudnn.model.diffusion_model.use_attention_backend("fast")
 
 
-@pytest.mark.parametrize("levers", [{}, {"recompute_feedforward": True, "attention_backend": "math"}])
+@pytest.mark.parametrize("levers", [{}, pytest.param({"recompute_feedforward": True, "attention_backend": "math"},
+                                                      marks=pytest.mark.slow)])
 def test_the_unet_compiles_to_one_graph_with_its_lean_backward(levers):
     """A graph break (e.g. an op torch.compile cannot trace in a lean layer's backward) would split the compiled
     UNet into dozens of graphs, and the speed of compile_unet with it."""
