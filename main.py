@@ -31,7 +31,7 @@ from ldm.data.templates import per_img_token_list
 from ldm.embeddings import load_embeddings
 from ldm.models.diffusion.ddpm import DEFAULT_SEED
 from ldm.paths import check_output, require_file
-from ldm.util import check_config_tree, instantiate_from_config, load_yaml
+from ldm.util import check_config_tree, check_keys, instantiate_from_config, load_yaml
 
 __all__ = ["DataModuleFromConfig", "ImageLogger"]  # old configs name them `main.DataModuleFromConfig` / `main.ImageLogger`
 
@@ -338,6 +338,9 @@ def main(argv=None):
     config = build_config(opt, unknown, base_configs)
     check_config_tree(config)
     lightning_config = config.pop("lightning", OmegaConf.create())
+    # Lightning's other ModelCheckpoint settings (monitor, save_top_k, ...) do not apply here; a typo of ours does.
+    check_keys(lightning_config.get("modelcheckpoint", {}).get("params", {}), {"every_n_train_steps"}, True,
+               "lightning.modelcheckpoint")
     textual_inversion = config.model.params.get("personalization_config") is not None
     if "data" not in config:
         example = "configs/stable-diffusion/v1-finetune.yaml" if textual_inversion else "configs/toy/autoencoder.yaml"

@@ -74,19 +74,22 @@ def check_config_keys(target, params):
     """Refuse a misspelt config key in one line, naming the key and the likely intended one, before it becomes a
     TypeError traceback or, for classes that take other keys (the original configs' unused ones) and only warn,
     a run trained with a default the user meant to change."""
-    if not getattr(target, "__module__", "").startswith("ldm."):
-        return
-    names, takes_any = config_parameters(target)
-    for key in params:
+    if getattr(target, "__module__", "").startswith("ldm."):
+        check_keys(params, *config_parameters(target), f"{target.__qualname__} ({target.__module__})")
+
+
+def check_keys(keys, names, takes_any: bool, owner: str):
+    """A ValueError for the first of `keys` that is not one of `names`; where `takes_any` (other keys are let
+    through), only for a near-miss of a name (a typo, not another repository's key such as CompVis's
+    scheduler_config: the cutoff sits above such pairs' similarity)."""
+    for key in keys:
         if key in names:
             continue
-        # A class that takes other keys gets an error only for a near-miss of its own (a typo, not another
-        # repository's key such as CompVis's scheduler_config): the cutoff sits above such pairs' similarity.
         close = difflib.get_close_matches(key, names, n=1, cutoff=0.85 if takes_any else 0.6)
         if takes_any and not close:
             continue
         hint = f": did you mean '{close[0]}'?" if close else f"; it takes {', '.join(sorted(names))}"
-        raise ValueError(f"config key '{key}' is not a setting of {target.__qualname__} ({target.__module__}){hint}")
+        raise ValueError(f"config key '{key}' is not a setting of {owner}{hint}")
 
 
 def check_config_tree(config):

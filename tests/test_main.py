@@ -407,6 +407,8 @@ def test_command_line_mistakes_fail_before_any_model_loads(tmp_path, images, tin
     fails(["--base", TINY_SD, "-t", *inversion, "-l", str(tmp_path),
            "model.params.personalization_config.params.num_vectors_per_tokens=4"],
           "did you mean 'num_vectors_per_token'", ValueError)
+    fails(["--base", TINY_SD, "-t", *inversion, "-l", str(tmp_path), "lightning.modelcheckpoint.params.every_n_train_step=9"],
+          "'every_n_train_step' is not a setting of lightning.modelcheckpoint: did you mean 'every_n_train_steps'", ValueError)
     broken = tmp_path / "broken.yaml"
     broken.write_text("model:\n  params: [unclosed\n")
     fails(["--base", str(broken), "-t", *inversion, "-l", str(tmp_path)], "broken.yaml' is not valid YAML", ValueError)
