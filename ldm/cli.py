@@ -48,5 +48,5 @@ def read_config(config_path, flag: str = "--config"):
         raise ValueError(f"{flag} '{config_path}' is not a text file (a checkpoint?): pass a .yaml config") from None
     if "model" not in config or "params" not in config.model:
         raise ValueError(f"config '{config_path}' has no model.params section: pass an inference config")
-    check_config_tree(config.model)
+    check_config_tree(config.model, "model.")
     return config

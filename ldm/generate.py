@@ -102,11 +102,6 @@ def check_ddim_steps(steps: int, num_timesteps: int):
         raise ValueError(f"--ddim_steps {steps} does not suit this model: {error}") from None
 
 
-def check_ddim_steps_for_config(steps: int, config_path):
-    """`check_ddim_steps` against the timesteps the config's model will have, before the checkpoint loads."""
-    check_ddim_steps(steps, config_timesteps(config_path))
-
-
 def config_timesteps(config_path) -> int:
     """How many diffusion timesteps the config's model will have."""
     return int(read_config(config_path).model.params.get("timesteps", DEFAULT_TIMESTEPS))

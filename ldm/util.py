@@ -70,15 +70,19 @@ def config_parameters(target):
     return names - {"self"}, takes_any or not found
 
 
-def check_config_keys(target, params):
-    """Refuse a misspelt config key in one line, naming the key and the likely intended one, before it becomes a
-    TypeError traceback or, for classes that take other keys (the original configs' unused ones) and only warn,
-    a run trained with a default the user meant to change."""
-    if getattr(target, "__module__", "").startswith("ldm."):
-        check_keys(params, *config_parameters(target), f"{target.__qualname__} ({target.__module__})")
+def check_config_keys(target, params, where: str = "") -> set[str]:
+    """Refuse a misspelt config key in one line, naming the key (under `where`, its place in the config) and the
+    likely intended one, before it becomes a TypeError traceback or, for classes that take other keys (the original
+    configs' unused ones) and only warn, a run trained with a default the user meant to change. Returns the keys
+    `target` will be built with (a class of another package: all of them)."""
+    if not getattr(target, "__module__", "").startswith("ldm."):
+        return set(params)
+    names, takes_any = config_parameters(target)
+    check_keys(params, names, takes_any, f"{target.__qualname__} ({target.__module__})", where)
+    return set(params) & names
 
 
-def check_keys(keys, names, takes_any: bool, owner: str):
+def check_keys(keys, names, takes_any: bool, owner: str, where: str = ""):
     """A ValueError for the first of `keys` that is not one of `names`; where `takes_any` (other keys are let
     through), only for a near-miss of a name (a typo, not another repository's key such as CompVis's
     scheduler_config: the cutoff sits above such pairs' similarity)."""
@@ -89,20 +93,28 @@ def check_keys(keys, names, takes_any: bool, owner: str):
         if takes_any and not close:
             continue
         hint = f": did you mean '{close[0]}'?" if close else f"; it takes {', '.join(sorted(names))}"
-        raise ValueError(f"config key '{key}' is not a setting of {owner}{hint}")
+        raise ValueError(f"config key '{where}{key}' is not a setting of {owner}{hint}")
 
 
-def check_config_tree(config):
-    """check_config_keys for every `target` in a config, so that a misspelt key fails before any weights load."""
-    stack = [OmegaConf.to_container(config) if OmegaConf.is_config(config) else config]
+def check_config_tree(config, where: str = ""):
+    """check_config_keys for every `target` in a config (found at `where`, e.g. "model.") that will be built, so
+    that a misspelt key fails before any weights load. Keys a class lets through unused (CompVis's
+    scheduler_config) are not looked into: their targets may name modules this project does not have, and nothing
+    builds them."""
+    root = OmegaConf.to_container(config) if OmegaConf.is_config(config) else config
+    stack = [(root, where)]
     while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if isinstance(node.get("target"), str):
-                check_config_keys(get_obj_from_str(node["target"]), node.get("params") or {})
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+        node, where = stack.pop()
+        if isinstance(node, list):
+            stack.extend((value, f"{where}{index}.") for index, value in enumerate(node))
+        if not isinstance(node, dict):
+            continue
+        children = node
+        if isinstance(node.get("target"), str):
+            params = node.get("params") or {}
+            built = check_config_keys(get_obj_from_str(node["target"]), params, f"{where}params.")
+            children = {"params": {key: params[key] for key in built}}
+        stack.extend((value, f"{where}{key}.") for key, value in children.items())
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -27,7 +27,7 @@ from ldm.cli import default_device, parse_device, require_at_least
 from ldm.data.personalized import IMAGE_EXTENSIONS, PersonalizedBase, list_images, load_upright_rgb
 from ldm.embeddings import load_embeddings
 from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, remove_placeholders
-from ldm.generate import (PRECISIONS, check_ddim_steps_for_config, first_stage_factor, generate, load_model,
+from ldm.generate import (PRECISIONS, check_ddim_steps, config_timesteps, first_stage_factor, generate, load_model,
                           sampling_weights_dtype, save_outputs)
 from ldm.paths import check_output
 from ldm.util import channels_first
@@ -108,7 +108,7 @@ def check_inputs(args) -> list[str]:
             raise ValueError("pass --embedding_path with the learned words to generate, or --images_dir to score "
                              "saved images")
         require_at_least(1, n_samples=args.n_samples, batch_size=args.batch_size)
-        check_ddim_steps_for_config(args.ddim_steps, args.config)
+        check_ddim_steps(args.ddim_steps, config_timesteps(args.config))
         check_output(args.outdir, "--outdir", folder=True)
         samples = os.path.join(args.outdir, "samples")
         if os.path.isdir(samples) and any(name.lower().endswith(IMAGE_EXTENSIONS) for name in os.listdir(samples)):

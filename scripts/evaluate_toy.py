@@ -32,7 +32,7 @@ from ldm.cli import default_device, parse_device, require_at_least
 from ldm.data.procedural import HELD_OUT_CONCEPTS, HeldOutConcept, held_out_concept
 from ldm.embeddings import Embeddings, load_embeddings
 from ldm.evaluation.world_classifier import load_classifier
-from ldm.generate import check_ddim_steps_for_config, first_stage_factor, generate, load_model
+from ldm.generate import check_ddim_steps, config_timesteps, first_stage_factor, generate, load_model
 from ldm.modules.embedding_manager import initial_vectors
 from ldm.paths import check_output, require_file
 from ldm.util import log_txt_as_img, make_grid, tensor_to_pil
@@ -194,7 +194,7 @@ def evaluate(args) -> tuple[dict, torch.Tensor | None]:
     """Generate and score every condition: the JSON-able results with the settings, and the --grid picture
     (None without --grid)."""
     require_at_least(1, n_samples=args.n_samples, batch_size=args.batch_size)
-    check_ddim_steps_for_config(args.ddim_steps, args.config)
+    check_ddim_steps(args.ddim_steps, config_timesteps(args.config))
     device = parse_device(args.device)
     concept = held_out_concept(args.concept)
     embeddings = load_embeddings(args.embedding_path)

@@ -1,8 +1,10 @@
 """The command-line checks every script shares: devices against the machine, counts, configs."""
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ldm.cli import parse_device, read_config, require_at_least
+from tests.conftest import TINY_SD
 
 
 def test_devices_are_checked_against_the_machine(monkeypatch):
@@ -34,3 +36,12 @@ def test_counts_below_the_minimum_name_their_flag():
     require_at_least(1, n_samples=1, n_iter=None)  # None: not given
     with pytest.raises(ValueError, match="^--n_iter must be at least 1, got 0$"):
         require_at_least(1, n_samples=3, n_iter=0, batch_size=-1)
+
+
+def test_a_misspelt_key_in_a_generation_config_is_named_before_the_model_loads(tmp_path):
+    config = OmegaConf.load(TINY_SD)
+    config.model.params.personalization_config.params.num_vectors_per_tokens = 4
+    OmegaConf.save(config, tmp_path / "typo.yaml")
+    with pytest.raises(ValueError, match="'model.params.personalization_config.params.num_vectors_per_tokens' is not "
+                                         "a setting of EmbeddingManager .*did you mean 'num_vectors_per_token'"):
+        read_config(str(tmp_path / "typo.yaml"))

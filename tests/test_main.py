@@ -397,7 +397,12 @@ def test_trainer_setting_mistakes_are_named(tmp_path, images, tiny_sd_ckpt, extr
         main_module.main(argv)
 
 
-def test_command_line_mistakes_fail_before_any_model_loads(tmp_path, images, tiny_sd_ckpt):
+def test_command_line_mistakes_fail_before_any_model_loads(tmp_path, images, tiny_sd_ckpt, monkeypatch):
+    def building(config, **kwargs):
+        raise AssertionError(f"{config.target} was built before the mistake was found")
+
+    monkeypatch.setattr(main_module, "instantiate_from_config", building)
+
     def fails(argv, message, error=main_module.UsageError):
         with pytest.raises(error, match=message):
             main_module.main(argv)

@@ -13,7 +13,7 @@ class DDIMSampler(StepSampler):
         return update(x, predict_eps(x, index), index)
 
     @torch.no_grad()
-    def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+    def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, *, noise: torch.Tensor | None = None,
                           generator: torch.Generator | None = None):
         """Noise x0 to step `t` in one jump: sqrt(a) * x0 + sqrt(1 - a) * noise.
 
