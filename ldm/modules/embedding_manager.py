@@ -75,18 +75,26 @@ def _initializer_token_id(tokenizer, word: str) -> int:
     raise ValueError(f"initializer word '{word}' {problem}: {hint}")
 
 
-def initial_vectors(embedder, word: str | None, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def token_table_statistics(embedder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the token table per dimension, the scale of real words (a pass over the whole table: take it
+    once for all the placeholders of a manager)."""
+    table = embedder.token_embedding.weight.detach().float()
+    return table.mean(dim=0), table.std(dim=0)
+
+
+def initial_vectors(embedder, word: str | None, count: int, generator: torch.Generator | None = None,
+                    statistics: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The (count, D) float32 vectors a placeholder starts training from, on the token table's device: its
     initializer `word`'s raw token-embedding row repeated, or without a word N(mean, std) of the token table per
-    dimension, so that it begins at the scale of real words (the noise drawn on the CPU from `generator`, None:
-    torch's global one, so a seed gives the same noise on every device). scripts/evaluate_toy.py builds its
-    baselines here too, so that they stay what training starts from."""
+    dimension (`statistics`, else computed here), so that it begins at the scale of real words; the noise is drawn
+    on the CPU from `generator` (None: torch's global one), so a seed gives the same noise on every device.
+    scripts/evaluate_toy.py builds its baselines here too, so that they stay what training starts from."""
     table = embedder.token_embedding.weight.detach()
     if word:
         return table[_initializer_token_id(embedder.tokenizer, word)].float().expand(count, -1).clone()
-    table = table.float()
+    mean, std = statistics if statistics is not None else token_table_statistics(embedder)
     noise = torch.randn(count, table.shape[1], generator=generator, device="cpu").to(table.device)
-    return noise * table.std(dim=0) + table.mean(dim=0)
+    return noise * std + mean
 
 
 class EmbeddingManager(nn.Module):
@@ -142,11 +150,14 @@ class EmbeddingManager(nn.Module):
 
         if per_image_tokens:
             placeholders = placeholders + self._per_image_tokens()
+        statistics = None
         for index, placeholder in enumerate(placeholders):
             token = self._placeholder_token_id(placeholder, taken=self.string_to_token_dict)
             self._claim_token(placeholder, token, self.string_to_token_dict)
             word = initializer_words[index] if index < len(initializer_words) else None
-            vectors = initial_vectors(embedder, word, self.num_vectors_per_token)
+            if not word and statistics is None:
+                statistics = token_table_statistics(embedder)
+            vectors = initial_vectors(embedder, word, self.num_vectors_per_token, statistics=statistics)
             if word:
                 self.initial_embeddings[parameter_key(placeholder)] = nn.Parameter(vectors.clone(), requires_grad=False)
                 self.initializer_words[placeholder] = word
