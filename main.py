@@ -340,7 +340,7 @@ def main(argv=None):
     lightning_config = config.pop("lightning", OmegaConf.create())
     # Lightning's other ModelCheckpoint settings (monitor, save_top_k, ...) do not apply here; a typo of ours does.
     check_keys(lightning_config.get("modelcheckpoint", {}).get("params", {}), {"every_n_train_steps"}, True,
-               "lightning.modelcheckpoint")
+               "TrainingCheckpoint (ldm.callbacks)", "lightning.modelcheckpoint.params.")
     textual_inversion = config.model.params.get("personalization_config") is not None
     if "data" not in config:
         example = "configs/stable-diffusion/v1-finetune.yaml" if textual_inversion else "configs/toy/autoencoder.yaml"

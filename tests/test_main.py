@@ -95,9 +95,10 @@ def test_ldm_multi_placeholder_multi_vector_and_captions(tmp_path, images, tiny_
     trainer, run = train_in_process(
         tmp_path, images, tiny_ldm_ckpt, "--placeholder_string", "@",
         "model.params.personalization_config.params.num_vectors_per_token=2", "lightning.trainer.log_every_n_steps=5",
-        config=TINY_LDM, steps=10,
+        "model.params.personalization_config.params.progressive_words=true", config=TINY_LDM, steps=10,
     )
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert trainer.lightning_module.embedding_manager.training_step == 9  # what progressive words count
     assert trainer.progress_bar_callback.refresh_rate == main_module.PROGRESS_BAR_REFRESH_STEPS
     dataset = trainer.datamodule.datasets["train"]
     captions = {dataset[i]["caption"] for i in range(20)}
@@ -413,7 +414,8 @@ def test_command_line_mistakes_fail_before_any_model_loads(tmp_path, images, tin
            "model.params.personalization_config.params.num_vectors_per_tokens=4"],
           "did you mean 'num_vectors_per_token'", ValueError)
     fails(["--base", TINY_SD, "-t", *inversion, "-l", str(tmp_path), "lightning.modelcheckpoint.params.every_n_train_step=9"],
-          "'every_n_train_step' is not a setting of lightning.modelcheckpoint: did you mean 'every_n_train_steps'", ValueError)
+          "'lightning.modelcheckpoint.params.every_n_train_step' is not a setting of TrainingCheckpoint .*: did you mean "
+          "'every_n_train_steps'", ValueError)
     broken = tmp_path / "broken.yaml"
     broken.write_text("model:\n  params: [unclosed\n")
     fails(["--base", str(broken), "-t", *inversion, "-l", str(tmp_path)], "broken.yaml' is not valid YAML", ValueError)
