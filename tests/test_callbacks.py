@@ -11,11 +11,11 @@ import torch
 from ldm.callbacks import ImageLogger, StepTimes, TrainingCheckpoint
 
 
-def logged_steps(logger, split, steps, batch_indices=(0,)):
+def logged_steps(logger, split, steps, batch_indices=(0,), sanity_checking=False):
     calls = []
     logger.log_images = lambda trainer, module, batch, batch_idx, split: calls.append((trainer.global_step, batch_idx))
     for step in steps:
-        trainer = SimpleNamespace(global_step=step, sanity_checking=False)
+        trainer = SimpleNamespace(global_step=step, sanity_checking=sanity_checking)
         for batch_idx in batch_indices:
             hook = logger.on_train_batch_end if split == "train" else logger.on_validation_batch_end
             hook(trainer, None, None, None, batch_idx)
@@ -36,6 +36,8 @@ def test_validation_logs_its_first_batch_only_when_it_falls_on_a_logging_step():
     # A training log at the same step does not stop the validation's (train and val are separate folders).
     logged_steps(logger, "train", [1500])
     assert logged_steps(logger, "val", [1500]) == [(1500, 0)]
+    # Lightning's sanity check before a run resumed at a logging step samples nothing.
+    assert logged_steps(logger, "val", [2000], sanity_checking=True) == []
 
 
 def test_a_save_cut_short_by_a_second_ctrl_c_is_made_again(tmp_path):

@@ -1,4 +1,5 @@
 """Checkpoint reading: Lightning-era pickles load without running code, bad files give one-line errors."""
+import argparse
 import pickle
 import re
 
@@ -31,6 +32,7 @@ def test_lightning_checkpoint_with_pickled_callbacks_loads_safely(tmp_path):
             "epoch": 5,
             "callbacks": {ModelCheckpoint: {"best_model_score": np.float64(0.1), "dirpath": "/ckpts"}},
             "hyper_parameters": AttributeDict(base_learning_rate=1e-4),
+            "opt": argparse.Namespace(name="sd", gpus="0,"),  # as main.py-era runs pickled their arguments
         },
         path,
     )
@@ -116,6 +118,17 @@ def test_ema_weights_by_choice(tmp_path):
     assert torch.equal(swapped["model.diffusion_model.input_blocks.0.0.weight"], torch.ones(2))
     with pytest.raises(CheckpointError, match="no EMA weights"):
         ema_state_dict({"model.diffusion_model.x": torch.zeros(1)}, "pruned.ckpt")
+    unet = torch.nn.Module()  # a module with that one weight, at the checkpoint's name
+    unet.input_blocks = torch.nn.ModuleList([torch.nn.ModuleList([torch.nn.Module()])])
+    unet.input_blocks[0][0].weight = torch.nn.Parameter(torch.full((2,), 5.0))
+    root = torch.nn.Module()
+    root.model = torch.nn.Module()
+    root.model.diffusion_model = unet
+    path = tmp_path / "ema.ckpt"
+    torch.save({"state_dict": state}, path)
+    for use_ema, value in ((False, 0.0), (True, 1.0)):
+        restore(root, str(path), use_ema=use_ema, verbose=False)
+        assert torch.equal(unet.input_blocks[0][0].weight.detach(), torch.full((2,), value))
 
 
 class CrossAttn(torch.nn.Module):

@@ -2,6 +2,7 @@
 import os
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from ldm.data.templates import (
     imagenet_dual_style_templates_small,
     imagenet_dual_templates_small,
     imagenet_style_templates_small,
+    fill_template_line,
     imagenet_templates_small,
     per_img_token_list,
     read_template_file,
@@ -101,6 +103,11 @@ def test_per_image_tokens_name_the_right_image(tmp_path, module, duals):
     for item in draw_captions(dataset, 60):
         token = per_img_token_list[item["image_index"]]
         assert item["caption"] in {template.format("S*", token) for template in duals}
+    for mixing_prob, (low, high) in ((0.25, (0.15, 0.35)), (0.0, (0.0, 0.0))):  # the original's default, and none
+        dataset.mixing_prob = mixing_prob
+        items = draw_captions(dataset, 400)
+        share = sum(per_img_token_list[item["image_index"]] in item["caption"] for item in items) / len(items)
+        assert low <= share <= high, (mixing_prob, share)
 
 
 def test_style_placeholder_always_follows_in_the_style_of():
@@ -114,6 +121,10 @@ def test_per_image_tokens_need_fewer_than_22_images(tmp_path):
         PersonalizedBase(folder, size=2, per_image_tokens=True)
     (folder / "21.png").unlink()
     assert PersonalizedBase(folder, size=2, per_image_tokens=True).num_images == 21
+
+
+def test_a_caption_that_holds_name_keeps_it_literally():
+    assert fill_template_line("[filewords] by [name]", "<x>", "a [name] tag") == "a [name] tag by <x>"
 
 
 def test_template_file_fills_name_and_filewords(tmp_path):
@@ -307,6 +318,29 @@ def test_epochs_are_whole_optimizer_steps_and_a_resume_reads_on_where_it_stopped
         indices = [index for batch in uninterrupted[start:start + epoch] for index, _ in batch]
         assert len(set(indices)) == len(indices)
     assert stream(sampler_of, 24, batches_per_step, resume_at_step=7) == uninterrupted
+
+
+def test_ranks_read_disjoint_items_and_each_epoch_a_new_order():
+    ranks = [PositionSampler(40, batch_size=2, seed=5, rank=rank, world_size=2) for rank in (0, 1)]
+    first, second = (list(sampler) for sampler in ranks)
+    assert not {index for index, _ in first} & {index for index, _ in second}
+    assert not {seed for _, seed in first} & {seed for _, seed in second}
+    epoch = ranks[0].batches_per_epoch
+    later = PositionSampler(40, batch_size=2, seed=5, rank=0, world_size=2, current_batch=lambda: epoch)
+    assert [index for index, _ in later] != [index for index, _ in first]
+
+
+def test_the_training_loader_starts_at_the_trainers_batch_with_its_rank_and_accumulation(tmp_path):
+    """A resumed run under gradient accumulation starts at its step's first batch, not at batch `global_step`."""
+    for name in "abcd":
+        solid(tmp_path / f"{name}.png")
+    config = {"target": "ldm.data.personalized.PersonalizedBase",
+              "params": {"data_root": str(tmp_path), "size": 4, "repeats": 10}}
+    module = DataModuleFromConfig(batch_size=2, train=config, num_workers=0, seed=5)
+    module.setup()
+    module.trainer = SimpleNamespace(global_rank=1, world_size=2, accumulate_grad_batches=2, global_step=3)
+    expected = PositionSampler(40, 2, 5, rank=1, world_size=2, batches_per_step=2, current_batch=lambda: 6)
+    assert list(module.train_dataloader().sampler) == list(expected)
 
 
 def test_each_accumulated_batch_has_its_own_position():

@@ -1,4 +1,6 @@
 """Command-line paths are checked before any work: one line naming the flag, nothing created."""
+import os
+
 import pytest
 
 from ldm.paths import check_output, is_git_lfs_pointer, require_file
@@ -18,6 +20,13 @@ def test_output_paths_are_checked_before_any_work_and_nothing_is_created(tmp_pat
     ]:
         with pytest.raises(ValueError, match=expected):
             check_output(path, "--x", folder=folder)
+
+
+def test_an_output_folder_that_is_not_writable_is_named(tmp_path, monkeypatch):
+    """(Tests may run as root, whom os.access lets write anywhere: the answer is what the check asks.)"""
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path))
+    with pytest.raises(ValueError, match=f"--out '.*out.json': the folder '{tmp_path}' is not writable"):
+        check_output(tmp_path / "new" / "out.json", "--out")
 
 
 def test_require_file_tells_a_folder_from_a_typo(tmp_path):
