@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
-from ldm.util import make_grid, tensor_to_pil
+from ldm.images import make_grid, tensor_to_pil
 
 
 class SetupCallback(Callback):

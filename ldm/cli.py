@@ -5,6 +5,15 @@ import torch
 from ldm.paths import require_file
 from ldm.util import check_config_tree, load_yaml
 
+# The training configs that the benchmark and the diagnostics build random-weight models from, by short name,
+# relative to the repository root.
+NAMED_CONFIGS = {
+    "sd": "configs/stable-diffusion/v1-finetune.yaml",
+    "ldm": "configs/latent-diffusion/txt2img-1p4B-finetune.yaml",
+    "tiny-sd": "configs/tiny/sd-tiny-finetune.yaml",
+    "tiny-ldm": "configs/tiny/ldm-tiny-finetune.yaml",
+}
+
 
 def default_device() -> str:
     """The machine's accelerator (CUDA, MPS, XPU, ...) when one is usable, else the CPU."""

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ldm.checkpoint import load_checkpoint
 from ldm.cli import default_device, parse_device, read_config, require_at_least
 from ldm.embeddings import load_embeddings, merge_embeddings
+from ldm.images import channels_first, make_grid, tensor_to_pil
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import DEFAULT_TIMESTEPS, LatentDiffusion
 from ldm.models.diffusion.plms import PLMSSampler
@@ -37,7 +38,7 @@ from ldm.modules.diffusionmodules.openaimodel import Downsample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.paths import check_output, require_file
-from ldm.util import channels_first, instantiate_from_config, make_grid, tensor_to_pil
+from ldm.util import instantiate_from_config
 
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler}
 PRECISIONS = ("autocast", "full")

@@ -1,23 +1,11 @@
-"""Small helpers shared by the whole package: config-driven construction and image utilities."""
+"""Config-driven construction, the LDM idiom: build `target(**params)` from YAML, refusing misspelt keys first."""
 import difflib
 import importlib
 import inspect
-import textwrap
 
-import numpy as np
 import torch
 import yaml
 from omegaconf import OmegaConf
-from PIL import Image, ImageDraw, ImageFont
-
-# The training configs that the benchmark and the diagnostics build random-weight models from, by short name,
-# relative to the repository root.
-NAMED_CONFIGS = {
-    "sd": "configs/stable-diffusion/v1-finetune.yaml",
-    "ldm": "configs/latent-diffusion/txt2img-1p4B-finetune.yaml",
-    "tiny-sd": "configs/tiny/sd-tiny-finetune.yaml",
-    "tiny-ldm": "configs/tiny/ldm-tiny-finetune.yaml",
-}
 
 
 def get_obj_from_str(dotted_path: str):
@@ -129,79 +117,3 @@ def default(value, fallback):
     if exists(value):
         return value
     return fallback() if callable(fallback) else fallback
-
-
-def channels_first(images: torch.Tensor) -> torch.Tensor:
-    """Dataset images, (B, H, W, C) ((B, H, W) for one channel), uint8 or float in [-1, 1], as the contiguous
-    float32 (B, C, H, W) in [-1, 1] the networks take.
-
-    Datasets hand out uint8, a quarter of float32's bytes through worker processes, collation and pinning; the
-    conversion is the float32 arithmetic they used to do, so where it happens changes no value."""
-    if images.ndim == 3:
-        images = images[..., None]
-    images = images.permute(0, 3, 1, 2)
-    return (images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()).contiguous()
-
-
-def log_txt_as_img(wh, captions, size=10):
-    """Render each caption as black text on a white (w, h) canvas; returns (B, 3, h, w) in [-1, 1].
-
-    Uses PIL's built-in font so it works on every platform (the original needed a TTF file).
-    """
-    w, h = wh
-    font = ImageFont.load_default()
-    chars_per_line = max(1, int(40 * (w / 256)))
-    images = []
-    for caption in captions:
-        canvas = Image.new("RGB", (w, h), color="white")
-        lines = "\n".join(textwrap.wrap(str(caption), chars_per_line))
-        ImageDraw.Draw(canvas).text((0, 0), lines, fill="black", font=font)
-        images.append(np.asarray(canvas))
-    return channels_first(torch.from_numpy(np.stack(images)))
-
-
-def make_grid(images: torch.Tensor, nrow: int = 4, padding: int = 2) -> torch.Tensor:
-    """Tile (B, C, H, W) images into one (C, H', W') grid, `nrow` images per row."""
-    b, c, h, w = images.shape
-    ncol = min(nrow, b)
-    nrows = (b + ncol - 1) // ncol
-    grid = images.new_zeros(c, nrows * (h + padding) + padding, ncol * (w + padding) + padding)
-    for i in range(b):
-        row, col = divmod(i, ncol)
-        top, left = padding + row * (h + padding), padding + col * (w + padding)
-        grid[:, top:top + h, left:left + w] = images[i]
-    return grid
-
-
-def tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    """(C, H, W) in [0, 1] to a PIL image."""
-    array = (image.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array)
-
-
-class BatchPositions:
-    """The position of each training batch in a run: its optimizer step times the batches per step, plus its index
-    among that step's batches. Under gradient accumulation several batches share a step and each needs its own
-    noise; a resumed run restarts at a step boundary, where the index starts again from 0."""
-
-    def __init__(self):
-        self._step, self._index = -1, 0
-
-    def next(self, step: int, batches_per_step: int) -> int:
-        """The position of the training batch now starting (call once per batch)."""
-        self._index = self._index + 1 if step == self._step else 0
-        self._step = step
-        return step * batches_per_step + self._index
-
-
-def batches_per_step(module) -> int:
-    """The trainer's `accumulate_grad_batches`, 1 for a module used without a trainer."""
-    return module._trainer.accumulate_grad_batches if module._trainer is not None else 1
-
-
-def step_generator(seed: int, step: int, device, rank: int = 0) -> torch.Generator:
-    """The random stream of one training batch: a pure function of (seed, its position, rank), so resumed runs
-    draw exactly what an uninterrupted run would have drawn."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step * 101 + rank) % (2**63))
-    return generator

@@ -22,9 +22,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ldm.cli import parse_device
+from ldm.cli import NAMED_CONFIGS, parse_device
 from ldm.measure import CudaAutocastOnCPU
-from ldm.util import NAMED_CONFIGS, instantiate_from_config
+from ldm.util import instantiate_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

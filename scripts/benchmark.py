@@ -82,15 +82,15 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
 from ldm.checkpoint import build_random_model
-from ldm.cli import parse_device
+from ldm.cli import NAMED_CONFIGS, parse_device
 from ldm.generate import first_stage_factor, generate, sampling_weights_dtype
+from ldm.images import channels_first
 from ldm.measure import CudaAutocastOnCPU
 from ldm.models.diffusion.ddpm import COMPILE_MODES
 from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import clip_tokenizer
 from ldm.paths import check_output
-from ldm.util import NAMED_CONFIGS, channels_first
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # GFLOP per image of the least work a textual-inversion step needs: UNet forward plus the backward to its inputs,

@@ -29,8 +29,8 @@ from ldm.embeddings import load_embeddings
 from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, remove_placeholders
 from ldm.generate import (PRECISIONS, check_ddim_steps, config_timesteps, first_stage_factor, generate, load_model,
                           sampling_weights_dtype, save_outputs)
+from ldm.images import channels_first
 from ldm.paths import check_output
-from ldm.util import channels_first
 
 SCORE_FILE = "clip_scores.json"
 

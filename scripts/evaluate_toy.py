@@ -33,9 +33,9 @@ from ldm.data.procedural import HELD_OUT_CONCEPTS, HeldOutConcept, held_out_conc
 from ldm.embeddings import Embeddings, load_embeddings
 from ldm.evaluation.world_classifier import load_classifier
 from ldm.generate import check_ddim_steps, config_timesteps, first_stage_factor, generate, load_model
+from ldm.images import log_txt_as_img, make_grid, tensor_to_pil
 from ldm.modules.embedding_manager import initial_vectors
 from ldm.paths import check_output, require_file
-from ldm.util import log_txt_as_img, make_grid, tensor_to_pil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shipped toy model and classifier, found from any working folder.

@@ -21,7 +21,8 @@ from ldm.data.templates import (
     per_img_token_list,
     read_template_file,
 )
-from ldm.util import BatchPositions, channels_first
+from ldm.images import channels_first
+from ldm.random_streams import BatchPositions
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

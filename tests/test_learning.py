@@ -11,7 +11,7 @@ import torch
 import main as main_module
 from ldm.checkpoint import build_random_model
 from ldm.embeddings import load_embeddings
-from ldm.util import channels_first
+from ldm.images import channels_first
 from tests.conftest import TINY_SD
 
 

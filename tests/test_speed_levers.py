@@ -14,10 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ldm.modules.attention
 from ldm.checkpoint import build_random_model
+from ldm.images import channels_first
 from ldm.models.diffusion.ddpm import fused_adamw
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.modules.lean_ops import LayerNorm, LeanConv
-from ldm.util import channels_first, instantiate_from_config
+from ldm.util import instantiate_from_config
 from tests.conftest import TINY_SD
 from tests.test_lean_ops import stock_gated_gelu
 

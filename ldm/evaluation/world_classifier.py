@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ldm.data.procedural import LABEL_NAMES, sample_scene
+from ldm.images import channels_first
 from ldm.paths import GIT_LFS_FIX, is_git_lfs_pointer, require_file
-from ldm.util import channels_first
 
 TRAINED_BY = "scripts/train_world_classifier.py"
 

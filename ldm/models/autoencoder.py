@@ -12,9 +12,11 @@ import torch.nn as nn
 from taming.modules.vqvae.quantize import VectorQuantizer2
 
 from ldm.checkpoint import restore
+from ldm.images import channels_first
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import BatchPositions, batches_per_step, channels_first, instantiate_from_config, step_generator
+from ldm.random_streams import BatchPositions, batches_per_step, step_generator
+from ldm.util import instantiate_from_config
 
 
 class AutoencoderKL(pl.LightningModule):

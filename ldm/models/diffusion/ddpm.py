@@ -16,21 +16,15 @@ import pytorch_lightning as pl
 import torch
 
 from ldm.checkpoint import LoadedCheckpoint, build_filled_by, load_checkpoint, restore
+from ldm.images import channels_first, log_txt_as_img
 from ldm.modules.cuda_graphs import GraphedUNet
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.encoders.modules import TextConditioner
 from ldm.modules.weight_offload import WeightOffload, unet_blocks
-from ldm.util import (
-    BatchPositions,
-    batches_per_step,
-    channels_first,
-    count_params,
-    instantiate_from_config,
-    log_txt_as_img,
-    step_generator,
-)
+from ldm.random_streams import BatchPositions, batches_per_step, step_generator
+from ldm.util import count_params, instantiate_from_config
 
 FROZEN_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # `compile_unet`: false, true (torch.compile's default mode) or a mode; "reduce-overhead" adds CUDA graphs.
