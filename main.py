@@ -338,21 +338,8 @@ def main(argv=None):
     config = build_config(opt, unknown, base_configs)
     check_config_tree(config)
     lightning_config = config.pop("lightning", OmegaConf.create())
-    # Lightning's other ModelCheckpoint settings (monitor, save_top_k, ...) do not apply here; a typo of ours does.
-    check_keys(lightning_config.get("modelcheckpoint", {}).get("params", {}), {"every_n_train_steps"}, True,
-               "TrainingCheckpoint (ldm.callbacks)", "lightning.modelcheckpoint.params.")
-    textual_inversion = config.model.params.get("personalization_config") is not None
-    if "data" not in config:
-        example = "configs/stable-diffusion/v1-finetune.yaml" if textual_inversion else "configs/toy/autoencoder.yaml"
-        raise UsageError(f"no data in the configs: pass a training config with a data block with --base (e.g. "
-                         f"{example}; inference configs have none)")
-    if textual_inversion and not config.model.params.get("ckpt_path"):
-        raise UsageError("--actual_resume is required: the pretrained model checkpoint (e.g. models/ldm/stable-diffusion-v1/model.ckpt)")
-    pretrained = config.model.params.get("ckpt_path")
-    if pretrained:  # now, not after building a model of gigabytes
-        require_file(pretrained, "--actual_resume", "check the path (models/README.md says which file goes where)")
-    if textual_inversion and not config.data.params.train.params.get("data_root"):
-        raise UsageError("--data_root is required: the folder with your 3-5 training images")
+    textual_inversion = check_training_config(config)
+    every = checkpoint_interval(lightning_config)
     settings, world = trainer_settings(opt, lightning_config)
     lightning_config.trainer = settings
     pl.seed_everything(config.model.params.seed, workers=True)
@@ -364,24 +351,8 @@ def main(argv=None):
         print(f"{split}: {type(dataset).__name__}, {len(dataset)} items")
     model = instantiate_from_config(config.model)
 
-    batch_size, base_lr = config.data.params.batch_size, config.model.base_learning_rate
-    accumulate = int(settings.get("accumulate_grad_batches", 1))
-    if opt.scale_lr:
-        model.learning_rate = accumulate * world * batch_size * base_lr
-        print(
-            f"Setting learning rate to {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) * {world} (num_gpus) "
-            f"* {batch_size} (batchsize) * {base_lr:.2e} (base_lr)"
-        )
-    else:
-        model.learning_rate = base_lr
-        print(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {model.learning_rate:.2e}")
+    model.learning_rate = learning_rate(opt.scale_lr, config, int(settings.get("accumulate_grad_batches", 1)), world)
 
-    every = lightning_config.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 500)
-    if isinstance(every, float) and every.is_integer():
-        every = int(every)
-    if every is not None and (not isinstance(every, int) or every < 0):
-        raise UsageError(f"every_n_train_steps {every} is not a step count: set "
-                         "lightning.modelcheckpoint.params.every_n_train_steps to a number of steps, or 0 for none")
     checkpointer = TrainingCheckpoint(ckptdir, every_n_train_steps=every)
     callbacks = [
         SetupCallback(now, logdir, ckptdir, cfgdir, config, lightning_config),
@@ -400,6 +371,64 @@ def main(argv=None):
         )
     except (TypeError, ValueError, MisconfigurationException) as error:  # a misspelt or impossible trainer setting
         raise UsageError(f"the trainer settings (lightning.trainer and the Trainer flags) are refused: {error}") from None
+    fit_until_stopped(trainer, checkpointer, model, data, ckpt_to_resume)
+    if trainer.stop_signal is not None and trainer.is_global_zero:  # other ranks name run folders of their own
+        if os.path.isfile(os.path.join(ckptdir, "last.ckpt")):
+            saved = "embeddings and last.ckpt are" if textual_inversion else "last.ckpt is"
+            print(f"Stopped at step {trainer.global_step}; {saved} in {ckptdir}. Continue with: python main.py -r {logdir}")
+        else:
+            print("Stopped before the first training step ended; nothing was saved.")
+    return trainer
+
+
+def check_training_config(config) -> bool:
+    """Refuse, before anything is built, a merged config that cannot train: no data block, or textual inversion
+    without its pretrained checkpoint or image folder. Returns whether the config is a textual-inversion one."""
+    textual_inversion = config.model.params.get("personalization_config") is not None
+    if "data" not in config:
+        example = "configs/stable-diffusion/v1-finetune.yaml" if textual_inversion else "configs/toy/autoencoder.yaml"
+        raise UsageError(f"no data in the configs: pass a training config with a data block with --base (e.g. "
+                         f"{example}; inference configs have none)")
+    if textual_inversion and not config.model.params.get("ckpt_path"):
+        raise UsageError("--actual_resume is required: the pretrained model checkpoint (e.g. models/ldm/stable-diffusion-v1/model.ckpt)")
+    pretrained = config.model.params.get("ckpt_path")
+    if pretrained:  # now, not after building a model of gigabytes
+        require_file(pretrained, "--actual_resume", "check the path (models/README.md says which file goes where)")
+    if textual_inversion and not config.data.params.train.params.get("data_root"):
+        raise UsageError("--data_root is required: the folder with your 3-5 training images")
+    return textual_inversion
+
+
+def checkpoint_interval(lightning_config):
+    """`lightning.modelcheckpoint.params.every_n_train_steps` (500 by default, 0 or None for none), checked.
+    Lightning's other ModelCheckpoint settings (monitor, save_top_k, ...) do not apply here; a typo of ours does."""
+    params = lightning_config.get("modelcheckpoint", {}).get("params", {})
+    check_keys(params, {"every_n_train_steps"}, True, "TrainingCheckpoint (ldm.callbacks)",
+               "lightning.modelcheckpoint.params.")
+    every = params.get("every_n_train_steps", 500)
+    if isinstance(every, float) and every.is_integer():
+        every = int(every)
+    if every is not None and (not isinstance(every, int) or every < 0):
+        raise UsageError(f"every_n_train_steps {every} is not a step count: set "
+                         "lightning.modelcheckpoint.params.every_n_train_steps to a number of steps, or 0 for none")
+    return every
+
+
+def learning_rate(scale_lr: bool, config, accumulate: int, world: int) -> float:
+    """The config's base_learning_rate, times the images per optimizer step with --scale_lr (the original's
+    default), printed as the original printed it."""
+    batch_size, base_lr = config.data.params.batch_size, config.model.base_learning_rate
+    if not scale_lr:
+        print(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {base_lr:.2e}")
+        return base_lr
+    rate = accumulate * world * batch_size * base_lr
+    print(f"Setting learning rate to {rate:.2e} = {accumulate} (accumulate_grad_batches) * {world} (num_gpus) "
+          f"* {batch_size} (batchsize) * {base_lr:.2e} (base_lr)")
+    return rate
+
+
+def fit_until_stopped(trainer, checkpointer: TrainingCheckpoint, model, data, ckpt_to_resume):
+    """trainer.fit, where Ctrl-C and SIGTERM finish the step, save and stop (`trainer.stop_signal` says which)."""
     trainer.stop_signal = None
     try:
         with stop_and_save_signals(trainer, checkpointer):
@@ -412,13 +441,6 @@ def main(argv=None):
         # batch may fail once they are gone; TrainingCheckpoint has saved by then.
         if trainer.stop_signal is None:
             raise
-    if trainer.stop_signal is not None and trainer.is_global_zero:  # other ranks name run folders of their own
-        if os.path.isfile(os.path.join(ckptdir, "last.ckpt")):
-            saved = "embeddings and last.ckpt are" if textual_inversion else "last.ckpt is"
-            print(f"Stopped at step {trainer.global_step}; {saved} in {ckptdir}. Continue with: python main.py -r {logdir}")
-        else:
-            print("Stopped before the first training step ended; nothing was saved.")
-    return trainer
 
 
 @contextlib.contextmanager
