@@ -8,7 +8,7 @@ setup(
     package_data={"ldm": ["modules/encoders/vocab/*"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.5",
+        "torch>=2.7",
         "torchvision",
         "numpy",
         "omegaconf>=2.3",

@@ -763,8 +763,9 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
     model = build_ours(args.model, device, args.precision)
     images = training_images(model)
     parts = None if args.skip_diffusers else convert_to_diffusers(model, args.model, args.precision)
-    # Ours eager, diffusers and main.py's own run first, so a run cut short still has the comparison; the levers
-    # least tried last, so a kernel that fails in a way that poisons the CUDA context costs only the rows after it.
+    # Ours eager and diffusers first, so a run cut short still has the comparison; then the levers, least tried last,
+    # so a kernel that fails in a way that poisons the CUDA context costs only the rows after it; then sampling;
+    # main.py's own runs last: the slowest rows (a process each, loading a checkpoint), and their own processes.
     variants = []
     if args.gradient_checkpointing:
         variants.append(("checkpointing", {"use_checkpoint": True}))
@@ -813,30 +814,37 @@ def run_benchmark(args, progress: Callable[[dict], None] = lambda report: None) 
                 label, variant, images, args, rows, measured))
         set_diffusers_gradient_checkpointing(parts, False)
         parts.to("cpu")
-    if args.main_loop:
-        notes.append("ours, main.py: main.py's own training run, in a process of its own, on the same weights and "
-                     "images (its data loader, Lightning's loop and hooks, logging and progress bar included); "
-                     "ms/step: the mean time from one step's start to the next's after the warm-up, steps that "
-                     "encoded an image new to the latent cache left out; peak: the most one of those steps allocated.")
-        variant, levers = main_loop_variant(variants)
-        with main_loop_files(model, images) as files:
+    for variant, levers in variants:
+        attempt(f"ours {variant}", partial(time_ours, variant, levers))
+    with contextlib.ExitStack() as cleanup:
+        # main.py's checkpoint is written now, in the training dtype: sampling stores the weights in its own.
+        files = cleanup.enter_context(main_loop_files(model, images)) if args.main_loop else None
+        model.to(device)
+        if parts is not None:
+            parts.to(device)
+        if args.sampling:
+            if parts is not None and parts.text_encoder_label != "CLIPTextModel":
+                notes.append("Sampling: StableDiffusionPipeline needs a CLIP text encoder, so LDM sampling is ours only.")
+                parts = None
+            report["sampling_steps"] = args.sampling_steps
+            dtype = sampling_weights_dtype(device, sampling_precision(args.precision))
+            report["sampling_dtype"] = str(dtype).removeprefix("torch.")
+            report["sampling"] = []
+            sampling_rows(model, parts, args, report["sampling"], attempt)
+        if files is not None:
+            model.cpu()
+            if parts is not None:
+                parts.to("cpu")
+            release_memory(device)
+            notes.append("ours, main.py: main.py's own training run, in a process of its own, on the same weights and "
+                         "images (its data loader, Lightning's loop and hooks, logging and progress bar included); "
+                         "ms/step: the mean time from one step's start to the next's after the warm-up, steps that "
+                         "encoded an image new to the latent cache left out; peak: the most one of those steps "
+                         "allocated.")
+            variant, levers = main_loop_variant(variants)
             for batch_size in args.batch_sizes:
                 attempt(f"ours, main.py {variant} batch {batch_size}", lambda batch_size=batch_size: rows.append(
                     main_loop_row(files, variant, levers, batch_size, args)))
-    for variant, levers in variants:
-        attempt(f"ours {variant}", partial(time_ours, variant, levers))
-    model.to(device)
-    if parts is not None:
-        parts.to(device)
-    if args.sampling:
-        if parts is not None and parts.text_encoder_label != "CLIPTextModel":
-            notes.append("Sampling: StableDiffusionPipeline needs a CLIP text encoder, so LDM sampling is ours only.")
-            parts = None
-        report["sampling_steps"] = args.sampling_steps
-        dtype = sampling_weights_dtype(device, sampling_precision(args.precision))
-        report["sampling_dtype"] = str(dtype).removeprefix("torch.")
-        report["sampling"] = []
-        sampling_rows(model, parts, args, report["sampling"], attempt)
     return report
 
 
