@@ -75,6 +75,28 @@ def test_native_group_norm_on_cuda_is_within_the_rounding_of_its_half_statistics
     assert (grads[0] - grads[1]).abs().max() <= bound * grads[1].abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("silu", [False, True])
+def test_channels_last_group_norm_on_cuda_matches_the_native_kernel(dtype, silu):
+    """CUDA's native kernel hands a channels-last input back NCHW; GroupNorm32's own keeps the layout, within the
+    native kernel's rounding (bf16: about (1 + |mean|/std) ulps, here |mean|/std = 4)."""
+    torch.manual_seed(0)
+    norm = GroupNorm32(8, 64, silu=silu).cuda().to(dtype).requires_grad_(False)
+    nn.init.normal_(norm.weight, 1.0, 0.2), nn.init.normal_(norm.bias, 0.0, 0.2)
+    x = (torch.randn(2, 64, 16, 16, device="cuda") * 2.0 + 8.0).to(dtype)
+    gradient = torch.randn(2, 64, 16, 16, device="cuda").to(dtype).to(memory_format=torch.channels_last)
+    outputs, grads = [], []
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        inputs = x.to(memory_format=memory_format).requires_grad_(True)
+        output = norm(inputs)
+        assert output.is_contiguous(memory_format=memory_format)
+        outputs.append(output.float())
+        grads.append(torch.autograd.grad(output, inputs, gradient)[0].float())
+    bound = 4 * 2.0 ** -8 * 5 if dtype == torch.bfloat16 else 1e-5
+    assert (outputs[0] - outputs[1]).abs().max() <= bound * outputs[1].abs().max()
+    assert (grads[0] - grads[1]).abs().max() <= bound * grads[1].abs().max()
+
+
 def test_layer_norm_under_cuda_autocast_stays_in_bf16_where_nn_layer_norm_goes_float32():
     norm = LayerNorm(64).cuda().bfloat16().requires_grad_(False)
     x = torch.randn(2, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -5,8 +5,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.modules.diffusionmodules.util import GroupNorm32, upsample_nearest
-from ldm.modules.lean_ops import (LayerNorm, LeanConv1d, LeanConv2d, gated_gelu, group_norm_silu, native_layer_norms,
-                                  projected_gated_gelu)
+from ldm.modules.lean_ops import (LayerNorm, LeanConv1d, LeanConv2d, channels_last_group_norm, gated_gelu,
+                                  group_norm_silu, native_layer_norms, projected_gated_gelu)
 
 
 def kept_for_backward(run) -> list[torch.Tensor]:
@@ -192,6 +192,61 @@ def test_group_norm_silu_without_gradients_is_plain():
     weight, bias = torch.ones(8), torch.zeros(8)
     with torch.no_grad():
         assert torch.equal(group_norm_silu(x, 2, weight, bias, 1e-6), F.silu(F.group_norm(x, 2, weight, bias, 1e-6)))
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("offset", [0.0, 8.0])
+def test_channels_last_group_norm_matches_the_native_kernel(dtype, silu, offset):
+    """Output and gradients (input, weight, bias) of the channels-last GroupNorm against the native kernel in
+    float64: float64 and float32 to their rounding, bf16 within what rounding the mean and scale to bf16 adds (about
+    (1 + |mean|/std) bf16 ulps, as CUDA's native kernel does); everything it hands back stays channels-last."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 64, 6, 5, dtype=torch.float64) * 2 + offset).to(dtype)
+    weight = (1 + 0.2 * torch.randn(64, dtype=torch.float64)).to(dtype)
+    bias = (0.2 * torch.randn(64, dtype=torch.float64)).to(dtype)
+    grad_output = torch.randn(2, 64, 6, 5, dtype=torch.float64).to(dtype).to(memory_format=torch.channels_last)
+    results = []
+    for inputs, function in (
+            ((x.to(memory_format=torch.channels_last), weight, bias),
+             lambda x, w, b: channels_last_group_norm(x, 8, w, b, 1e-5, silu)),
+            ((x.double(), weight.double(), bias.double()),
+             lambda x, w, b: (F.silu if silu else nn.Identity())(F.group_norm(x, 8, w, b, 1e-5)))):
+        inputs = [t.detach().requires_grad_(True) for t in inputs]
+        output = function(*inputs)
+        results.append((output, torch.autograd.grad(output, inputs, grad_output.to(output.dtype))))
+    (output, grads), (reference, reference_grads) = results
+    assert is_channels_last(output) and is_channels_last(grads[0])
+    tolerance = {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 4 * 2.0 ** -8 * (1 + offset / 2)}[dtype]
+    for value, expected in ((output, reference), *zip(grads, reference_grads)):
+        assert value.dtype == dtype
+        assert (value.double() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_channels_last_group_norm_keeps_only_its_input_and_statistics():
+    x = torch.randn(2, 32, 8, 8).to(memory_format=torch.channels_last).requires_grad_(True)
+    kept, _ = kept_for_backward(lambda: channels_last_group_norm(x, 4, torch.ones(32), torch.zeros(32), 1e-5, True))
+    assert sum(t.numel() for t in kept if t.numel() >= x.numel()) == x.numel()
+
+
+def test_group_norm32_keeps_a_channels_last_input_channels_last():
+    """CUDA's native kernel hands back NCHW (and the lean GroupNorm+SiLU works in NCHW everywhere): GroupNorm32
+    computes channels-last inputs itself, in either of its precisions, and leaves NCHW inputs to the native kernel."""
+    torch.manual_seed(0)
+    for silu in (False, True):
+        norm = GroupNorm32(4, 16, silu=silu)
+        for x, weights in ((torch.randn(2, 16, 6, 6), torch.float32), (torch.randn(2, 16, 6, 6).bfloat16(), torch.float32),
+                           (torch.randn(2, 16, 6, 6).bfloat16(), torch.bfloat16)):
+            norm.to(weights)
+            expected = norm(x)
+            assert expected.is_contiguous()
+            output = norm(x.to(memory_format=torch.channels_last))
+            assert is_channels_last(output) and output.dtype == x.dtype
+            torch.testing.assert_close(output, expected, rtol=0, atol=8 * torch.finfo(x.dtype).eps)
 
 
 class AutocastAtCalls:

@@ -316,6 +316,8 @@ def test_compile_unet_takes_true_or_a_torch_compile_mode(monkeypatch):
 
 
 def test_channels_last_unet_gives_the_same_loss_and_gradient(dataset):
+    """Every convolution gets its input channels-last: no layer (a GroupNorm, as CUDA's native one would) hands
+    back NCHW for the next convolution to convert back."""
     contiguous = build_random_model(TINY_SD)
     config = OmegaConf.load(TINY_SD)
     config.model.params.channels_last = True
@@ -332,7 +334,10 @@ def test_channels_last_unet_gives_the_same_loss_and_gradient(dataset):
         kernels = [p for p in unet.parameters() if p.ndim == 4]
         assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
         assert not unet.input_blocks[0][0].weight.is_contiguous()
-        loss, grad = vector_gradient(channels_last, batch, dtype)
+        vector_gradient(channels_last, batch, dtype)  # fills the latent cache: the next step runs the UNet alone
+        with ConvolutionLayouts() as convolutions:
+            loss, grad = vector_gradient(channels_last, batch, dtype)
+        assert convolutions.layouts == {"channels_last"}
         reference_loss, reference_grad = vector_gradient(contiguous, batch, dtype)
         assert inputs[-1].is_contiguous(memory_format=torch.channels_last) and not inputs[-1].is_contiguous()
         # The same products summed in another order: they agree to the activations' rounding.
@@ -361,7 +366,7 @@ class ConvolutionLayouts(TorchDispatchMode):
 def test_every_convolution_of_an_nchw_network_gets_an_nchw_input(dataset):
     """A channels-last view leaving an attention block (UNet or VAE) would spread to every later layer, each
     convolution then converting its weights and input at every call, unless the block lays out its output as its
-    input. (With `channels_last` the GroupNorms hand NCHW back, as CUDA's do: the lever's known cost.)"""
+    input."""
     model = build_random_model(TINY_SD)
     batch = batch_of(dataset, [0, 1], [False, True])
     vector_gradient(model, batch, torch.float32)  # fills the latent cache: the next step runs the UNet alone
@@ -395,15 +400,17 @@ def test_attention_backend_puts_its_kernel_first_in_every_attention_of_the_unet(
         cudnn.model.diffusion_model.use_attention_backend("fast")
 
 
-@pytest.mark.parametrize("levers", [{}, pytest.param({"recompute_feedforward": True, "attention_backend": "math"},
-                                                      marks=pytest.mark.slow)])
-def test_the_unet_compiles_to_one_graph_with_its_lean_backward(levers):
+@pytest.mark.parametrize("levers, memory_format", [
+    ({}, torch.contiguous_format),
+    pytest.param({"recompute_feedforward": True, "attention_backend": "math"}, torch.channels_last,
+                 marks=pytest.mark.slow)])
+def test_the_unet_compiles_to_one_graph_with_its_lean_backward(levers, memory_format):
     """A graph break (e.g. an op torch.compile cannot trace in a lean layer's backward) would split the compiled
     UNet into dozens of graphs, and the speed of compile_unet with it."""
     config = OmegaConf.load(TINY_SD).model.params.unet_config
     config.params.update(levers)
-    unet = instantiate_from_config(config)
-    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+    unet = instantiate_from_config(config).to(memory_format=memory_format)
+    x, t = torch.randn(2, 4, 16, 16).to(memory_format=memory_format), torch.tensor([10, 500])
     context = torch.randn(2, 77, 32, requires_grad=True)
     explanation = torch._dynamo.explain(lambda x, t, context: unet(x, t, context=context))(x, t, context)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons

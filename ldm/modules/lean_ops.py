@@ -22,6 +22,9 @@ whole UNet they agree to float32 rounding, as autograd may add up a tensor's gra
 native LayerNorm's output is the float32 path's rounded once to the half dtype, which the next linear's cast
 makes of it anyway; its input gradient sums the gradients of the linears it feeds in the half dtype rather than
 in float32 (as a model stored and run in bf16 does).
+With `channels_last`, GroupNorm runs `channels_last_group_norm`, which keeps the layout (CUDA's native kernel
+takes NCHW only) and what the native norm keeps for backward; its arithmetic is its own, within the native
+kernel's rounding (float32) and CUDA's (half precision: mean and scale rounded to the half dtype).
 """
 from contextlib import nullcontext
 
@@ -197,6 +200,93 @@ def group_norm_silu(x, groups, weight, bias, eps):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _GroupNormSiLU.apply(x, weight, bias, groups, eps)
     return F.silu(F.group_norm(x, groups, weight, bias, eps))
+
+
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """A channels-last (B, C, H, W) tensor as (B, H*W, groups, C/groups): a view, no copy (a copy for another
+    layout, e.g. an incoming gradient in NCHW)."""
+    batch, channels, height, width = x.shape
+    return x.permute(0, 2, 3, 1).reshape(batch, height * width, groups, channels // groups)
+
+
+def _ungrouped(grouped: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    batch, channels, height, width = like.shape
+    return grouped.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+def _per_channel(parameter, grouped, dtype):
+    """A (C,) weight or bias as (1, 1, groups, C/groups) in `dtype`; None stays None."""
+    return None if parameter is None else parameter.to(dtype).view(1, 1, *grouped.shape[2:])
+
+
+def _normalize(grouped, weight, bias, mean, rstd):
+    """(x - mean) * rstd * weight + bias as one multiply-add, in x's dtype (the scale and shift rounded to it, as
+    CUDA's native kernel rounds its mean and scale)."""
+    scale = rstd if weight is None else rstd * _per_channel(weight, grouped, rstd.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + _per_channel(bias, grouped, rstd.dtype)
+    return torch.addcmul(shift.to(grouped.dtype), grouped, scale.to(grouped.dtype))
+
+
+class _ChannelsLastGroupNorm(torch.autograd.Function):
+    """GroupNorm, and SiLU after it with `silu`, computed on a channels-last tensor where it lies, with float32 (or
+    wider) statistics; it keeps what the native norm keeps for backward (the input and the statistics) and, like
+    _GroupNormSiLU, recomputes the norm's output for the SiLU's backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, silu):
+        grouped = _grouped(x, groups)
+        # One pass over x (Welford's, accumulating in float32); a half x gets its mean and variance rounded to its
+        # dtype, as CUDA's native kernel rounds its mean and scale.
+        variance, mean = torch.var_mean(grouped, dim=(1, 3), correction=0, keepdim=True)
+        stats = torch.promote_types(x.dtype, torch.float32)
+        mean, rstd = mean.to(stats), variance.to(stats).add(eps).rsqrt()
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.groups, ctx.silu = groups, silu
+        normed = _normalize(grouped, weight, bias, mean, rstd)
+        return _ungrouped(F.silu(normed) if silu else normed, x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grouped = _grouped(x, ctx.groups)
+        grad = _grouped(grad_output, ctx.groups)
+        if ctx.silu:
+            grad = torch.ops.aten.silu_backward(grad, _normalize(grouped, weight, bias, mean, rstd))
+        # Per (image, channel): the gradient's sum, and its sum against the normalised input.
+        grad_sum = grad.sum(1, keepdim=True, dtype=rstd.dtype)
+        grad_dot_normed = ((grad * grouped).sum(1, keepdim=True, dtype=rstd.dtype) - mean * grad_sum) * rstd
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # d/dx of the norm: rstd * (g*w - mean(g*w) - normed * mean(g*w*normed)), the means over each group,
+            # as one multiply-add per element: a * g + b * x + c.
+            scale = rstd if weight is None else rstd * _per_channel(weight, grouped, rstd.dtype)
+            count = grouped.shape[1] * grouped.shape[3]
+            mean_grad = (grad_sum * scale).sum(3, keepdim=True) / count
+            mean_grad_normed = (grad_dot_normed * scale).sum(3, keepdim=True) / count
+            b = -rstd * mean_grad_normed
+            c = -mean * b - mean_grad
+            grad_x = _ungrouped(torch.addcmul(torch.addcmul(c, grouped, b), grad, scale).to(x.dtype), x)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = grad_dot_normed.sum(0).reshape(-1).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_sum.sum(0).reshape(-1).to(bias.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def channels_last_group_norm(x, groups, weight, bias, eps, silu=False):
+    """group_norm(x) (then SiLU, with `silu`) of a channels-last x, in x's dtype, handed back channels-last."""
+    with autocast_disabled(x.device.type):
+        return _ChannelsLastGroupNorm.apply(x, weight, bias, groups, eps, silu)
+
+
+def stays_channels_last(x: torch.Tensor) -> bool:
+    """Whether a GroupNorm of x should run `channels_last_group_norm`: x is channels-last (and not also NCHW, as a
+    1x1 image is). CUDA's native kernel takes NCHW only: it would copy x to NCHW and hand back NCHW, for the next
+    convolution (channels-last weights) to convert back, two copies of every activation per norm in forward and
+    again in backward; the lean GroupNorm+SiLU (`_GroupNormSiLU`) works in NCHW on every device."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class LayerNorm(nn.LayerNorm):

@@ -13,8 +13,10 @@ from ldm.modules.lean_ops import (
     LeanConv1d,
     LeanConv2d,
     autocast_disabled,
+    channels_last_group_norm,
     group_norm_silu,
     shares_dtype,
+    stays_channels_last,
 )
 from ldm.modules.weight_offload import uploaded
 
@@ -109,13 +111,18 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x):
         if shares_dtype(x, self.weight, self.bias):
+            if stays_channels_last(x):
+                return channels_last_group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
             with autocast_disabled(x.device.type):
                 if self.silu:
                     return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
                 return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
-        normed = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+        if stays_channels_last(x):
+            normed = channels_last_group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+        else:
+            normed = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
         return F.silu(normed) if self.silu else normed
 
 
