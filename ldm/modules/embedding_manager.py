@@ -341,20 +341,11 @@ class EmbeddingManager(nn.Module):
         """Replace all placeholders and vectors with those of an embedding file (see `set_embeddings`)."""
         self.set_embeddings(load_embeddings(path), source=f"embedding file '{path}'", path=path)
 
-    def set_embeddings(self, embeddings: Embeddings, source: str = "the embeddings", path: str | None = None):
-        """Replace all placeholders and vectors with those of `embeddings`, e.g. several files merged in memory.
-
-        Token ids come from this tokenizer (recorded ids are only compared), the vector count from the embeddings,
-        and the training step from their metadata when recorded, so a progressive-words config uses exactly the
-        vectors that were active when the file was written (all of them when no step is recorded: diffusers files,
-        merged files). `source` names them in errors; `path`, the one file they
-        come from, lets an error say how to convert it. Optimizers built before this call hold stale tensors.
-        """
-        if not embeddings.vectors:
-            raise ValueError(f"{source} holds no vectors")
-        embeddings.check_width(self.token_dim, source)
+    def _tokens_for(self, embeddings: Embeddings, source: str, path: str | None):
+        """The token id of each placeholder of `embeddings` (in the file's order), and the stand-in tokens of those
+        the tokenizer splits into several; a ValueError naming `source` for a clash or an unusable word."""
         convertible = path if len(embeddings.vectors) == 1 else None  # convert_embedding.py renames one placeholder
-        tokens = {}  # checked in full before anything is replaced, so a refused file leaves the manager as it was
+        tokens = {}
         several = [p for p in embeddings.vectors if len(text_token_ids(self.tokenizer, p)) > 1]
         folded = {}
         for word in several:  # prompts name these words regardless of case
@@ -371,7 +362,22 @@ class EmbeddingManager(nn.Module):
             except ValueError as error:
                 raise ValueError(f"{source}: {error}") from None
         stand_ins = self._stand_ins(several, tokens, source)
-        tokens = {placeholder: tokens[placeholder] for placeholder in embeddings.vectors}  # the file's order
+        return {placeholder: tokens[placeholder] for placeholder in embeddings.vectors}, stand_ins
+
+    def set_embeddings(self, embeddings: Embeddings, source: str = "the embeddings", path: str | None = None):
+        """Replace all placeholders and vectors with those of `embeddings`, e.g. several files merged in memory.
+
+        Token ids come from this tokenizer (recorded ids are only compared), the vector count from the embeddings,
+        and the training step from their metadata when recorded, so a progressive-words config uses exactly the
+        vectors that were active when the file was written (all of them when no step is recorded: diffusers files,
+        merged files). `source` names them in errors; `path`, the one file they
+        come from, lets an error say how to convert it. Optimizers built before this call hold stale tensors.
+        """
+        if not embeddings.vectors:
+            raise ValueError(f"{source} holds no vectors")
+        embeddings.check_width(self.token_dim, source)
+        # Checked in full before anything is replaced, so a refused file leaves the manager as it was.
+        tokens, stand_ins = self._tokens_for(embeddings, source, path)
         previous_initial = {p: self.initial_embeddings[parameter_key(p)] for p in self.initializer_words}
         previous_words = self.initializer_words
         device = self.embedding_parameters()[0].device
