@@ -27,8 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="file to write; .safetensors or .pt/.bin decides the container")
     parser.add_argument("--format", required=True, choices=FORMATS, help="layout of the output file")
     parser.add_argument("--token", help="new placeholder/token for a single-placeholder embedding, e.g. '<cat-toy>'")
-    parser.add_argument("--name", help="with --format a1111: its 'name' entry (A1111 names the word after the file; "
-                                       "diffusers takes this name as the token)")
+    parser.add_argument("--name", help="with --format a1111: its 'name' entry, the word diffusers and this project "
+                                       "read (A1111 reads the file name); default: --token, else the file name")
     return parser.parse_args(argv)
 
 
@@ -83,6 +83,8 @@ def convert(args: argparse.Namespace) -> Embeddings:
         embeddings = renamed(embeddings, args.token)
     if args.name:
         embeddings.metadata["name"] = args.name
+    elif args.format == "a1111" and not args.token:  # the word A1111 reads, the file name, for every reader
+        embeddings.metadata["name"] = stem
     if args.format != "original" and model_family_of_width(embeddings.dim) == "ldm":
         print(f"convert_embedding: warning: '{args.input}' holds {width_label(embeddings.dim)} vectors; diffusers "
               f"and A1111 run SD models ({width_label(SD_V1_WIDTH)} for SD v1), which cannot use them", file=sys.stderr)

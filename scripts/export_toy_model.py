@@ -1,16 +1,17 @@
 r"""Turn a pretraining run's `last.ckpt` into the safetensors file that ships in `models/ldm/toy/`.
 
     python scripts/export_toy_model.py --ckpt logs/<autoencoder run>/checkpoints/last.ckpt \
-        --out models/ldm/toy/autoencoder.safetensors
+        --out models/ldm/toy/autoencoder.safetensors --force
     python scripts/export_toy_model.py --ckpt logs/<txt2img run>/checkpoints/last.ckpt \
-        --out models/ldm/toy/model.safetensors
+        --out models/ldm/toy/model.safetensors --force
 
 Keys keep their original names, so the file loads wherever the checkpoint would (`ckpt_path`, `--actual_resume`,
 `--ckpt`). A run that kept an EMA of the UNet (`model_ema.*`) is exported with the EMA weights as `model.*` and
 without the `model_ema.*` copies: one UNet, the one to sample with, so configs load it with `use_ema: False`.
 Network weights are written in float16 by default (half the size; the toy samples in float32 all the same);
 top-level buffers, the noise schedule and `scale_factor`, stay float32: they are tiny and rounding the schedule
-would shift every sampling step.
+would shift every sampling step. An existing --out, such as the shipped model, is replaced only with --force,
+and then in one step (a stopped export leaves the old file).
 """
 import argparse
 import os
@@ -46,9 +47,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ckpt", required=True, help="a pretraining run's checkpoint, e.g. logs/<run>/checkpoints/last.ckpt")
     parser.add_argument("--out", required=True, help="the .safetensors file to write, e.g. models/ldm/toy/model.safetensors")
     parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="precision of the network weights")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out (e.g. the shipped model)")
     args = parser.parse_args(argv)
     if not args.out.endswith(".safetensors"):
         print(f"error: --out '{args.out}' must end in .safetensors", file=sys.stderr)
+        return 2
+    if os.path.isfile(args.out) and not args.force:
+        print(f"error: --out '{args.out}' already exists: pass another --out, or --force to replace it", file=sys.stderr)
         return 2
     try:
         check_output(args.out, "--out")
@@ -61,7 +66,8 @@ def main(argv=None) -> int:
     if checkpoint.global_step is not None:
         metadata["global_step"] = str(checkpoint.global_step)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_file(state, args.out, metadata=metadata)
+    save_file(state, args.out + ".tmp", metadata=metadata)
+    os.replace(args.out + ".tmp", args.out)
     ema = "EMA UNet weights" if any(k.startswith(EMA_PREFIX) for k in checkpoint.state_dict) else "no EMA in the run"
     size = os.path.getsize(args.out) / 2**20
     print(f"Wrote {len(state)} tensors ({args.dtype}, {ema}, step {checkpoint.global_step}) to {args.out}: {size:.1f} MiB")

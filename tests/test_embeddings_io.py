@@ -382,6 +382,10 @@ def test_convert_original_to_diffusers_with_token(tmp_path, capsys):
     assert script.main(["--input", str(target), "--output", str(named), "--format", "a1111", "--name", "cattoy"]) == 0
     assert capsys.readouterr().out.strip() == f"cattoy: 2 x 768 -> {named} (a1111)"
     assert_same_vectors(load_embeddings(named).vectors, {"cattoy": vectors})
+    # Without --name or --token, the word is the file name, which A1111 reads: every reader then agrees.
+    assert script.main(["--input", str(source), "--output", str(tmp_path / "mycat.pt"), "--format", "a1111"]) == 0
+    assert capsys.readouterr().out.strip() == f"mycat: 2 x 768 -> {tmp_path / 'mycat.pt'} (a1111)"
+    assert torch.load(tmp_path / "mycat.pt", weights_only=True)["name"] == "mycat"
 
 
 def test_convert_token_renames_the_placeholder_in_the_metadata_too(tmp_path, capsys):

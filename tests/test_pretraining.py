@@ -131,6 +131,12 @@ def test_exported_model_loads_into_the_toy_configs(txt2img_run, tmp_path, capsys
     half, full = str(tmp_path / "model.safetensors"), str(tmp_path / "model-fp32.safetensors")
     assert export_toy_model.main(["--ckpt", last, "--out", half]) == 0
     assert export_toy_model.main(["--ckpt", last, "--out", full, "--dtype", "fp32"]) == 0
+    before = os.path.getmtime(half)
+    assert export_toy_model.main(["--ckpt", last, "--out", half, "--dtype", "fp32"]) == 2  # an existing file stays
+    assert "--out '" + half + "' already exists: pass another --out, or --force" in capsys.readouterr().err
+    assert os.path.getmtime(half) == before
+    assert export_toy_model.main(["--ckpt", last, "--out", half, "--force"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["model-fp32.safetensors", "model.safetensors"]  # no .tmp left behind
     trained = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
     exported, exported32 = load_file(half), load_file(full)
 
