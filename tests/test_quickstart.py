@@ -41,8 +41,8 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     assert os.path.isfile(os.path.join(run, "checkpoints", "embeddings.pt"))
     assert glob.glob(os.path.join(run, "images", "train", "samples_scaled_gs-*.jpg"))
     assert glob.glob(str(tmp_path / "outputs" / "heart" / "*.png"))
-    with open(tmp_path / "heart.json", encoding="utf-8") as handle:
+    with open(tmp_path / "outputs" / "heart.json", encoding="utf-8") as handle:
         report = json.load(handle)
     assert report["settings"]["n_samples"] == 8 and report["settings"]["init_word"] == "circle"
     assert set(report["results"]) == {"ours", "init_word", "random"}
-    assert os.path.isfile(tmp_path / "heart.png")
+    assert os.path.isfile(tmp_path / "outputs" / "heart.png")
