@@ -18,6 +18,9 @@ FAMILIES_BY_WIDTH = {
     1024: TextEncoderFamily("SD 2.x OpenCLIP ViT-H", None, None),
     1280: TextEncoderFamily("LDM-BERT", "ldm", "configs/latent-diffusion/txt2img-1p4B-*.yaml"),
 }
+# This project's own small models (random-weight test models, the shipped toy model), which no embedding file
+# from elsewhere is for: named only in the message that a config does not fit a checkpoint.
+SMALL_CONFIGS_BY_WIDTH = {32: "configs/tiny/ (sd-tiny-*.yaml or ldm-tiny-*.yaml)", 128: "configs/toy/"}
 SD_V1_WIDTH = 768
 MODEL_FAMILIES = ("sd-v1", "ldm")  # those with a stock tokenizer here (`family_tokenizer`)
 
@@ -50,4 +53,6 @@ def model_family(width: int, named: str | None, width_decides: bool = True) -> s
 def configs_for_width(width: int) -> str:
     """Where the configs for a model of this width are, for the message that a config does not fit a checkpoint."""
     family = FAMILIES_BY_WIDTH.get(width)
-    return family.configs if family and family.configs else "the matching model family"
+    if family and family.configs:
+        return family.configs
+    return SMALL_CONFIGS_BY_WIDTH.get(width, "the matching model family")

@@ -108,3 +108,13 @@ def test_keys_of_other_repositories_configs_are_let_through(key, value):
     config = OmegaConf.load(os.path.join(REPO, "configs", "stable-diffusion", "v1-inference.yaml"))
     config.model.params[key] = value
     check_config_tree(config)
+
+
+@pytest.mark.parametrize("width, configs", [(768, "configs/stable-diffusion/"), (32, "configs/tiny/"),
+                                            (128, "configs/toy/"), (1024, "the matching model family")])
+def test_a_checkpoint_of_another_width_names_the_configs_that_fit_it(width, configs):
+    from ldm.checkpoint import _context_width_hint
+
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    message = _context_width_hint([(key, (320, width), (320, 1280))], "model.ckpt")
+    assert message.startswith(f"'model.ckpt' is a {width}-wide") and f"use a config from {configs}" in message
