@@ -230,9 +230,9 @@ def _normalize(grouped, weight, bias, mean, rstd):
 
 
 class _ChannelsLastGroupNorm(torch.autograd.Function):
-    """GroupNorm, and SiLU after it with `silu`, computed on a channels-last tensor where it lies, with float32 (or
-    wider) statistics; it keeps what the native norm keeps for backward (the input and the statistics) and, like
-    _GroupNormSiLU, recomputes the norm's output for the SiLU's backward."""
+    """GroupNorm, and SiLU after it with `silu`, computed on a channels-last tensor where it lies; it keeps what the
+    native norm keeps for backward (the input and the statistics) and, like _GroupNormSiLU, recomputes the norm's
+    output for the SiLU's backward. The backward computes in float32 (float64 for float64 inputs)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, silu):
