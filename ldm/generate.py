@@ -10,6 +10,8 @@ scripts differ only in their defaults. Deliberate departures from the original s
   further than it denoised), starts strength 1 from pure noise (the original indexed past its schedule) and
   encodes the init image with the posterior mean, so strength 0 is the autoencoder's round trip.
 - Images are PNG; sample numbers continue after the highest one already saved and grids never overwrite.
+- The init image is read as training images are (`load_upright_rgb`: EXIF rotation, 16-bit grey, alpha on
+  white), and a prompt without the learned words or longer than the text encoder reads is warned about.
 - Several `--embedding_path` files are merged in memory, and a config without personalization gets an
   EmbeddingManager for them (the original crashed on `txt2img-1p4B-eval.yaml`, issue #138).
 """
@@ -27,6 +29,7 @@ from tqdm import tqdm
 
 from ldm.checkpoint import load_checkpoint
 from ldm.cli import default_device, parse_device, read_config, require_at_least
+from ldm.data.personalized import load_upright_rgb
 from ldm.embeddings import load_embeddings, merge_embeddings
 from ldm.images import channels_first, make_grid, tensor_to_pil
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -37,6 +40,7 @@ from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.modules.diffusionmodules.openaimodel import Downsample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.embedding_manager import EmbeddingManager
+from ldm.modules.encoders.tokenizers import text_token_ids
 from ldm.paths import check_output, require_file
 from ldm.util import instantiate_from_config
 
@@ -134,6 +138,39 @@ def describe_learned_words(manager: EmbeddingManager) -> str:
     return ", ".join(f"{p} ({n} vector{'s' if n != 1 else ''})" for p, n in counts.items())
 
 
+def prompt_token_ids(model: LatentDiffusion, prompt: str) -> list[int]:
+    """The token ids the text encoder is fed for `prompt` before they are cut to its length, start and end tokens
+    left out, each learned word as the EmbeddingManager reads it and repeated once per active vector it fills."""
+    manager, tokenizer = model.embedding_manager, model.cond_stage_model.tokenizer
+    text = prompt if manager is None else manager.prompt_for_tokenizer(prompt)
+    ids = text_token_ids(tokenizer, text)
+    if manager is None:
+        return ids
+    widths = {token: manager.num_active_vectors(manager.vectors(word).shape[0])
+              for word, token in manager.string_to_token_dict.items()}
+    return [token for token in ids for _ in range(widths.get(token, 1))]
+
+
+def prompt_warnings(model: LatentDiffusion, prompt: str, label: str, learned_words=()) -> list[str]:
+    """One-line warnings for a prompt that the model reads otherwise than it looks: it holds none of
+    `learned_words` (allowed, to compare with and without them), or it is longer than the text encoder reads, which
+    drops the rest without a word. `label` names the prompt, e.g. "--prompt 'a photo of *'"."""
+    ids = prompt_token_ids(model, prompt)
+    tokens = model.embedding_manager.string_to_token_dict if learned_words else {}
+    word_of = {tokens[word]: word for word in learned_words}
+    messages = []
+    if learned_words and not any(token in word_of for token in ids):
+        messages.append(f"{label} holds none of the learned words ({', '.join(learned_words)}), so the "
+                        f"images show none of them; write one in it to use it, e.g. 'a photo of {learned_words[0]}'")
+    limit = model.cond_stage_model.max_length
+    if len(ids) + 2 > limit:  # the start and end tokens take two places
+        dropped = dict.fromkeys(word_of[token] for token in ids[limit - 2:] if token in word_of)
+        words = f", learned word {', '.join(dropped)} included," if dropped else ""
+        messages.append(f"{label} is {len(ids) + 2} tokens, but the text encoder reads {limit} (start and end "
+                        f"included): the rest{words} is dropped; shorten the prompt")
+    return messages
+
+
 # --- generation ------------------------------------------------------------------------------------------------
 def first_stage_factor(model: LatentDiffusion) -> int:
     """How many pixels one latent cell spans per side: the autoencoder halves the size at every level but the last."""
@@ -165,19 +202,24 @@ def _check_image_size(model, height, width):
             raise ValueError(f"{flag} {value} must be a positive multiple of {multiple} for this model")
 
 
+def read_init_image(path) -> Image.Image:
+    """The init image read as training reads its images (EXIF rotation, 16-bit grey, alpha on white), so img2img
+    starts from the picture the learned words were trained on; a one-line error naming --init_img otherwise."""
+    try:
+        return load_upright_rgb(path)
+    except Image.DecompressionBombError as error:  # no OSError, so a reader may let it through
+        raise ValueError(f"--init_img '{path}' is too large to decode safely ({error}): resize it to a few thousand "
+                         "pixels per side") from None
+    except ValueError as error:
+        raise ValueError(f"--init_img: {error}") from None
+
+
 def load_init_image(image, multiple: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """A (1, 3, H, W) RGB tensor in [-1, 1] from a path or PIL image.
 
     Resized to `height` x `width` when given, else to its own size rounded down to `multiple`, as the UNet needs.
     """
-    if isinstance(image, Image.Image):
-        image = image.convert("RGB")
-    else:
-        try:
-            with Image.open(image) as opened:
-                image = opened.convert("RGB")
-        except OSError as error:
-            raise ValueError(f"init image '{image}' cannot be read ({error}): pass a PNG or JPEG file") from None
+    image = image.convert("RGB") if isinstance(image, Image.Image) else read_init_image(image)
     size = (width or image.width - image.width % multiple, height or image.height - image.height % multiple)
     if min(size) <= 0:
         raise ValueError(f"init image of {image.width}x{image.height} px is smaller than the {multiple} px this "
@@ -464,13 +506,19 @@ def run_command_line(parser, argv=None) -> int:
         if args.cuda_graphs and device.type != "cuda":
             print(f"{parser.prog}: note: --cuda_graphs has no effect with --device {args.device} (CUDA graphs exist "
                   "only on CUDA devices); sampling runs as usual", file=sys.stderr)
+        init_image = None if args.init_img is None else read_init_image(args.init_img)
         model = load_model(args.config, args.ckpt, device, embedding_paths=args.embedding_path,
                            weights_dtype=sampling_weights_dtype(device, args.precision), cuda_graphs=args.cuda_graphs,
                            channels_last=args.channels_last, attention_backend=args.attention_backend)
+        learned_words = list(model.embedding_manager.string_to_token_dict) if args.embedding_path else []
+        for prompt in dict.fromkeys([prompts] if isinstance(prompts, str) else prompts):
+            label = f"prompt '{prompt}' of --from-file '{args.from_file}'" if args.from_file else f"--prompt '{prompt}'"
+            for message in prompt_warnings(model, prompt, label, learned_words):
+                print(f"{parser.prog}: warning: {' '.join(message.split())}", file=sys.stderr)
         images = generate(
             model, prompts, n_samples=args.n_samples, n_iter=args.n_iter, steps=args.ddim_steps, scale=args.scale,
             eta=args.ddim_eta, seed=args.seed, height=args.H, width=args.W, sampler=_sampler_name(args),
-            fixed_code=args.fixed_code, init_image=args.init_img, strength=args.strength, precision=args.precision,
+            fixed_code=args.fixed_code, init_image=init_image, strength=args.strength, precision=args.precision,
             latent_channels=args.C, downsampling_factor=args.f,
         )
         save_outputs(images, args.outdir, grid_name, args.n_rows or args.n_samples, skip_grid=args.skip_grid,

@@ -401,3 +401,93 @@ def test_cuda_graphs_on_the_cpu_say_they_do_nothing_and_sampling_goes_on(tiny_sd
     assert stable_txt2img.main(argv) == 0
     assert "--cuda_graphs has no effect with --device cpu" in capsys.readouterr().err
     assert os.listdir(tmp_path / "samples") == ["00000.png"]
+
+
+@pytest.fixture(scope="module")
+def learned_model(tiny_sd_ckpt, tmp_path_factory):
+    """The tiny SD model with '*' (one vector) and diffusers' several-token '<cat-toy>' (three vectors)."""
+    folder = tmp_path_factory.mktemp("learned")
+    star, _ = write_embedding(folder / "star.pt", "*", 1, seed=0)
+    toy, _ = write_embedding(folder / "toy.pt", "<cat-toy>", 3, seed=1)
+    return load_model(TINY_SD, tiny_sd_ckpt, "cpu", embedding_paths=[star, toy])
+
+
+@pytest.mark.parametrize("prompt, warned", [
+    ("a photo of a dog", True),
+    ("a photo of *, red", False),
+    ("A photo of <CAT-TOY>", False),  # prompts name several-token words in any case
+    ("a photo of bobcat-toys", True),
+])
+def test_a_prompt_without_the_learned_words_is_warned_about(learned_model, prompt, warned):
+    messages = generate_module.prompt_warnings(learned_model, prompt, f"--prompt '{prompt}'", ["*", "<cat-toy>"])
+    expected = [f"--prompt '{prompt}' holds none of the learned words (*, <cat-toy>), so the images show none of them; "
+                "write one in it to use it, e.g. 'a photo of *'"]
+    assert messages == (expected if warned else [])
+
+
+def test_a_prompt_longer_than_the_text_encoder_is_warned_about_with_its_token_count(learned_model):
+    def warnings_for(prompt):
+        return generate_module.prompt_warnings(learned_model, prompt, "--prompt", ["*", "<cat-toy>"])
+
+    assert warnings_for("a photo of * " + "red " * 71) == []  # 75 tokens with start and end: the last that fit
+    (message,) = warnings_for("a photo of * " + "red " * 73)
+    assert message == ("--prompt is 79 tokens, but the text encoder reads 77 (start and end included): the rest is "
+                       "dropped; shorten the prompt")
+    (message,) = warnings_for("a photo of <cat-toy> " + "red " * 71)  # its 3 vectors take 3 places
+    assert message.startswith("--prompt is 79 tokens")
+    (message,) = warnings_for("a photo of " + "red " * 80 + "*")
+    assert message.startswith("--prompt is 86 tokens") and "the rest, learned word * included, is dropped" in message
+
+
+def test_txt2img_warns_in_one_line_per_prompt_and_still_samples(tiny_sd_ckpt, tmp_path, capsys, caplog):
+    star, _ = write_embedding(tmp_path / "star.pt", "*", 1, seed=0)
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a photo of a dog\na photo of *\n" + "a photo of " + "red " * 80 + "*\n")
+    argv = ["--config", TINY_SD, "--ckpt", tiny_sd_ckpt, "--outdir", str(tmp_path / "out"), "--n_samples", "3",
+            "--n_iter", "1", "--from-file", str(prompt_file), "--embedding_path", star, "--skip_grid", *TINY_FLAGS,
+            "--ddim_steps", "2"]
+    assert stable_txt2img.main(argv) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if ": warning: " in line]
+    assert len(warned) == 2, warned
+    assert warned[0].endswith(f": warning: prompt 'a photo of a dog' of --from-file '{prompt_file}' holds none "
+                              "of the learned words (*), so the images show none of them; write one in it to use it, "
+                              "e.g. 'a photo of *'")
+    assert "is 86 tokens, but the text encoder reads 77" in warned[1] and "learned word * included" in warned[1]
+    assert "Token indices sequence length" not in err + caplog.text, "transformers' own warning, multi-line"
+    assert len(os.listdir(tmp_path / "out" / "samples")) == 3
+
+
+def test_the_init_image_is_read_as_training_images_are(tmp_path):
+    rotated = Image.new("RGB", (48, 32), (200, 30, 30))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # stored sideways: turn 90 degrees clockwise to show
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    assert generate_module.load_init_image(str(tmp_path / "rotated.jpg"), 4).shape == (1, 3, 48, 32)
+
+    Image.fromarray(np.full((32, 32), 1000, dtype=np.uint16)).save(tmp_path / "grey16.png")  # dark grey
+    grey = generate_module.load_init_image(str(tmp_path / "grey16.png"), 4)
+    torch.testing.assert_close(grey, torch.full_like(grey, 4 / 127.5 - 1))  # 1000 / 257 -> 4 of 255, not white
+
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert torch.equal(generate_module.load_init_image(str(tmp_path / "clear.png"), 4), torch.ones(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("reader", ["load_upright_rgb", "one that lets Pillow's error through"])
+def test_a_huge_init_image_is_a_one_line_error_before_the_model_loads(tmp_path, monkeypatch, capsys, reader):
+    Image.new("RGB", (32, 32)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(generate_module, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1024 pixels is over twice it, as 20000x12000 is Pillow's
+    if reader != "load_upright_rgb":
+        monkeypatch.setattr(generate_module, "load_upright_rgb", lambda path: Image.open(path).convert("RGB"))
+    assert img2img.main(["--init_img", str(tmp_path / "huge.png"), "--outdir", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and ": error: --init_img" in error and "resize it" in error, error
+
+
+def test_an_unreadable_init_image_is_a_one_line_error_naming_the_flag(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.png").write_text("not an image")
+    monkeypatch.setattr(generate_module, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert img2img.main(["--init_img", str(tmp_path / "notes.png"), "--outdir", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f": error: --init_img: cannot read image '{tmp_path}" in error, error

@@ -42,8 +42,10 @@ def tokenizer_family(tokenizer) -> str | None:
 
 
 def text_token_ids(tokenizer, text: str) -> list[int]:
-    """Ids of `text` without special tokens or padding; CLIP text is cleaned first, as SD v1's tokenizer did."""
-    return tokenizer(clean_clip_text(text) if is_clip(tokenizer) else text, add_special_tokens=False).input_ids
+    """Ids of `text` without special tokens or padding; CLIP text is cleaned first, as SD v1's tokenizer did. Not
+    truncated, so transformers' warning of a sequence longer than the model reads is silenced (callers count)."""
+    return tokenizer(clean_clip_text(text) if is_clip(tokenizer) else text, add_special_tokens=False,
+                     verbose=False).input_ids
 
 
 def ordinary_token_id(tokenizer, text: str) -> int | None:
