@@ -20,6 +20,7 @@ from ldm.paths import GIT_LFS_FIX, GIT_LFS_POINTER, require_file
 from ldm.text_encoders import configs_for_width, width_label
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
+SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit; a larger length prefix means "not safetensors"
 LIGHTNING_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 # numpy's data constructors (scalars and arrays in callback state); they build values, never run code.
 NUMPY_DATA_GLOBALS = {"multiarray.scalar", "multiarray._reconstruct", "numpy.dtype", "numpy.ndarray"}
@@ -86,6 +87,20 @@ def _describe_bad_file(path: str) -> str:
     return f"'{path}' is truncated or not a PyTorch/safetensors checkpoint: download it again or check the path"
 
 
+def sniff_format(head: bytes) -> str | None:
+    """"safetensors", "zip" (torch's zip format), "pickle" (torch's legacy format) or None, from a file's first
+    bytes (at least 9): files get renamed, so their names cannot say which reader they need."""
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    # An 8-byte little-endian header length, then the JSON header; before the pickle test, as that length may
+    # begin with 0x80.
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < SAFETENSORS_MAX_HEADER:
+        return "safetensors"
+    if head[:1] == b"\x80":  # a pickle protocol marker
+        return "pickle"
+    return None
+
+
 class UnsafePickleError(ValueError):
     """A pickle names globals outside the allow-list; `names` lists them."""
 
@@ -108,10 +123,13 @@ def safe_torch_load(path: str, stand_in, mmap: bool = False):
         allowed = [(stand_in(n), n) for n in names]
         if any(n.startswith("numpy.") for n in names):
             allowed += _numpy_dtype_classes()
+    # torch hands a path ending in .safetensors to safetensors whatever the file holds, so a renamed pickle is read
+    # from an open file; mmap needs the path.
+    mmap = mmap and is_zip and not os.fspath(path).endswith(".safetensors")
     for _ in range(20):  # legacy (non-zip) files: learn their globals from the refusals, one at a time
         try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+            with torch.serialization.safe_globals(allowed), open(path, "rb") as handle:
+                return torch.load(path if mmap else handle, map_location="cpu", weights_only=True, mmap=mmap)
         except (IndexError, KeyError, ValueError, struct.error) as exc:  # how the unpickler meets text or garbage
             raise RuntimeError(f"not pickle data ({type(exc).__name__}: {exc})") from exc
         except pickle.UnpicklingError as exc:
@@ -139,6 +157,23 @@ def load_pickled_checkpoint(path: str):
         raise CheckpointError(_describe_bad_file(path)) from exc
 
 
+EMBEDDING_FILE_HINT = ("is an embedding file, not a model checkpoint: pass it with --embedding_manager_ckpt (training) "
+                       "or --embedding_path (generation), and the model's checkpoint with --actual_resume/--ckpt")
+
+
+def is_embedding_dict(obj: dict) -> bool:
+    """Whether `obj` has the shape of a textual-inversion embedding file (the layouts ldm/embeddings.py reads), so
+    that one passed as a model checkpoint is named as such; a lone undotted key is a diffusers token, as every
+    model weight's key names its module."""
+    if "string_to_param" in obj or set(obj) in ({"emb_params"}, {"clip_l"}):
+        return True
+    if len(obj) != 1:
+        return False
+    ((key, value),) = obj.items()
+    return (isinstance(key, str) and "." not in key and isinstance(value, torch.Tensor)
+            and value.is_floating_point() and value.ndim in (1, 2))
+
+
 @dataclass
 class LoadedCheckpoint:
     state_dict: dict
@@ -148,20 +183,28 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path) -> LoadedCheckpoint:
-    """Read a `.ckpt`/`.pt`/`.pth`/`.bin` (Lightning `{"state_dict": ...}` or a bare state dict) or `.safetensors`."""
+    """Read a pickled checkpoint (Lightning `{"state_dict": ...}` or a bare state dict) or a safetensors state
+    dict, whichever the content is, whatever the file's extension says."""
     path = require_file(path, "checkpoint", "check the path (models/README.md says which file goes where)")
-    if path.endswith(SAFETENSORS_SUFFIXES):
+    with open(path, "rb") as handle:
+        kind = sniff_format(handle.read(16))
+    if kind is None:
+        raise CheckpointError(_describe_bad_file(path))
+    if kind == "safetensors":
         try:
-            return LoadedCheckpoint(load_file(path, device="cpu"), path)
+            obj = load_file(path, device="cpu")
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(_describe_bad_file(path)) from exc
-    obj = load_pickled_checkpoint(path)
+    else:
+        obj = load_pickled_checkpoint(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a state dict")
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         extra = {k: v for k, v in obj.items() if k != "state_dict"}
         step = obj.get("global_step")
         return LoadedCheckpoint(obj["state_dict"], path, int(step) if step is not None else None, extra)
+    if is_embedding_dict(obj):
+        raise CheckpointError(f"'{path}' {EMBEDDING_FILE_HINT}")
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"'{path}' is neither a state dict nor a Lightning checkpoint (keys: {', '.join(list(obj)[:5])})")
     return LoadedCheckpoint(obj, path)
@@ -330,7 +373,7 @@ def build_random_model(config, seed: int = 0, device=None) -> torch.nn.Module:
 
 def write_random_checkpoint(config_path, path, seed: int = 0) -> str:
     """Save `build_random_model(config_path)` as an original-format Lightning-style checkpoint, or as a bare
-    safetensors state dict when `path` ends in .safetensors (what `load_checkpoint` expects of that suffix)."""
+    safetensors state dict when `path` ends in .safetensors (what other tools expect of that suffix)."""
     path = os.fspath(path)
     model = build_random_model(config_path, seed)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding_manager.")}

@@ -30,13 +30,13 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from ldm.checkpoint import UnsafePickleError, safe_torch_load
+from ldm.checkpoint import UnsafePickleError, safe_torch_load, sniff_format
 from ldm.paths import GIT_LFS_FIX, GIT_LFS_POINTER, require_file
 from ldm.text_encoders import width_label
 
 FORMATS = ("original", "diffusers", "a1111")
 
-# A prompt holds at most 75 tokens, so no real embedding has more vectors; bigger 2-D tensors are model weights.
+# A 77-token prompt holds 75 tokens between its start and end tokens, so no usable embedding has more vectors.
 MAX_VECTORS_PER_TOKEN = 75
 ACCEPTED = (
     "accepted: original .pt (string_to_token + string_to_param), AUTOMATIC1111 .pt / PNG (sd-ti-embedding chunk), "
@@ -63,15 +63,16 @@ _SUFFIXES = {
     "diffusers": _PICKLE_SUFFIXES + (_SAFETENSORS_SUFFIX,),
     "a1111": _PICKLE_SUFFIXES + (_SAFETENSORS_SUFFIX,),
 }
-_SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit; a larger length prefix means "not safetensors"
 
 
 def _as_vectors(placeholder, value) -> torch.Tensor:
     """A private float32 CPU (k, D) copy: callers may hand in live, trainable or half-precision tensors."""
     if not isinstance(placeholder, str) or not placeholder:
         raise ValueError(f"placeholder {placeholder!r} is not a non-empty string")
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise ValueError(f"'{placeholder}' holds {_describe_value(value)}, not a float tensor of vectors")
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"'{placeholder}' holds {_describe_value(value)}, not a tensor of vectors")
+    if not value.is_floating_point():
+        raise ValueError(f"'{placeholder}' holds {_describe_value(value)}: embedding vectors must be floating point")
     if value.ndim not in (1, 2) or value.numel() == 0:
         raise ValueError(f"'{placeholder}' holds a tensor of shape {tuple(value.shape)}; expected (D,) or (k, D)")
     copy = value.detach().to(device="cpu", dtype=torch.float32, copy=True)
@@ -200,11 +201,30 @@ def load_embeddings(path, expected_dim: int | None = None) -> Embeddings:
     try:
         embeddings = _read(path)
         embeddings.dim  # raises for mixed widths
+        _check_usable(embeddings)
     except ValueError as error:
         raise ValueError(f"cannot load embeddings from '{path}': {error}") from error
     if expected_dim is not None:
         embeddings.check_width(expected_dim, f"embedding file '{path}'")
     return embeddings
+
+
+def _check_usable(embeddings: Embeddings) -> None:
+    """Refuse vectors that no prompt can hold, and NaN or infinite ones (a diverged training run's), which would
+    otherwise surface far from the file: as black images at generation, or a nan loss in training."""
+    for placeholder, vectors in embeddings.vectors.items():
+        if vectors.shape[0] > MAX_VECTORS_PER_TOKEN:
+            raise ValueError(
+                f"'{placeholder}' holds {vectors.shape[0]} vectors, but at most {MAX_VECTORS_PER_TOKEN} fit in a "
+                f"77-token prompt (with its start and end tokens): use an embedding of at most "
+                f"{MAX_VECTORS_PER_TOKEN} vectors"
+            )
+        bad = int((~torch.isfinite(vectors)).sum())
+        if bad:
+            raise ValueError(
+                f"'{placeholder}' holds {bad} NaN or infinite values (its training diverged): use an embedding "
+                "saved before the loss became nan"
+            )
 
 
 def save_embeddings(embeddings: Embeddings, path, format: str = "original") -> None:
@@ -325,11 +345,10 @@ def _read(path: str) -> Embeddings:
         raise ValueError(f"it is {GIT_LFS_FIX}")
     if head.startswith(b"\x89PNG\r\n\x1a\n") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return _read_image(path)
-    if head.startswith(b"PK\x03\x04"):
-        return _interpret(_torch_load(path), path)
-    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < _SAFETENSORS_MAX_HEADER:
+    kind = sniff_format(head)
+    if kind == "safetensors":
         return _read_safetensors(path)
-    if head[:1] == b"\x80":  # a pickle protocol marker: torch's legacy (pre-1.6) format
+    if kind in ("zip", "pickle"):
         return _interpret(_torch_load(path), path)
     raise _unrecognised(_describe_head(head))
 
@@ -451,14 +470,15 @@ def _token_id(placeholder: str, value) -> int:
 
 
 def _is_token_dict(obj: dict) -> bool:
-    """{token: (D,) or (k, D)} with one shared D and a prompt-sized k, as diffusers writes."""
+    """{token: (D,) or (k, D)} with one shared D, as diffusers writes. The dtype and the number of vectors are
+    checked once the layout is known (Embeddings, `_check_usable`), so that integer vectors or too many of them
+    are named as such rather than as an unknown layout."""
     if not obj or not all(isinstance(key, str) for key in obj):
         return False
     values = list(obj.values())
-    if not all(isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim in (1, 2) for v in values):
+    if not all(isinstance(v, torch.Tensor) and v.ndim in (1, 2) and v.numel() > 0 for v in values):
         return False
-    rows_fit = all(v.ndim == 1 or 1 <= v.shape[0] <= MAX_VECTORS_PER_TOKEN for v in values)
-    return rows_fit and len({v.shape[-1] for v in values}) == 1
+    return len({v.shape[-1] for v in values}) == 1
 
 
 def _describe_dict(obj: dict) -> str:

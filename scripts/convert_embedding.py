@@ -25,6 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="embedding file to read (.pt, .bin, .safetensors, .png)")
     parser.add_argument("--output", required=True, help="file to write; .safetensors or .pt/.bin decides the container")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output")
     parser.add_argument("--format", required=True, choices=FORMATS, help="layout of the output file")
     parser.add_argument("--token", help="new placeholder/token for a single-placeholder embedding, e.g. '<cat-toy>'")
     parser.add_argument("--name", help="with --format a1111: its 'name' entry, the word diffusers and this project "
@@ -67,6 +68,11 @@ def check_new_clip_tokens(embeddings: Embeddings, source: str):
 def convert(args: argparse.Namespace) -> Embeddings:
     """Write the converted file and return it as read back, so the report shows what loaders will see."""
     check_output(args.output, "--output")
+    if os.path.exists(args.output) and not args.force:
+        raise ValueError(f"--output '{args.output}' already exists: pass another --output, or --force to replace it")
+    for flag, word in (("--token", args.token), ("--name", args.name)):
+        if word is not None and not word.strip():  # else taken as not given, and the error would ask for it
+            raise ValueError(f"{flag} is empty: pass a word, e.g. {flag} '<cat-toy>', or leave {flag} out")
     if args.name and args.format != "a1111":
         raise ValueError("--name sets the 'name' entry of the a1111 format: use it with --format a1111, or rename "
                          "the placeholder with --token")

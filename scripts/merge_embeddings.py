@@ -5,7 +5,8 @@ The text-encoder family is read from the files: 768-wide vectors are SD v1 (CLIP
 (BERT tokenizer); other widths use the family the files' metadata records, else -sd picks CLIP and its absence
 BERT, as in the original script. Every merged placeholder must be one token of that tokenizer and differ from the
 others in string and token id. Placeholders may hold different numbers of vectors; all files must be equally wide.
-Each placeholder keeps the initializer word its file records (under its merged name); the output may not be an input.
+Each placeholder keeps the initializer word its file records (under its merged name); the output may not be an input,
+and an existing output is replaced only with --force.
 
 Conflicts (a placeholder already taken, or not a single token) are resolved with --rename N:OLD=NEW, which renames
 placeholder OLD of the N-th file of --manager_ckpts (counted from 1) to NEW; OLD may not contain '='. Without a
@@ -28,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manager_ckpts", nargs="+", required=True, help="embedding files to merge, in order")
     parser.add_argument("--output_path", required=True, help="merged file to write (.pt, the original layout)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output_path")
     parser.add_argument("-sd", "--stable_diffusion", action="store_true",
                         help="the files are for SD v1 (CLIP tokenizer); only needed when their width does not say so")
     parser.add_argument("--rename", action="append", default=[], metavar="N:OLD=NEW",
@@ -110,7 +112,10 @@ def resolve_name(placeholder: str, path: str, number: int, renamed_to: str | Non
         )
     prompt = f"Placeholder '{placeholder}' of '{path}' {problem}. Enter a replacement: "
     while True:
-        name = input_fn(prompt).strip()
+        try:
+            name = input_fn(prompt).strip()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt is no answer, as Ctrl-D is
+            raise EOFError from None
         problem = merged.problem(name)
         if problem is None:
             return name
@@ -148,12 +153,15 @@ def main(argv=None, input_fn=input) -> int:
         if any(os.path.realpath(path) == os.path.realpath(args.output_path) for path in args.manager_ckpts):
             raise ValueError(f"--output_path '{args.output_path}' is also one of --manager_ckpts, which would be "
                              "replaced: pass another --output_path")
+        if os.path.exists(args.output_path) and not args.force:
+            raise ValueError(f"--output_path '{args.output_path}' already exists: pass another --output_path, or "
+                             "--force to replace it")
         renames = parse_renames(args.rename, len(args.manager_ckpts))
         embeddings = merge(args.manager_ckpts, renames, args.stable_diffusion, sys.stdin.isatty(), input_fn)
         save_embeddings(embeddings, args.output_path, format="original")
     except EOFError:
-        print("merge_embeddings: error: no replacement placeholder was entered; pass --rename N:OLD=NEW",
-              file=sys.stderr)
+        print("merge_embeddings: error: no replacement placeholder was entered, nothing was written; pass "
+              "--rename N:OLD=NEW", file=sys.stderr)
         return 1
     except (ValueError, OSError) as error:
         print(f"merge_embeddings: error: {error}", file=sys.stderr)

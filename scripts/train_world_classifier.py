@@ -36,9 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # All checked now, not after minutes of training; a batch is half native, half shrunk scenes, so at least 2.
     for flag, value, minimum in (("--steps", args.steps, 1), ("--batch_size", args.batch_size, 2),
-                                 ("--eval_count", args.eval_count, 1)):
+                                 ("--eval_count", args.eval_count, 1), ("--threads", args.threads, 1)):
         if value < minimum:
             parser.error(f"{flag} must be at least {minimum}, got {value}")
+    if args.size < 32 or args.size % 8:  # WorldClassifier's trunk halves the image three times
+        parser.error(f"--size must be a multiple of 8 and at least 32, got {args.size}")
     if args.eval_seed == args.seed:
         parser.error("--eval_seed equals --seed; evaluate on scenes the classifier never saw")
     if os.path.splitext(args.out)[1].lower() != ".safetensors":

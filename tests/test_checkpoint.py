@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from ldm.checkpoint import (CheckpointError, PickledLightningObject, build_random_model, ema_state_dict, load_checkpoint,
                             restore)
+from ldm.embeddings import Embeddings, save_embeddings
 from ldm.util import instantiate_from_config
 from scripts import make_random_checkpoint
 from tests.conftest import TINY_SD
@@ -101,6 +102,38 @@ def test_truncated_checkpoint(tmp_path):
     safetensors_path.write_bytes(safetensors_path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_checkpoint(safetensors_path)
+
+
+@pytest.mark.parametrize("written, name", [("safetensors", "model.ckpt"), ("zip", "model.safetensors"),
+                                           ("legacy", "model.safetensors"), ("zip", "model.pth")])
+def test_checkpoints_are_read_by_their_content_whatever_their_name(tmp_path, written, name):
+    """A renamed file was reported as truncated, with the advice to download it again."""
+    state = tiny_state()
+    path = tmp_path / name
+    if written == "safetensors":
+        save_file(state, path)
+    else:
+        torch.save({"state_dict": state, "global_step": 3}, path, _use_new_zipfile_serialization=written == "zip")
+    loaded = load_checkpoint(path)
+    assert all(torch.equal(loaded.state_dict[k], state[k]) for k in state)
+    assert loaded.global_step == (None if written == "safetensors" else 3)
+
+
+@pytest.mark.parametrize("format, name", [("original", "embeddings.pt"), ("a1111", "cat.pt"),
+                                          ("a1111", "cat.safetensors"), ("diffusers", "learned_embeds.bin"),
+                                          ("diffusers", "learned_embeds.safetensors")])
+def test_an_embedding_file_passed_as_the_model_says_which_flag_takes_it(tmp_path, format, name):
+    path = tmp_path / name
+    save_embeddings(Embeddings({"<cat-toy>": torch.randn(2, 768)}), path, format)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == (
+        f"'{path}' is an embedding file, not a model checkpoint: pass it with --embedding_manager_ckpt (training) or "
+        "--embedding_path (generation), and the model's checkpoint with --actual_resume/--ckpt"
+    )
+    single = tmp_path / "single.pt"  # a state dict with one dotted key stays a state dict
+    torch.save({"model.w": torch.randn(2, 768)}, single)
+    assert list(load_checkpoint(single).state_dict) == ["model.w"]
 
 
 def test_missing_file_names_the_path(tmp_path):

@@ -518,3 +518,94 @@ def test_diffusers_parses_our_files_to_the_same_vectors(tmp_path, format, file_n
     tokens, rows = mixin._extend_tokens_and_embeddings(tokens, embeddings, EmptyVocabulary())
     assert tokens == [expected_token, f"{expected_token}_1"]
     assert torch.equal(torch.stack(rows), vectors)
+
+
+def write_diffusers(path, value):
+    """A diffusers-layout file holding `value` under '<x>', pickled or safetensors by the suffix."""
+    if path.suffix == ".safetensors":
+        safetensors.torch.save_file({"<x>": value}, path)
+    else:
+        torch.save({"<x>": value}, path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("file_name", ["embeddings.pt", "learned_embeds.safetensors", "cat.bin"])
+def test_non_finite_vectors_are_refused_naming_the_file_and_the_placeholder(tmp_path, bad, file_name):
+    """A diverged run's vectors gave black images at generation and loss=nan in training, far from the file."""
+    vectors = random_vectors(2)
+    vectors[1, 5] = bad
+    path = tmp_path / file_name
+    format = {".pt": "original", ".safetensors": "diffusers", ".bin": "a1111"}[path.suffix]
+    save_embeddings(Embeddings({"<x>": vectors}), path, format)
+    with pytest.raises(ValueError, match=rf"'{re.escape(str(path))}': '<x>' holds 1 NaN or "
+                                         "infinite values .*: use an embedding saved before the loss became nan"
+                       ) as caught:
+        load_embeddings(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_non_finite_embedding_is_not_converted(tmp_path, capsys):
+    source = tmp_path / "nan.pt"
+    save_embeddings(Embeddings({"<x>": torch.full((1, 768), float("nan"))}), source)
+    out = tmp_path / "out.bin"
+    assert load_script().main(["--input", str(source), "--output", str(out), "--format", "diffusers"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "NaN or infinite" in error and str(source) in error and "\n" not in error and not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_integer_vectors_are_refused_as_such(tmp_path, dtype, suffix):
+    path = tmp_path / f"learned_embeds{suffix}"
+    write_diffusers(path, torch.ones(2, 768, dtype=dtype))
+    with pytest.raises(ValueError, match=rf"'<x>' holds a {str(dtype).removeprefix('torch.')} tensor of shape "
+                                         r"\(2, 768\): embedding vectors must be floating point"):
+        load_embeddings(path)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_more_vectors_than_a_prompt_holds_are_refused_as_such(tmp_path, suffix):
+    path = tmp_path / f"learned_embeds{suffix}"
+    write_diffusers(path, random_vectors(75))
+    assert load_embeddings(path).vectors["<x>"].shape == (75, 768)
+    write_diffusers(path, random_vectors(76))
+    with pytest.raises(ValueError, match=rf"'{re.escape(str(path))}': '<x>' holds 76 vectors, but at most 75 fit in "
+                                         "a 77-token prompt"):
+        load_embeddings(path)
+
+
+@pytest.mark.parametrize("written", ["safetensors", "zip", "legacy"])
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".safetensors"])
+def test_embeddings_are_read_by_their_content_whatever_their_name(tmp_path, written, suffix):
+    """torch.load hands any path ending in .safetensors to safetensors, whatever the file holds."""
+    vectors = random_vectors(2)
+    path = tmp_path / f"renamed{suffix}"
+    if written == "safetensors":
+        safetensors.torch.save_file({"<x>": vectors}, path)
+    else:
+        torch.save({"<x>": vectors}, path, _use_new_zipfile_serialization=written == "zip")
+    assert_same_vectors(load_embeddings(path).vectors, {"<x>": vectors})
+
+
+def test_convert_refuses_an_existing_output_unless_forced(tmp_path, capsys):
+    script = load_script()
+    source, out = tmp_path / "cat.pt", tmp_path / "out.pt"
+    save_embeddings(Embeddings({"*": random_vectors(1)}), source)
+    out.write_bytes(b"keep me")
+    argv = ["--input", str(source), "--output", str(out), "--format", "original"]
+    assert script.main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert f"--output '{out}' already exists: pass another --output, or --force to replace it" in error
+    assert "\n" not in error and out.read_bytes() == b"keep me"
+    assert script.main(argv + ["--force"]) == 0
+    assert list(load_embeddings(out).vectors) == ["*"]
+
+
+@pytest.mark.parametrize("flag", ["--token", "--name"])
+@pytest.mark.parametrize("word", ["", " "])
+def test_convert_refuses_an_empty_token_or_name(tmp_path, capsys, flag, word):
+    source, out = tmp_path / "star.pt", tmp_path / "out.pt"
+    save_embeddings(Embeddings({"*": random_vectors(1)}), source)
+    assert load_script().main(["--input", str(source), "--output", str(out), "--format", "a1111", flag, word]) == 1
+    error = capsys.readouterr().err.strip()
+    assert f"{flag} is empty: pass a word" in error and "\n" not in error and not out.exists()

@@ -256,3 +256,45 @@ def test_build_bert_vocab_has_help_without_blingfire_and_says_how_to_install_it(
     monkeypatch.setattr(build_bert_vocab.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match="pip install blingfire"):
         build_bert_vocab.main(["vocab.txt"])
+
+
+def test_an_existing_output_is_replaced_only_with_force(script, tmp_path, no_terminal, capsys):
+    first, _ = write(tmp_path / "cat.pt", {"*": (1, 768)})
+    out = tmp_path / "merged.pt"
+    out.write_bytes(b"an earlier merge")
+    argv = ["--manager_ckpts", first, "--output_path", str(out)]
+    assert script.main(argv) == 1
+    error = capsys.readouterr().err
+    assert f"--output_path '{out}' already exists: pass another --output_path, or --force to replace it" in error
+    assert error.count("\n") == 1 and out.read_bytes() == b"an earlier merge"
+    assert script.main(argv + ["--force"]) == 0
+    assert list(load_embeddings(out).vectors) == ["*"]
+
+
+def test_ctrl_c_at_the_rename_prompt_writes_nothing(script, tmp_path, terminal, capsys):
+    first, _ = write(tmp_path / "a.pt", {"*": (1, 768)})
+    second, _ = write(tmp_path / "b.pt", {"*": (1, 768)})
+    out = tmp_path / "out.pt"
+
+    def interrupted(prompt):
+        raise KeyboardInterrupt
+
+    try:
+        code = script.main(["--manager_ckpts", first, second, "--output_path", str(out)], input_fn=interrupted)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C at the rename prompt ended in a traceback")
+    assert code == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "nothing was written; pass --rename N:OLD=NEW" in error
+    assert not out.exists()
+
+
+def test_a_non_finite_embedding_is_not_merged(script, tmp_path, no_terminal, capsys):
+    first, _ = write(tmp_path / "a.pt", {"*": (1, 768)})
+    second = tmp_path / "nan.pt"
+    save_embeddings(Embeddings({"@": torch.full((1, 768), float("inf"))}), second)
+    out = tmp_path / "out.pt"
+    assert script.main(["--manager_ckpts", first, str(second), "--output_path", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"'{second}': '@' holds 768 NaN or infinite values" in error
+    assert not out.exists()

@@ -114,3 +114,20 @@ def test_the_label_file_or_a_damaged_file_as_weights_says_which_file_to_pass(tmp
     weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 501792\n")
     with pytest.raises(ValueError, match="git lfs pull"):
         load_classifier(weights)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--size", "0"], "--size must be a multiple of 8 and at least 32, got 0"),
+    (["--size", "-5"], "--size must be a multiple of 8 and at least 32, got -5"),
+    (["--size", "3"], "--size must be a multiple of 8 and at least 32, got 3"),
+    (["--size", "36"], "--size must be a multiple of 8 and at least 32, got 36"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+])
+def test_training_script_refuses_bad_sizes_and_thread_counts_before_training(tmp_path, capsys, flags, expected):
+    from scripts import train_world_classifier
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_world_classifier.parse_args(["--out", str(tmp_path / "new.safetensors"), *flags])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(expected)
+    assert train_world_classifier.parse_args(["--out", str(tmp_path / "new.safetensors"), "--size", "40"]).size == 40
