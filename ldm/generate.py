@@ -414,7 +414,7 @@ def add_generation_arguments(parser, *, img2img: bool = False) -> None:
     """
     add = parser.add_argument
     add("--prompt", type=str, default=DEFAULT_PROMPT, help="the prompt to render")
-    add("--outdir", type=str, default="outputs/txt2img-samples", help="folder to write results to")
+    add("--outdir", type=str, default="outputs/txt2img-samples", help="folder to write results to (default: %(default)s)")
     add("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     add("--skip_save", action="store_true", help="do not save individual samples (e.g. for speed measurements)")
     add("--ddim_steps", type=int, default=50, help="number of sampling steps (default: %(default)s)")
@@ -441,7 +441,7 @@ def add_generation_arguments(parser, *, img2img: bool = False) -> None:
     add("--ckpt", "--ckpt_path", dest="ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
         help="model checkpoint (default: %(default)s)")
     add("--seed", type=int, default=42, help="seed of all sampling noise (default: %(default)s)")
-    add("--precision", type=str, choices=PRECISIONS, default="autocast", help="autocast: fp16 on a GPU (fp32 on the CPU, where it is faster); full: fp32")
+    add("--precision", type=str, choices=PRECISIONS, default="autocast", help="autocast: fp16 on a GPU (fp32 on the CPU, where it is faster); full: fp32 (default: %(default)s)")
     add("--embedding_path", type=str, nargs="+", action="extend", default=[],
         help="embedding file(s) with learned words; repeat or list several to use their words together")
     add("--device", type=str, default=default_device(), help="device to run on (default: %(default)s)")
