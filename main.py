@@ -19,7 +19,9 @@ import sys
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -30,6 +32,7 @@ from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.templates import per_img_token_list
 from ldm.embeddings import load_embeddings
 from ldm.models.diffusion.ddpm import DEFAULT_SEED
+from ldm.modules.embedding_manager import checked_vector_settings, word_list
 from ldm.paths import check_output, require_file
 from ldm.util import check_config_tree, check_keys, instantiate_from_config, load_yaml
 
@@ -180,14 +183,39 @@ def check_override(override: str):
         raise UsageError(f"config override '{override}' sets a key nothing reads: it must start with {expected}")
 
 
+def override_config(override: str):
+    """One command-line override as a config; YAML it cannot read is named, with how to quote it."""
+    check_override(override)
+    try:
+        return OmegaConf.from_dotlist([override])
+    except (yaml.YAMLError, OmegaConfBaseException):
+        key, _, value = override.partition("=")
+        word = value.strip("[] ") or "value"
+        raise UsageError(f"config override '{override}' is not valid YAML: quote the value, e.g. {key}='\"{word}\"' "
+                         f"or, for a list, {key}='[\"{word}\"]'") from None
+
+
+def load_base_config(path: str):
+    """A --base file as a config: one that is not YAML text of keys (a binary file, a list) is named."""
+    if not os.path.isfile(path):
+        raise UsageError(f"config '{path}' does not exist: pass an existing YAML with --base (e.g. configs/stable-diffusion/v1-finetune.yaml)")
+    try:
+        config = load_yaml(path)
+    except UnicodeDecodeError as error:
+        raise UsageError(f"config '{path}' is not a YAML text file ({error.reason} at byte {error.start}): pass a "
+                         ".yaml config with --base") from None
+    except OSError as error:  # OmegaConf's refusal of a file that is one number
+        raise UsageError(f"config '{path}' cannot be read as a config ({error}): pass a YAML file of model:, data: "
+                         "and lightning: sections with --base") from None
+    if not isinstance(config, DictConfig):
+        raise UsageError(f"config '{path}' holds a list at its top level, not keys: a config is a "
+                         "YAML file of model:, data: and lightning: sections")
+    return config
+
+
 def build_config(opt, unknown, base_configs):
-    for path in base_configs:
-        if not os.path.isfile(path):
-            raise UsageError(f"config '{path}' does not exist: pass an existing YAML with --base (e.g. configs/stable-diffusion/v1-finetune.yaml)")
-    configs = [load_yaml(p) for p in base_configs]
-    for override in unknown:
-        check_override(override)
-    config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(unknown))
+    configs = [load_base_config(p) for p in base_configs]
+    config = OmegaConf.merge(*configs, *[override_config(override) for override in unknown])
     if "model" not in config:
         raise UsageError("no model in the configs: pass a model config with --base")
     model_params = config.model.setdefault("params", {})
@@ -196,22 +224,28 @@ def build_config(opt, unknown, base_configs):
     if opt.actual_resume:
         model_params.ckpt_path = opt.actual_resume
     personalization = model_params.get("personalization_config")
-    inversion_flags = [flag for flag, value in (("--data_root", opt.data_root), ("--init_word", opt.init_word),
-                                                ("--placeholder_string", opt.placeholder_string),
-                                                ("--embedding_manager_ckpt", opt.embedding_manager_ckpt)) if value]
+    inversion_flags = [flag for flag, given in (("--data_root", bool(opt.data_root)),
+                                                ("--init_word", opt.init_word is not None),
+                                                ("--placeholder_string", opt.placeholder_string is not None),
+                                                ("--embedding_manager_ckpt", bool(opt.embedding_manager_ckpt)))
+                       if given]
     if personalization is None and inversion_flags:
         raise UsageError(f"{inversion_flags[0]} is for textual inversion, but the configs train a model from scratch "
                          "(no personalization_config): use a finetune config such as "
                          "configs/stable-diffusion/v1-finetune.yaml or configs/toy/finetune.yaml")
     if personalization is not None:
         p = personalization.setdefault("params", {})
+        for key in ("placeholder_strings", "initializer_words"):
+            if isinstance(p.get(key), str):  # one word, not a list of its letters
+                p[key] = word_list(p[key])
         if opt.embedding_manager_ckpt:
             p.embedding_manager_ckpt = opt.embedding_manager_ckpt
-        if opt.placeholder_string:
+        if opt.placeholder_string is not None:
+            if not opt.placeholder_string.strip():
+                raise UsageError("--placeholder_string is empty: give the new word, a rare string such as '*' or 'sks'")
             p.placeholder_strings = [opt.placeholder_string]
-        if opt.init_word:
-            words = list(p.get("initializer_words") or [])
-            p.initializer_words = [opt.init_word] + words[1:]
+        if opt.init_word is not None:  # '' is no initializer word: the vectors start at random
+            p.initializer_words = [opt.init_word] + word_list(p.get("initializer_words"))[1:]
     if "data" in config:
         data_params = config.data.setdefault("params", {})
         data_params.seed = model_params.seed
@@ -321,6 +355,10 @@ def main(argv=None):
         raise UsageError("-n/--name and -r/--resume cannot be used together: -r continues the run folder it is given")
 
     ckpt_to_resume = None
+    # argparse hands --base every word up to the next flag, overrides too: `--base cfg.yaml a.b=1 -t`
+    moved = [entry for entry in opt.base if "=" in entry and not os.path.isfile(entry)]
+    opt.base = [entry for entry in opt.base if entry not in moved]
+    unknown = moved + unknown
     base_configs = list(opt.base)
     now, nowname = run_name(opt, base_configs)  # `now` also names this invocation's saved configs
     if opt.resume:
@@ -347,6 +385,11 @@ def main(argv=None):
     ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
     data = instantiate_from_config(config.data)
     data.setup()  # before the model: a bad image folder fails at once, not after loading gigabytes of weights
+    if textual_inversion:  # the datasets checked the captions' placeholder; the others are swapped in wherever found
+        placeholders = word_list(config.model.params.personalization_config.params.get("placeholder_strings"))
+        for dataset in data.datasets.values():
+            if hasattr(dataset, "refuse_template_words"):
+                dataset.refuse_template_words(placeholders)
     for split, dataset in data.datasets.items():
         print(f"{split}: {type(dataset).__name__}, {len(dataset)} items")
     model = instantiate_from_config(config.model)
@@ -396,6 +439,13 @@ def check_training_config(config) -> bool:
         require_file(pretrained, "--actual_resume", "check the path (models/README.md says which file goes where)")
     if textual_inversion and not config.data.params.train.params.get("data_root"):
         raise UsageError("--data_root is required: the folder with your 3-5 training images")
+    rate = config.model.get("base_learning_rate")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+        raise UsageError(f"model.base_learning_rate {rate!r} is not a positive number: set e.g. "
+                         "model.base_learning_rate=5.0e-03")
+    if textual_inversion:
+        p = config.model.params.personalization_config.get("params", {})
+        checked_vector_settings(p.get("num_vectors_per_token", 1), p.get("max_vector_norm"))
     return textual_inversion
 
 

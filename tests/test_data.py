@@ -20,6 +20,7 @@ from ldm.data.templates import (
     imagenet_templates_small,
     per_img_token_list,
     read_template_file,
+    template_holding,
 )
 from ldm.images import channels_first
 from ldm.random_streams import BatchPositions
@@ -157,6 +158,74 @@ def test_caption_file_helpers(tmp_path):
         read_template_file(tmp_path / "blank.txt")
 
 
+def test_a_template_file_without_the_name_slot_is_refused(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a photo of a cat\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"template file '.*plain.txt' has no line with \[name\]") as refused:
+        read_template_file(plain)
+    assert "'{}'" not in str(refused.value)
+    braces = tmp_path / "braces.txt"
+    braces.write_text("a photo of a {}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"braces.txt' has no line with \[name\].*write \[name\] \(not the built-in lists' '\{\}'\)"):
+        read_template_file(braces)
+    some = tmp_path / "some.txt"
+    some.write_text("a photo\na photo of [name]\n", encoding="utf-8")
+    assert read_template_file(some) == ["a photo", "a photo of [name]"]
+
+
+@pytest.mark.parametrize("placeholder, templates, held", [
+    ("a", ["a photo of a {}"], True),
+    ("Photo", ["a photo of a {}"], True),  # the tokenizers lowercase
+    ("of", ["a painting of one {1} in the style of {0}"], True),
+    (",", ["a photo of [name], [filewords]"], True),  # punctuation is spaced out of its run, so found anywhere
+    ("*", ["a photo of a {}", "a photo of [name], [filewords]"], False),
+    ("sks", ["a photo of a {}"], False),
+    ("ph", ["a photo of a {}"], False),  # part of a word is not the word
+    ("name", ["a photo of [name]"], False),  # the slot is not a word of the template
+])
+def test_template_holding_finds_a_placeholder_used_as_a_word(placeholder, templates, held):
+    assert (template_holding(placeholder, templates) is not None) == held
+
+
+def test_a_placeholder_the_captions_already_use_is_refused(tmp_path):
+    images = image_folder(tmp_path / "images", 1)
+    for placeholder in ("a", "photo"):
+        with pytest.raises(ValueError, match=f"placeholder '{placeholder}' is already a word of the training captions "
+                                             r"\(\"a photo of a \{\}\"\).*such as '\*' or 'sks'"):
+            PersonalizedBase(images, size=4, placeholder_token=placeholder)
+    with pytest.raises(ValueError, match="placeholder 'style' is already a word"):
+        personalized_style.PersonalizedBase(images, size=4, placeholder_token="style")
+    template = tmp_path / "templates.txt"
+    template.write_text("[name] on a table\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="placeholder 'table' is already a word"):
+        PersonalizedBase(images, size=4, placeholder_token="table", template_file=template)
+    assert PersonalizedBase(images, size=4, placeholder_token="photo", template_file=template).num_images == 1
+    dataset = PersonalizedBase(images, size=4, placeholder_token="sks")
+    with pytest.raises(ValueError, match="placeholder 'the' is already a word"):
+        dataset.refuse_template_words(["sks", "the"])  # main.py checks the placeholders captions do not name too
+    with pytest.raises(ValueError, match="placeholder is empty"):
+        PersonalizedBase(images, size=4, placeholder_token="")
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(size="big"), r"data.params.train.params.size 'big' is not a number of pixels"),
+    (dict(size=0), r"data.params.train.params.size 0 is not"),
+    (dict(size=0, set="val"), r"data.params.validation.params.size 0 is not"),
+    (dict(repeats=0), r"data.params.train.params.repeats 0 is not a count of at least 1"),
+    (dict(repeats=2.5), r"data.params.train.params.repeats 2.5 is not"),
+])
+def test_sizes_and_repeats_that_are_not_counts_are_named(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        PersonalizedBase(image_folder(tmp_path, 1), **settings)
+
+
+def test_an_image_too_large_to_decode_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 8x8 is over twice the limit, as a huge photo is over Pillow's
+    solid(tmp_path / "huge.png")
+    with pytest.raises(ValueError, match="image '.*huge.png' has more pixels than Pillow decodes safely .*resize it"):
+        PersonalizedBase(tmp_path, size=4)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     stored = Image.new("RGB", (32, 16), GREEN)
     stored.paste(RED, (0, 0, 8, 4))  # top-left of the stored landscape pixels
@@ -282,6 +351,12 @@ def test_every_validation_pass_reads_the_same_captions_and_flips(tmp_path):
               for _ in range(3)]
     assert passes[0] == passes[1] == passes[2]
     assert len({caption for batch in passes[0] for caption in batch[0]}) > 1
+
+
+@pytest.mark.parametrize("batch_size", ["two", 0, 1.5, True])
+def test_a_batch_size_that_is_not_a_count_is_named(batch_size):
+    with pytest.raises(ValueError, match=f"data.params.batch_size {batch_size!r} is not a count of at least 1"):
+        DataModuleFromConfig(batch_size=batch_size)
 
 
 def test_default_workers_are_twice_the_batch_but_no_more_than_the_cores():

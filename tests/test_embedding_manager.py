@@ -12,7 +12,7 @@ from transformers import BertTokenizerFast
 from ldm.checkpoint import build_random_model
 from ldm.data.templates import per_img_token_list
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
-from ldm.modules.embedding_manager import EmbeddingManager, parameter_key
+from ldm.modules.embedding_manager import EmbeddingManager, initial_vectors, parameter_key
 from ldm.modules.encoders.modules import (
     BERTEmbedder,
     FrozenCLIPEmbedder,
@@ -160,13 +160,33 @@ def test_random_init_follows_the_table_statistics_and_the_global_seed(tiny):
     with torch.no_grad():
         tiny.table.weight.copy_(torch.randn_like(tiny.table.weight) * torch.linspace(0.1, 2, 8) + torch.arange(8.0))
     torch.manual_seed(3)
-    manager = EmbeddingManager(tiny, num_vectors_per_token=4000)
-    vectors = manager.vectors("*").detach()
+    vectors = initial_vectors(tiny, None, 4000)  # what the manager starts from, in numbers a mean can be taken of
     table_std = tiny.table.weight.std(dim=0)
     assert torch.allclose(vectors.mean(dim=0), tiny.table.weight.mean(dim=0), atol=0.1)
     assert torch.allclose(vectors.std(dim=0), table_std, rtol=0.1)
     torch.manual_seed(3)
-    assert torch.equal(EmbeddingManager(tiny, num_vectors_per_token=4000).vectors("*"), manager.vectors("*"))
+    manager = EmbeddingManager(tiny, num_vectors_per_token=75)
+    torch.manual_seed(3)
+    assert torch.equal(EmbeddingManager(tiny, num_vectors_per_token=75).vectors("*"), manager.vectors("*"))
+
+
+def test_one_string_is_one_word_not_a_list_of_its_letters(tiny):
+    manager = EmbeddingManager(tiny, placeholder_strings="*", initializer_words="cat")
+    assert list(manager.string_to_token_dict) == ["*"] and manager.initializer_words == {"*": "cat"}
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(num_vectors_per_token=2.7), "num_vectors_per_token 2.7 is not a whole number from 1 to 75"),
+    (dict(num_vectors_per_token=76), "num_vectors_per_token 76 is not a whole number from 1 to 75"),
+    (dict(num_vectors_per_token=0), "num_vectors_per_token 0 is not"),
+    (dict(num_vectors_per_token="two"), "num_vectors_per_token 'two' is not"),
+    (dict(max_vector_norm="big"), "max_vector_norm 'big' is not a positive number"),
+    (dict(max_vector_norm=0), "max_vector_norm 0 is not a positive number"),
+])
+def test_vector_counts_and_norm_caps_that_cannot_work_are_named(tiny, settings, message):
+    with pytest.raises(ValueError, match=f"^model.params.personalization_config.params.{message}"):
+        EmbeddingManager(tiny, **settings)
+    assert EmbeddingManager(tiny, num_vectors_per_token=2.0, max_vector_norm=1).vectors("*").shape == (2, 8)
 
 
 def test_multi_token_initializer_word_error_names_its_pieces_and_usable_pieces(tiny):

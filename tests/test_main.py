@@ -16,6 +16,7 @@ import main as main_module
 from ldm.checkpoint import build_random_model
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.util import instantiate_from_config
 from tests.conftest import REPO, TINY_LDM, TINY_SD
 
 QUIET = ["lightning.callbacks.image_logger.params.disabled=True"]
@@ -437,6 +438,90 @@ def test_command_line_mistakes_fail_before_any_model_loads(tmp_path, images, tin
     save_embeddings(Embeddings({"@": torch.randn(1, 32)}), at_file)
     fails(["--base", TINY_SD, "-t", *inversion, "--embedding_manager_ckpt", str(at_file), "-l", str(tmp_path)],
           r"captions use the placeholder '\*', but the embeddings file .*at.pt' holds '@': add --placeholder_string @")
+
+
+PERSONALIZATION = "model.params.personalization_config.params."
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--placeholder_string", "a"], "placeholder 'a' is already a word of the training captions .*'sks'"),
+    (["--placeholder_string", "photo"], "placeholder 'photo' is already a word"),
+    ([PERSONALIZATION + "placeholder_strings=[sks, the]"], "placeholder 'the' is already a word"),
+    (["data.params.train.params.template_file={tmp}/plain.txt"],
+     "template file '.*plain.txt' has no line with \\[name\\]"),
+    (["--placeholder_string", ""], "--placeholder_string is empty"),
+    ([PERSONALIZATION + "placeholder_strings=@"], "config override '.*placeholder_strings=@' is not valid YAML: quote "
+                                                  "the value, e.g. .*placeholder_strings='\"@\"'"),
+    ([PERSONALIZATION + "initializer_words=[dog"], "initializer_words=\\[dog' is not valid YAML"),
+    ([PERSONALIZATION + "num_vectors_per_token=2.7"], "num_vectors_per_token 2.7 is not a whole number from 1 to 75"),
+    ([PERSONALIZATION + "num_vectors_per_token=80"], "num_vectors_per_token 80 is not"),
+    ([PERSONALIZATION + "max_vector_norm=big"], "max_vector_norm 'big' is not a positive number"),
+    (["data.params.batch_size=two"], "data.params.batch_size 'two' is not a count"),
+    (["data.params.batch_size=0"], "data.params.batch_size 0 is not a count"),
+    (["data.params.train.params.repeats=0"], "data.params.train.params.repeats 0 is not a count"),
+    (["data.params.train.params.size=big"], "data.params.train.params.size 'big' is not a number of pixels"),
+    (["model.base_learning_rate=abc"], "model.base_learning_rate 'abc' is not a positive number"),
+    (["model.base_learning_rate=-1"], "model.base_learning_rate -1 is not a positive number"),
+])
+def test_bad_values_are_named_before_any_model_is_built_or_run_folder_written(tmp_path, images, tiny_sd_ckpt,
+                                                                               monkeypatch, extra, message):
+    def data_only(config, **kwargs):
+        if not config.target.startswith("ldm.data."):
+            raise AssertionError(f"{config.target} was built before the mistake was found")
+        return instantiate_from_config(config, **kwargs)
+
+    monkeypatch.setattr(main_module, "instantiate_from_config", data_only)
+    (tmp_path / "plain.txt").write_text("a photo of a {}\n")
+    argv = ["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images),
+            "-l", str(tmp_path / "logs"), *[word.format(tmp=tmp_path) for word in extra]]
+    with pytest.raises((main_module.UsageError, ValueError), match=message) as refused:
+        main_module.main(argv)
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_base_files_that_are_not_yaml_text_of_keys_are_named(tmp_path):
+    inversion = ["-t", "-l", str(tmp_path / "logs")]
+    (tmp_path / "weights.yaml").write_bytes(b"PK\x03\x04\xff\xfe\x00binary")
+    with pytest.raises(main_module.UsageError, match="config '.*weights.yaml' is not a YAML text file"):
+        main_module.main(["--base", TINY_SD, str(tmp_path / "weights.yaml"), *inversion])
+    (tmp_path / "list.yaml").write_text("- model\n- data\n")
+    with pytest.raises(main_module.UsageError, match="config '.*list.yaml' holds a list at its top level"):
+        main_module.main(["--base", str(tmp_path / "list.yaml"), *inversion])
+    (tmp_path / "number.yaml").write_text("42\n")
+    with pytest.raises(main_module.UsageError, match="config '.*number.yaml' cannot be read as a config"):
+        main_module.main(["--base", str(tmp_path / "number.yaml"), *inversion])
+
+
+def test_an_override_right_after_base_is_read_as_an_override(tmp_path, images, tiny_sd_ckpt, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def record(lightning_config):
+        raise Stop(lightning_config.trainer.max_steps)
+
+    monkeypatch.setattr(main_module, "checkpoint_interval", record)
+    with pytest.raises(Stop, match="^3$"):
+        main_module.main(["--base", TINY_SD, "lightning.trainer.max_steps=3", "-t", "--actual_resume", tiny_sd_ckpt,
+                          "--data_root", str(images), "-l", str(tmp_path / "logs")])
+
+
+def test_an_empty_init_word_means_none_and_one_word_is_not_a_list_of_letters(images):
+    def config_of(*argv):
+        opt, unknown = main_module.get_parser().parse_known_args(["--base", TINY_SD, "-t", "--data_root", str(images),
+                                                                 *argv])
+        return main_module.build_config(opt, unknown, [TINY_SD])
+
+    params = config_of("--init_word", "").model.params.personalization_config.params
+    assert list(params.initializer_words) == [""]  # the EmbeddingManager starts such a word at random
+    config = config_of(PERSONALIZATION + "placeholder_strings=sks", PERSONALIZATION + "initializer_words=dog")
+    params = config.model.params.personalization_config.params
+    assert list(params.placeholder_strings) == ["sks"] and list(params.initializer_words) == ["dog"]
+    assert config.data.params.train.params.placeholder_token == "sks"
+    toy_pretraining = os.path.join(REPO, "configs", "toy", "txt2img.yaml")
+    opt, _ = main_module.get_parser().parse_known_args(["--base", toy_pretraining, "-t", "--init_word", ""])
+    with pytest.raises(main_module.UsageError, match="--init_word is for textual inversion"):
+        main_module.build_config(opt, [], [toy_pretraining])
 
 
 def test_resume_from_a_file_that_is_not_a_training_checkpoint_is_refused(tmp_path, images, tiny_sd_ckpt):

@@ -108,6 +108,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
         super().__init__()
         if ignored:
             warnings.warn(f"DataModuleFromConfig ignores config keys {sorted(ignored)}", stacklevel=2)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"data.params.batch_size {batch_size!r} is not a count of at least 1: set the images per "
+                             "step, e.g. data.params.batch_size=2")
         self.batch_size = batch_size
         # The original's batch_size * 2, but no more processes than cores: items are pre-decoded and cheap.
         self.num_workers = num_workers if num_workers is not None else min(batch_size * 2, os.cpu_count() or 1)

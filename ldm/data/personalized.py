@@ -14,6 +14,7 @@ from ldm.data.templates import (
     imagenet_templates_small,
     per_img_token_list,
     read_template_file,
+    template_holding,
 )
 
 __all__ = ["PersonalizedBase", "per_img_token_list"]
@@ -67,8 +68,16 @@ def load_upright_rgb(path) -> Image.Image:
                 rgba = image.convert("RGBA")
                 return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
             return image.convert("RGB")
+    except Image.DecompressionBombError:  # not an OSError: Pillow refuses to decode it at all
+        raise ValueError(f"image '{path}' has more pixels than Pillow decodes safely ({2 * Image.MAX_IMAGE_PIXELS}); "
+                         "resize it (training uses a few hundred pixels a side) or remove it") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read image '{path}' ({error}); re-save it as PNG or JPEG, or remove it") from error
+
+
+def is_count(value) -> bool:
+    """A whole number of at least 1 (not a bool, a float or a string that YAML left as text)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def square_pixels(image: Image.Image, size, center_crop: bool, resample) -> np.ndarray:
@@ -136,6 +145,15 @@ class PersonalizedBase(Dataset):
             raise ValueError(f"coarse_class_text is for object datasets; {type(self).__module__} captions a style, remove it")
         if per_image_tokens and template_file is not None:
             raise ValueError("per_image_tokens works with the built-in templates only; drop template_file or per_image_tokens")
+        key = f"data.params.{'train' if set == 'train' else 'validation'}.params."
+        if size is not None and not is_count(size):
+            raise ValueError(f"{key}size {size!r} is not a number of pixels: set it to the model's image size, "
+                             "e.g. 512")
+        if set == "train" and not is_count(repeats):
+            raise ValueError(f"{key}repeats {repeats!r} is not a count of at least 1: set how many times an epoch "
+                             "shows each image, e.g. 100")
+        if not placeholder_token:
+            raise ValueError("the captions' placeholder is empty: give the new word, e.g. --placeholder_string '*'")
 
         self.image_paths = [str(path) for path in list_images(data_root)]
         self.num_images = len(self.image_paths)
@@ -148,6 +166,7 @@ class PersonalizedBase(Dataset):
         self.mixing_prob = mixing_prob
         self.placeholder_phrase = placeholder_token if coarse_class_text is None else f"{coarse_class_text} {placeholder_token}"
         self.template_lines = read_template_file(template_file) if template_file is not None else None
+        self.refuse_template_words([placeholder_token])
         # Image captions are read only through a template file's [filewords].
         self.image_captions = ([read_image_caption(path, captions) for path in self.image_paths]
                                if self.template_lines is not None else None)
@@ -157,6 +176,19 @@ class PersonalizedBase(Dataset):
 
     def __len__(self):
         return self._length
+
+    def refuse_template_words(self, placeholders):
+        """Refuse a placeholder that the caption templates already hold as a word ("a", "photo"): the text encoder
+        would read that word of every caption as the learned vectors."""
+        templates = self.template_lines
+        if templates is None:
+            templates = [*self.templates, *(self.dual_templates if self.per_image_tokens else ())]
+        for placeholder in placeholders:
+            template = template_holding(placeholder, templates)
+            if template is not None:
+                raise ValueError(f"placeholder '{placeholder}' is already a word of the training captions "
+                                 f"(\"{template}\"), so every such word would become the learned vector: use a rare "
+                                 "string such as '*' or 'sks' (--placeholder_string)")
 
     def caption(self, image_index: int) -> str:
         """A freshly drawn caption for one image."""

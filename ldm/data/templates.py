@@ -4,6 +4,7 @@ The object and style lists are the ones the original code trained with (the obje
 which weight the sampling). The template-file reader follows AUTOMATIC1111's format, so its template files
 (`[name]` = the placeholder, `[filewords]` = the image's caption) can be reused as they are.
 """
+import re
 from pathlib import Path
 
 _photo_templates = [
@@ -158,6 +159,10 @@ def read_template_file(path) -> list:
     lines = [line for line in lines if line]
     if not lines:
         raise ValueError(f"template file '{path}' has no templates; write one per line, e.g. 'a photo of [name], [filewords]'")
+    if not any("[name]" in line for line in lines):
+        slot = "[name] (not the built-in lists' '{}')" if any("{}" in line for line in lines) else "[name]"
+        raise ValueError(f"template file '{path}' has no line with [name], the placeholder's slot, so no caption would "
+                         f"name the learned word; write {slot} where it goes, e.g. 'a photo of [name], [filewords]'")
     return lines
 
 
@@ -167,3 +172,23 @@ def fill_template_line(line: str, name: str, filewords: str) -> str:
     `[name]` goes first so a caption that happens to contain "[name]" is kept literally.
     """
     return line.replace("[name]", name).replace("[filewords]", filewords)
+
+
+# What a template leaves for the caption-specific text: the built-in lists' `{}` / `{0}` and a file's `[name]` /
+# `[filewords]`.
+_SLOTS = re.compile(r"\{\d*\}|\[name\]|\[filewords\]")
+
+
+def template_holding(placeholder: str, templates) -> str | None:
+    """The first of `templates` that already holds `placeholder` outside its slots, else None.
+
+    The text encoder swaps every occurrence of the placeholder's token for the learned vectors, so a placeholder
+    such as "a" or "photo" would turn that word of every caption into the concept. Both tokenizers lowercase and
+    split letters and digits from punctuation: a placeholder with letters or digits is matched as a whole word,
+    one made of punctuation anywhere (the EmbeddingManager spaces it out of a run of punctuation).
+    """
+    if any(c.isalnum() for c in placeholder):
+        pattern = re.compile(rf"(?<![^\W_]){re.escape(placeholder)}(?![^\W_])", re.IGNORECASE)
+    else:
+        pattern = re.compile(re.escape(placeholder))
+    return next((t for t in templates if pattern.search(_SLOTS.sub(" ", t))), None)

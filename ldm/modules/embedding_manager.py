@@ -31,6 +31,9 @@ from ldm.modules.encoders.tokenizers import (one_token_problem, ordinary_token_i
 from ldm.text_encoders import model_family
 
 PROGRESSIVE_STEPS_PER_VECTOR = 2000
+# A prompt's 77 token slots (CLIP's and LDM-BERT's) less its start and end tokens; the caption's own words take more.
+MAX_VECTORS_PER_TOKEN = 75
+SETTINGS_KEY = "model.params.personalization_config.params."
 PLACEHOLDER_CANDIDATES = ("*", "@", "&", "$", "§", "~")
 # Rare one-token symbols (in CLIP's BPE and LDM-BERT's vocabulary) that stand in for a file's word that is several
 # tokens, such as diffusers' "<cat-toy>": prompts are rewritten to the stand-in before tokenizing.
@@ -97,6 +100,29 @@ def initial_vectors(embedder, word: str | None, count: int, generator: torch.Gen
     return noise * std + mean
 
 
+def word_list(words) -> list:
+    """A config's list of words; one plain string is one word (list("dog") would train its letters)."""
+    return [words] if isinstance(words, str) else list(words or ())
+
+
+def checked_vector_settings(num_vectors_per_token, max_vector_norm) -> tuple[int, float | None]:
+    """The vector count and norm cap as numbers, or a one-line ValueError naming the config key: int() would cut
+    2.7 to 2, and vectors past a prompt's slots are cut from every caption, so they would never train.
+    main.py calls it before any model is built."""
+    count = num_vectors_per_token
+    if isinstance(count, float) and count.is_integer():
+        count = int(count)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_VECTORS_PER_TOKEN:
+        raise ValueError(f"{SETTINGS_KEY}num_vectors_per_token {num_vectors_per_token!r} is not a whole number from 1 "
+                         f"to {MAX_VECTORS_PER_TOKEN} (a prompt's 77 token slots less its start and end tokens, and "
+                         "fewer with the caption's words): set e.g. 1 or 4")
+    norm = max_vector_norm
+    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm > 0):
+        raise ValueError(f"{SETTINGS_KEY}max_vector_norm {norm!r} is not a positive number: set a length such as 0.5, "
+                         "or null for no cap")
+    return count, None if norm is None else float(norm)
+
+
 class EmbeddingManager(nn.Module):
     """Holds one (k, D) fp32 Parameter per placeholder string and substitutes it wherever the placeholder occurs.
 
@@ -120,8 +146,8 @@ class EmbeddingManager(nn.Module):
         super().__init__()
         if kwargs:
             warnings.warn(f"EmbeddingManager ignores unknown arguments {sorted(kwargs)}", stacklevel=2)
-        placeholders = list(placeholder_strings or ())
-        initializer_words = list(initializer_words or ())
+        placeholders = word_list(placeholder_strings)
+        initializer_words = word_list(initializer_words)
         if not placeholders and not per_image_tokens:
             raise ValueError("EmbeddingManager needs at least one placeholder string, e.g. placeholder_strings: ['*']")
         if len(initializer_words) > len(placeholders):
@@ -129,18 +155,15 @@ class EmbeddingManager(nn.Module):
                 f"{len(initializer_words)} initializer_words for {len(placeholders)} placeholder_strings; "
                 "give at most one initializer word per placeholder"
             )
-        if int(num_vectors_per_token) < 1:
-            raise ValueError(f"num_vectors_per_token must be at least 1, got {num_vectors_per_token}")
-        if max_vector_norm is not None and max_vector_norm <= 0:
-            raise ValueError(f"max_vector_norm must be positive or None, got {max_vector_norm}")
+        num_vectors_per_token, max_vector_norm = checked_vector_settings(num_vectors_per_token, max_vector_norm)
 
         self.tokenizer = embedder.tokenizer
         self.token_dim = int(embedder.token_dim)
         # Recorded in saved files: it names the stock tokenizer that merging and converting them use (tiny models too).
         self.model_family = model_family(self.token_dim, tokenizer_family(self.tokenizer), width_decides=False)
-        self.num_vectors_per_token = int(num_vectors_per_token)
+        self.num_vectors_per_token = num_vectors_per_token
         self.progressive_words = bool(progressive_words)
-        self.max_vector_norm = None if max_vector_norm is None else float(max_vector_norm)
+        self.max_vector_norm = max_vector_norm
         self.training_step = 0
         self.string_to_token_dict: dict[str, int] = {}  # placeholder -> the token id that it is read as
         self.stand_ins: dict[str, str] = {}  # a file's word of several tokens -> the one-token symbol read in its place
