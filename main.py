@@ -196,21 +196,9 @@ def override_config(override: str):
 
 
 def load_base_config(path: str):
-    """A --base file as a config: one that is not YAML text of keys (a binary file, a list) is named."""
     if not os.path.isfile(path):
         raise UsageError(f"config '{path}' does not exist: pass an existing YAML with --base (e.g. configs/stable-diffusion/v1-finetune.yaml)")
-    try:
-        config = load_yaml(path)
-    except UnicodeDecodeError as error:
-        raise UsageError(f"config '{path}' is not a YAML text file ({error.reason} at byte {error.start}): pass a "
-                         ".yaml config with --base") from None
-    except OSError as error:  # OmegaConf's refusal of a file that is one number
-        raise UsageError(f"config '{path}' cannot be read as a config ({error}): pass a YAML file of model:, data: "
-                         "and lightning: sections with --base") from None
-    if not isinstance(config, DictConfig):
-        raise UsageError(f"config '{path}' holds a list at its top level, not keys: a config is a "
-                         "YAML file of model:, data: and lightning: sections")
-    return config
+    return load_yaml(path)
 
 
 def build_config(opt, unknown, base_configs):

@@ -51,10 +51,7 @@ def read_config(config_path, flag: str = "--config"):
     """The config at `config_path`, given with `flag`; a missing file, a folder, bad YAML or a config without
     model.params is a one-line error."""
     require_file(config_path, flag, "check the path")
-    try:
-        config = load_yaml(config_path)
-    except UnicodeDecodeError:
-        raise ValueError(f"{flag} '{config_path}' is not a text file (a checkpoint?): pass a .yaml config") from None
+    config = load_yaml(config_path)
     if "model" not in config or "params" not in config.model:
         raise ValueError(f"config '{config_path}' has no model.params section: pass an inference config")
     check_config_tree(config.model, "model.")

@@ -17,11 +17,20 @@ def get_obj_from_str(dotted_path: str):
 
 
 def load_yaml(path):
-    """An OmegaConf config from a YAML file; a syntax error becomes a one-line ValueError that names the file."""
+    """An OmegaConf config of keys from a YAML file; a file that is not one (a syntax error, a binary file such as
+    a checkpoint, a list or a number at the top level) is a one-line ValueError that names it."""
     try:
-        return OmegaConf.load(path)
+        config = OmegaConf.load(path)
     except yaml.YAMLError as error:
         raise ValueError(f"config '{path}' is not valid YAML: {' '.join(str(error).split())}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config '{path}' is not a YAML text file ({error.reason} at byte {error.start}; a "
+                         "checkpoint?): pass a .yaml config") from None
+    except OSError as error:  # OmegaConf's refusal of a file that holds one number
+        raise ValueError(f"config '{path}' is not a YAML file of keys ({error})") from None
+    if not OmegaConf.is_dict(config):
+        raise ValueError(f"config '{path}' holds a list at its top level, not keys such as model: and data:")
+    return config
 
 
 def instantiate_from_config(config, **kwargs):

@@ -25,7 +25,7 @@ def test_config_mistakes_are_one_line_errors(tmp_path, tiny_sd_ckpt):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     (tmp_path / "lightning.yaml").write_text("lightning: {}\n")
     for path, expected in [(tmp_path / "bad.yaml", "is not valid YAML"),
-                           (tiny_sd_ckpt, "is not a text file .*a checkpoint"),
+                           (tiny_sd_ckpt, "is not a YAML text file .*a checkpoint"),
                            (tmp_path, "is a folder"),
                            (tmp_path / "none.yaml", "does not exist"),
                            (tmp_path / "lightning.yaml", "has no model.params section: pass an inference config")]:

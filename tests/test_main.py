@@ -483,13 +483,13 @@ def test_bad_values_are_named_before_any_model_is_built_or_run_folder_written(tm
 def test_base_files_that_are_not_yaml_text_of_keys_are_named(tmp_path):
     inversion = ["-t", "-l", str(tmp_path / "logs")]
     (tmp_path / "weights.yaml").write_bytes(b"PK\x03\x04\xff\xfe\x00binary")
-    with pytest.raises(main_module.UsageError, match="config '.*weights.yaml' is not a YAML text file"):
+    with pytest.raises(ValueError, match="config '.*weights.yaml' is not a YAML text file"):
         main_module.main(["--base", TINY_SD, str(tmp_path / "weights.yaml"), *inversion])
     (tmp_path / "list.yaml").write_text("- model\n- data\n")
-    with pytest.raises(main_module.UsageError, match="config '.*list.yaml' holds a list at its top level"):
+    with pytest.raises(ValueError, match="config '.*list.yaml' holds a list at its top level"):
         main_module.main(["--base", str(tmp_path / "list.yaml"), *inversion])
     (tmp_path / "number.yaml").write_text("42\n")
-    with pytest.raises(main_module.UsageError, match="config '.*number.yaml' cannot be read as a config"):
+    with pytest.raises(ValueError, match="config '.*number.yaml' is not a YAML file of keys"):
         main_module.main(["--base", str(tmp_path / "number.yaml"), *inversion])
 
 
