@@ -1,5 +1,5 @@
 """The README's quick start, run exactly as written, on the shipped toy model: learn a word for a held-out concept,
-generate with it, evaluate it. The commands are read from the README so the two cannot drift apart. It takes 4 to
+generate with it, evaluate it. The commands are read from the README so the two cannot drift apart. It takes 3.5 to
 8 minutes on a 2-core CPU, so it is marked slow (CI runs the slow tests too)."""
 import glob
 import json
