@@ -207,10 +207,7 @@ def read_init_image(path) -> Image.Image:
     starts from the picture the learned words were trained on; a one-line error naming --init_img otherwise."""
     try:
         return load_upright_rgb(path)
-    except Image.DecompressionBombError as error:  # no OSError, so a reader may let it through
-        raise ValueError(f"--init_img '{path}' is too large to decode safely ({error}): resize it to a few thousand "
-                         "pixels per side") from None
-    except ValueError as error:
+    except ValueError as error:  # unreadable, or too large to decode safely
         raise ValueError(f"--init_img: {error}") from None
 
 
