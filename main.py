@@ -26,7 +26,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from ldm.callbacks import ImageLogger, LossProgressBar, SetupCallback, TrainingCheckpoint
+from ldm.callbacks import ImageLogger, LossProgressBar, SetupCallback, TrainingCheckpoint, TrainingDiverged
 from ldm.checkpoint import CheckpointError, load_pickled_checkpoint
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.templates import per_img_token_list
@@ -474,10 +474,10 @@ def fit_until_stopped(trainer, checkpointer: TrainingCheckpoint, model, data, ck
     except SystemExit:  # Lightning's exit after a second Ctrl-C, which TrainingCheckpoint has saved at
         if trainer.stop_signal is None:
             raise
-    except Exception:
+    except Exception as error:
         # Data-loader workers get the signal too (it goes to the whole process group), so fetching the next
-        # batch may fail once they are gone; TrainingCheckpoint has saved by then.
-        if trainer.stop_signal is None:
+        # batch may fail once they are gone; TrainingCheckpoint has saved by then, unless the run diverged.
+        if trainer.stop_signal is None or isinstance(error, TrainingDiverged):
             raise
 
 

@@ -60,6 +60,10 @@ def _on_any_rank(trainer, *flags: bool) -> list[bool]:
     return [bool(vote) for vote in trainer.strategy.reduce(votes, reduce_op="max").tolist()]
 
 
+class TrainingDiverged(ValueError):
+    """The learned vectors became NaN or infinite: saving them would replace the last usable ones."""
+
+
 class TrainingCheckpoint(Callback):
     """Writes a resumable `last.ckpt` (plus `embeddings_gs-<step>.pt` and `embeddings.pt` when the model learns
     pseudo-words) every N steps, at the end, and when training is interrupted (Ctrl-C, SIGTERM, an exception),
@@ -67,7 +71,11 @@ class TrainingCheckpoint(Callback):
 
     Stops and saves asked for by signal (main.py's handlers set `trainer.stop_signal` and `save_requested` on the
     rank that got it) happen at the end of a step that all ranks agree on: saving is collective, and a rank that
-    stopped alone would leave the others waiting in a collective for ever."""
+    stopped alone would leave the others waiting in a collective for ever.
+
+    A run whose learned vectors become NaN or infinite (it diverged) stops with `TrainingDiverged`, found at the
+    next save or logging step (where the logger reads the step's numbers from the device anyway), and saves
+    nothing from then on: the files already written keep the last finite vectors."""
 
     def __init__(self, ckptdir: str, every_n_train_steps: int = 500):
         super().__init__()
@@ -83,6 +91,7 @@ class TrainingCheckpoint(Callback):
         step = trainer.global_step
         if step == self._last_saved_step:
             return
+        self.check_finite(trainer, pl_module)
         last = os.path.join(self.ckptdir, "last.ckpt")
         if collective:
             trainer.save_checkpoint(last + ".tmp", weights_only=False)
@@ -97,11 +106,32 @@ class TrainingCheckpoint(Callback):
                 manager.save(os.path.join(self.ckptdir, "embeddings.pt"), step=step)
         self._last_saved_step = step  # only once written: a save cut short (a second Ctrl-C) is retried
 
+    def check_finite(self, trainer, pl_module):
+        """Raise `TrainingDiverged` if the learned vectors hold NaN or infinite values (one read from the device)."""
+        manager = getattr(pl_module, "embedding_manager", None)
+        diverged = manager.nonfinite_placeholders() if manager is not None else []
+        if not diverged:
+            return
+        logdir = os.path.dirname(self.ckptdir)
+        if self._last_saved_step >= 0:
+            kept = (f"the last finite ones, of step {self._last_saved_step}, stay in '{self.ckptdir}': lower "
+                    f"model.base_learning_rate and resume (-r {logdir})")
+        elif os.path.exists(os.path.join(self.ckptdir, "last.ckpt")):
+            kept = (f"nothing was saved since this run resumed from '{self.ckptdir}': lower model.base_learning_rate "
+                    f"and resume again (-r {logdir})")
+        else:
+            kept = "nothing was saved: train again with a lower model.base_learning_rate"
+        words = ", ".join(f"'{word}'" for word in diverged)
+        raise TrainingDiverged(f"training diverged by step {trainer.global_step}: the learned vectors of {words} hold "
+                               f"NaN or infinite values; {kept}")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         stop, save = _on_any_rank(trainer, getattr(trainer, "stop_signal", None) is not None, self.save_requested)
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # requests wait for the end of the optimizer step: a run resumes exactly only from there
         step = trainer.global_step
+        if step % trainer.log_every_n_steps == 0:
+            self.check_finite(trainer, pl_module)
         if stop:
             trainer.should_stop = True
             if trainer.stop_signal is None:  # another rank got the signal
@@ -123,6 +153,8 @@ class TrainingCheckpoint(Callback):
         self.save(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, TrainingDiverged):
+            return
         # Only a step this run finished is saved: a run that failed while resuming keeps the last.ckpt it resumed.
         if self._first_step is not None and trainer.global_step > self._first_step:
             signum = getattr(trainer, "stop_signal", None)  # main.py's record of a stop it was asked for
@@ -131,7 +163,10 @@ class TrainingCheckpoint(Callback):
             # Without a collective where the strategy allows (one device, plain DDP): FSDP and DeepSpeed gather
             # the state across ranks, so there the save stays collective.
             plain = isinstance(trainer.strategy, SingleDeviceStrategy) or type(trainer.strategy) is DDPStrategy
-            self.save(trainer, pl_module, collective=not plain)
+            try:
+                self.save(trainer, pl_module, collective=not plain)
+            except TrainingDiverged as error:
+                pl_module.print(f"Not saved: {error}")
 
 
 class ImageLogger(Callback):

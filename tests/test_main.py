@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main as main_module
+from ldm.callbacks import TrainingDiverged
 from ldm.checkpoint import build_random_model
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 from ldm.models.diffusion.ddpm import LatentDiffusion
@@ -358,6 +359,48 @@ def test_sigterm_to_the_process_group_saves_with_data_workers(tmp_path, images, 
     saved = load_embeddings(os.path.join(run, "checkpoints", "embeddings.pt")).metadata["step"]
     assert 10 <= saved < 400, output[-2000:]
     assert torch.load(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)["global_step"] == saved
+
+
+class PoisonVectors(pl.Callback):
+    """Makes the learned vectors NaN at the end of step `step`, as a diverged optimizer step would; with
+    `ctrl_c`, Ctrl-C is pressed in that step too."""
+
+    def __init__(self, step: int, ctrl_c: bool = False):
+        self.step = step
+        self.ctrl_c = ctrl_c
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            pl_module.embedding_manager.vectors("*").data.fill_(float("nan"))
+            if self.ctrl_c:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("ctrl_c", [False, True])
+def test_a_diverged_run_stops_and_keeps_the_last_finite_embeddings(tmp_path, images, tiny_sd_ckpt, ctrl_c):
+    """NaN vectors are found at the next logging step (every 5 here) or save (every 10), a Ctrl-C's included, and
+    never written over the last finite ones."""
+    poison = [f"lightning.callbacks.poison.target={__name__}.PoisonVectors", "lightning.callbacks.poison.params.step=12",
+              f"lightning.callbacks.poison.params.ctrl_c={ctrl_c}"]
+    stopped_at = 13 if ctrl_c else 15  # the poison comes after the checkpoint callback's turn at step 12
+    with pytest.raises(TrainingDiverged, match=f"diverged by step {stopped_at}: the learned vectors of '\\*' hold NaN "
+                                               "or infinite values; the last finite ones, of step 10, stay in"):
+        train_in_process(tmp_path, images, tiny_sd_ckpt, *poison)
+    checkpoints = os.path.join(only_run(tmp_path / "logs"), "checkpoints")
+    assert sorted(os.listdir(checkpoints)) == ["embeddings.pt", "embeddings_gs-10.pt", "last.ckpt"]
+    assert load_embeddings(os.path.join(checkpoints, "embeddings.pt")).metadata["step"] == 10
+    assert torch.load(os.path.join(checkpoints, "last.ckpt"), weights_only=False)["global_step"] == 10
+
+
+def test_a_run_that_diverges_from_the_start_says_so_in_one_line(tmp_path, images, tiny_sd_ckpt):
+    result = run_cli(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images),
+                      "-l", str(tmp_path / "logs"), "model.base_learning_rate=1e30", *QUIET], timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: training diverged by step 5: the learned vectors of '*' hold NaN or infinite values; nothing was "
+        "saved: train again with a lower model.base_learning_rate")
+    assert "Traceback" not in result.stderr
+    assert os.listdir(os.path.join(only_run(tmp_path / "logs"), "checkpoints")) == []
 
 
 def test_usage_errors_are_one_line(tmp_path, images, tiny_sd_ckpt):

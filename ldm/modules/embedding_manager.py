@@ -332,6 +332,13 @@ class EmbeddingManager(nn.Module):
         """L2 norm of each learned vector, (k,) per placeholder, for logging."""
         return {placeholder: self.vectors(placeholder).detach().norm(dim=1) for placeholder in self.string_to_token_dict}
 
+    def nonfinite_placeholders(self) -> list[str]:
+        """The placeholders whose vectors hold NaN or infinite values (a diverged run's), in one read from the
+        device."""
+        placeholders = list(self.string_to_token_dict)
+        finite = torch.stack([torch.isfinite(self.vectors(p)).all() for p in placeholders]).tolist() if placeholders else []
+        return [placeholder for placeholder, ok in zip(placeholders, finite) if not ok]
+
     @torch.no_grad()
     def apply_norm_cap(self):
         """Rescale vectors longer than `max_vector_norm` onto that norm; the trainer calls it after each step."""
