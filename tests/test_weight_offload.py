@@ -113,3 +113,16 @@ def test_the_config_switch_refuses_levers_that_need_resident_weights(other, mess
     config.model.params[other] = True
     with pytest.raises(ValueError, match=message):
         instantiate_from_config(config.model)
+
+
+@pytest.mark.parametrize("frozen_weights_dtype, precision", [("float32", "bf16-mixed"), ("bfloat16", "16-mixed")])
+def test_weights_stored_in_another_dtype_than_autocasts_are_refused(frozen_weights_dtype, precision):
+    """Autocast would convert each weight at each use and keep the device copy for the backward: no saving."""
+    model = offloaded_model()
+    model.frozen_weights_dtype = frozen_weights_dtype
+    with pytest.raises(ValueError, match=f"frozen_weights_dtype: {frozen_weights_dtype} autocast keeps a converted copy"):
+        model.prepare_for_training(precision)
+    model.frozen_weights_dtype = "auto"
+    model.prepare_for_training(precision)
+    model.frozen_weights_dtype = "float32"
+    model.prepare_for_training("32-true")

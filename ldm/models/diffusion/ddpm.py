@@ -483,6 +483,11 @@ class LatentDiffusion(DDPM):
             raise ValueError(f"frozen_weights_dtype: {self.frozen_weights_dtype} needs a mixed precision (half weights "
                              f"meet float32 inputs only under autocast): pass --precision bf16-mixed or 16-mixed, or set "
                              f"frozen_weights_dtype: auto")
+        if self.model.weight_offload is not None and mixed not in (None, dtype):
+            raise ValueError(f"offload_unet keeps the UNet's weights in CPU memory only if they are stored in the "
+                             f"autocast dtype of --precision {precision}: with frozen_weights_dtype: "
+                             f"{self.frozen_weights_dtype} autocast keeps a converted copy of each on the device for the "
+                             f"backward; set frozen_weights_dtype: auto")
         if dtype is not None and not self.unfreeze_model:
             self.store_frozen_weights(dtype)
         if self.compile_unet:  # in place: weights and state-dict names stay those of the plain module
