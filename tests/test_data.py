@@ -213,8 +213,11 @@ def test_a_placeholder_the_captions_already_use_is_refused(tmp_path):
     (dict(size=0, set="val"), r"data.params.validation.params.size 0 is not"),
     (dict(repeats=0), r"data.params.train.params.repeats 0 is not a count of at least 1"),
     (dict(repeats=2.5), r"data.params.train.params.repeats 2.5 is not"),
+    (dict(flip_p=1.5), r"data.params.train.params.flip_p 1.5 is not a probability: set it between 0 and 1"),
+    (dict(flip_p="0.5"), r"data.params.train.params.flip_p '0.5' is not a probability"),
+    (dict(mixing_prob=-0.1, set="val"), r"data.params.validation.params.mixing_prob -0.1 is not a probability"),
 ])
-def test_sizes_and_repeats_that_are_not_counts_are_named(tmp_path, settings, message):
+def test_sizes_repeats_and_probabilities_out_of_range_are_named(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         PersonalizedBase(image_folder(tmp_path, 1), **settings)
 

@@ -80,6 +80,11 @@ def is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def is_probability(value) -> bool:
+    """A number from 0 to 1 (not a bool or a string that YAML left as text)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
 def square_pixels(image: Image.Image, size, center_crop: bool, resample) -> np.ndarray:
     """(size, size, 3) uint8 pixels; the central square is cut first unless `center_crop` is False (squash)."""
     if center_crop:
@@ -152,6 +157,9 @@ class PersonalizedBase(Dataset):
         if set == "train" and not is_count(repeats):
             raise ValueError(f"{key}repeats {repeats!r} is not a count of at least 1: set how many times an epoch "
                              "shows each image, e.g. 100")
+        for name, value in (("flip_p", flip_p), ("mixing_prob", mixing_prob)):
+            if not is_probability(value):
+                raise ValueError(f"{key}{name} {value!r} is not a probability: set it between 0 and 1")
         if not placeholder_token:
             raise ValueError("the captions' placeholder is empty: give the new word, e.g. --placeholder_string '*'")
 
