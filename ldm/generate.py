@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ldm.checkpoint import load_checkpoint
 from ldm.cli import default_device, parse_device, read_config, require_at_least
 from ldm.data.personalized import load_upright_rgb
-from ldm.embeddings import load_embeddings, merge_embeddings
+from ldm.embeddings import Embeddings, load_embeddings, merge_embeddings
 from ldm.images import channels_first, make_grid, tensor_to_pil
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import DEFAULT_TIMESTEPS, LatentDiffusion
@@ -64,8 +64,7 @@ def load_model(config_path, ckpt_path, device, embedding_paths=(), use_ema=None,
     `channels_last`, its attention kernel chosen by `attention_backend` (None: the config's). `use_ema` overrides
     the config's choice of the checkpoint's EMA UNet weights."""
     config = read_config(config_path)
-    for path in embedding_paths:
-        require_file(path, "--embedding_path", "check the path")
+    learned_words = read_learned_words(embedding_paths)  # before the model: a bad file is named in a second
     checkpoint = load_checkpoint(ckpt_path)
     if checkpoint.global_step is not None:
         print(f"Global step of '{ckpt_path}': {checkpoint.global_step}")
@@ -76,7 +75,7 @@ def load_model(config_path, ckpt_path, device, embedding_paths=(), use_ema=None,
     model = instantiate_from_config(config.model, ckpt_path=checkpoint)
     if not isinstance(model, LatentDiffusion):
         raise ValueError(f"config '{config_path}' builds a {type(model).__name__}, not a LatentDiffusion model")
-    load_learned_words(model, embedding_paths)
+    load_learned_words(model, learned_words)
     model.store_frozen_weights(weights_dtype)
     if channels_last:
         model.model.use_channels_last()
@@ -112,23 +111,34 @@ def config_timesteps(config_path) -> int:
     return int(read_config(config_path).model.params.get("timesteps", DEFAULT_TIMESTEPS))
 
 
-def load_learned_words(model: LatentDiffusion, embedding_paths) -> None:
-    """Put the words of `embedding_paths` into the model's EmbeddingManager, building one if the config has none."""
-    if not embedding_paths:
+def read_learned_words(embedding_paths) -> list[tuple[str, Embeddings]]:
+    """Each `--embedding_path` file's path and contents; files that cannot share a prompt are refused here."""
+    for path in embedding_paths:
+        require_file(path, "--embedding_path", "check the path")
+    loaded = [(os.fspath(path), load_embeddings(path)) for path in embedding_paths]
+    if len(loaded) > 1:
+        merge_embeddings(loaded)
+    return loaded
+
+
+def load_learned_words(model: LatentDiffusion, loaded: list[tuple[str, Embeddings]]) -> None:
+    """Put the words of the `read_learned_words` files into the model's EmbeddingManager, building one if the config
+    has none."""
+    if not loaded:
         if model.embedding_manager is not None:
             print(f"No --embedding_path: the config's placeholders {describe_learned_words(model.embedding_manager)} "
                   "hold initial vectors, not learned ones")
         return
-    loaded = [(os.fspath(path), load_embeddings(path, expected_dim=model.cond_stage_model.token_dim))
-              for path in embedding_paths]
+    for path, embeddings in loaded:
+        embeddings.check_width(model.cond_stage_model.token_dim, f"embedding file '{path}'")
     # One file is used as it is, so its recorded training step still decides a progressive config's active vectors.
     embeddings = loaded[0][1] if len(loaded) == 1 else merge_embeddings(loaded)
     if model.embedding_manager is None:
         model.embedding_manager = EmbeddingManager(model.cond_stage_model)
-    files = ", ".join(f"'{path}'" for path in embedding_paths)
-    one = len(embedding_paths) == 1
+    files = ", ".join(f"'{path}'" for path, _ in loaded)
+    one = len(loaded) == 1
     model.embedding_manager.set_embeddings(embeddings, source=f"embedding file{'' if one else 's'} {files}",
-                                           path=embedding_paths[0] if one else None)
+                                           path=loaded[0][0] if one else None)
     print(f"Learned words: {describe_learned_words(model.embedding_manager)}")
 
 

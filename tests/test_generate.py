@@ -270,6 +270,18 @@ def test_a_placeholder_in_two_files_is_a_one_line_error(tiny_sd_ckpt, tmp_path):
     assert "scripts/merge_embeddings.py --manager_ckpts" in message and "--rename '2:*=NEW'" in message
 
 
+def test_embedding_files_are_read_and_their_clashes_named_before_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(generate_module, "load_checkpoint", lambda path: pytest.fail("the checkpoint was read"))
+    notes = tmp_path / "notes.pt"
+    notes.write_text("not an embedding")
+    with pytest.raises(ValueError, match=f"'{notes}'"):
+        load_model(TINY_SD, "model.ckpt", "cpu", embedding_paths=[str(notes)])
+    first, _ = write_embedding(tmp_path / "cat.pt", "*", 1, seed=0)
+    second, _ = write_embedding(tmp_path / "dog.pt", "*", 1, seed=1)
+    with pytest.raises(ValueError, match="'\\*'"):
+        load_model(TINY_SD, "model.ckpt", "cpu", embedding_paths=[first, second])
+
+
 def test_a_config_without_personalization_gets_an_embedding_manager(tiny_ldm_ckpt, tmp_path):
     config = OmegaConf.load(TINY_LDM)
     del config.model.params.personalization_config
