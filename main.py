@@ -324,8 +324,16 @@ def trainer_settings(opt, lightning_config):
     return settings, num_devices * int(settings.get("num_nodes", 1))
 
 
+# Lightning's DDP launcher starts the ranks after the first by running main.py again, with the environment rank 0
+# has then: this passes them rank 0's start time, so that every rank names the same run folder in what it prints.
+RUN_START_VARIABLE = "TEXTUAL_INVERSION_RUN_START"
+
+
 def run_name(opt, base_configs):
-    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    launched_rank = int(os.environ.get("LOCAL_RANK", "0")) > 0
+    now = os.environ.get(RUN_START_VARIABLE) if launched_rank else None
+    now = now or datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    os.environ[RUN_START_VARIABLE] = now
     if opt.name:
         name = f"_{opt.name}"
     elif base_configs:

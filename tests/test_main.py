@@ -667,6 +667,21 @@ def test_two_process_ddp_on_cpu_writes_one_set_of_embeddings(tmp_path, images, t
     assert files == ["embeddings.pt", "embeddings_gs-10.pt", "last.ckpt"], files
 
 
+def test_ranks_started_by_lightnings_launcher_name_rank_zeros_run_folder(monkeypatch):
+    """The launcher starts rank 1 later, with rank 0's environment: its own clock would name another folder."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv(main_module.RUN_START_VARIABLE, raising=False)
+    opt = main_module.get_parser().parse_args(["-n", "cat"])
+    rank_zero, _ = main_module.run_name(opt, [])
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(main_module.datetime, "datetime", None)  # no clock of its own
+    assert main_module.run_name(opt, []) == (rank_zero, f"{rank_zero}_cat")
+    monkeypatch.undo()  # the clock back; a later run in rank 0's process (the launcher set LOCAL_RANK 0) reads it
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv(main_module.RUN_START_VARIABLE, "2000-01-01T00-00-00")
+    assert main_module.run_name(opt, [])[0] != "2000-01-01T00-00-00"
+
+
 def start_ddp_run(logroot, images, tiny_sd_ckpt, *extra, **popen_kwargs):
     """A two-rank DDP training run on the CPU that saves every 5 steps and would go on for 2,000."""
     return subprocess.Popen(
