@@ -28,7 +28,7 @@ from ldm.data.personalized import IMAGE_EXTENSIONS, PersonalizedBase, list_image
 from ldm.embeddings import load_embeddings
 from ldm.evaluation.clip_eval import CLIPEvaluator, load_clip, remove_placeholders
 from ldm.generate import (PRECISIONS, check_ddim_steps, config_timesteps, first_stage_factor, generate, load_model,
-                          sampling_weights_dtype, save_outputs)
+                          prompt_warnings, sampling_weights_dtype, save_outputs)
 from ldm.images import channels_first
 from ldm.paths import check_output
 
@@ -126,6 +126,9 @@ def generate_samples(args, device) -> tuple[torch.Tensor, list[str], dict]:
     """(generated images in [-1, 1], the loaded placeholders, settings to report), the images saved to --outdir."""
     model = load_model(args.config, args.ckpt, device, embedding_paths=args.embedding_path,
                        weights_dtype=sampling_weights_dtype(device, args.precision))
+    learned_words = list(model.embedding_manager.string_to_token_dict)
+    for message in prompt_warnings(model, args.prompt, f"--prompt '{args.prompt}'", learned_words):
+        print(f"evaluate: warning: {' '.join(message.split())}", file=sys.stderr)
     side = model.image_size * first_stage_factor(model)
     images = generate(model, [args.prompt] * args.n_samples, n_samples=args.batch_size, n_iter=1,
                       steps=args.ddim_steps, scale=args.scale, eta=args.eta, seed=args.seed, height=side, width=side,

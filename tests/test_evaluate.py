@@ -207,6 +207,28 @@ def test_generation_run_scores_and_images_dir_rescoring_agree(script, clip_files
         evaluator.img_to_img_similarity(script.read_images(data, 32), generated), abs=1e-6)
 
 
+def test_a_prompt_longer_than_the_text_encoder_reads_is_warned_about(script, clip_files, tmp_path, capsys,
+                                                                     monkeypatch):
+    _, weights, _ = clip_files
+    ckpt = write_random_checkpoint(TINY_SD, tmp_path / "tiny-sd.ckpt")
+    star = str(tmp_path / "star.pt")
+    save_embeddings(Embeddings({"*": torch.randn(1, 32)}), star)
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped before sampling")
+
+    monkeypatch.setattr(script, "generate", stop)
+    prompt = "a photo of " + "very " * 80 + "*"
+    argv = ["--data_dir", str(draw_images(tmp_path / "data", count=1)), "--clip_weights", weights, "--clip_model",
+            TINY_CLIP, "--prompt", prompt, "--device", "cpu", "--ckpt", ckpt, "--config", TINY_SD,
+            "--embedding_path", star, "--outdir", str(tmp_path / "eval")]
+    with pytest.raises(RuntimeError, match="stopped before sampling"):
+        script.main(argv)
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith(f"evaluate: warning: --prompt '{prompt}' is 86 tokens, but the text encoder reads 77")
+    assert "learned word * included" in warning and "\n" not in warning
+
+
 def test_generation_without_embeddings_is_a_one_line_error(script, clip_files, tmp_path, capsys):
     _, weights, _ = clip_files
     argv = ["--data_dir", str(draw_images(tmp_path / "data")), "--clip_weights", weights, "--clip_model", TINY_CLIP,
