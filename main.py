@@ -389,6 +389,8 @@ def main(argv=None):
     for split, dataset in data.datasets.items():
         print(f"{split}: {type(dataset).__name__}, {len(dataset)} items")
     model = instantiate_from_config(config.model)
+    if textual_inversion:
+        warn_of_cut_captions(model, data)
 
     model.learning_rate = learning_rate(opt.scale_lr, config, int(settings.get("accumulate_grad_batches", 1)), world)
 
@@ -411,13 +413,26 @@ def main(argv=None):
     except (TypeError, ValueError, MisconfigurationException) as error:  # a misspelt or impossible trainer setting
         raise UsageError(f"the trainer settings (lightning.trainer and the Trainer flags) are refused: {error}") from None
     fit_until_stopped(trainer, checkpointer, model, data, ckpt_to_resume)
-    if trainer.stop_signal is not None and trainer.is_global_zero:  # other ranks name run folders of their own
+    if trainer.stop_signal is not None and trainer.is_global_zero:  # said once, not once per rank
         if os.path.isfile(os.path.join(ckptdir, "last.ckpt")):
             saved = "embeddings and last.ckpt are" if textual_inversion else "last.ckpt is"
             print(f"Stopped at step {trainer.global_step}; {saved} in {ckptdir}. Continue with: python main.py -r {logdir}")
         else:
             print("Stopped before the first training step ended; nothing was saved.")
     return trainer
+
+
+def warn_of_cut_captions(model, data):
+    """One line per dataset whose captions, with the learned words' vectors, run past what the text encoder reads:
+    the vectors cut off there get nothing from those captions."""
+    manager, length = model.embedding_manager, model.cond_stage_model.max_length
+    for split, dataset in data.datasets.items():
+        captions = dataset.possible_captions() if hasattr(dataset, "possible_captions") else []
+        cut = [caption for caption in captions if manager.cuts_learned_vectors(caption, length)]
+        if cut:
+            print(f"warning: {len(cut)} of the {len(captions)} {split} captions cut off learned vectors, as the text "
+                  f"encoder reads {length} tokens (e.g. '{cut[0]}'): lower num_vectors_per_token or shorten the "
+                  "captions")
 
 
 def check_training_config(config) -> bool:

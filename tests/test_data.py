@@ -147,6 +147,18 @@ def test_template_file_fills_name_and_filewords(tmp_path):
 
     without_caption_files = PersonalizedBase(images, size=4, placeholder_token="<x>", template_file=template, captions=False)
     assert without_caption_files.image_captions == ["red mug front", "cat"]
+    assert sorted(dataset.possible_captions()) == sorted(by_image[0] | by_image[1])
+
+
+@pytest.mark.parametrize("dataset_class, settings", [
+    (personalized.PersonalizedBase, dict(coarse_class_text="cat")),
+    (personalized.PersonalizedBase, dict(per_image_tokens=True, mixing_prob=0.5)),
+    (personalized_style.PersonalizedBase, dict(per_image_tokens=True, mixing_prob=0.5)),
+])
+def test_the_possible_captions_are_those_drawn(tmp_path, dataset_class, settings):
+    dataset = dataset_class(image_folder(tmp_path, 2), size=4, **settings)
+    drawn = {item["caption"] for item in draw_captions(dataset, 3000)}
+    assert set(dataset.possible_captions()) == drawn
 
 
 def test_caption_file_helpers(tmp_path):

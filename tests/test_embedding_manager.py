@@ -114,6 +114,28 @@ def test_multi_vector_occurrence_expands_in_place_and_truncates(tiny):
     assert out.shape == embeds.shape
 
 
+def test_a_caption_that_cuts_off_learned_vectors_is_told_as_the_expansion_cuts_them(tiny):
+    """Against what the text encoder is fed: captions of up to 9 words (n = 10 slots) with '*' and '@' of 3 vectors
+    each; a caption cuts one off when some occurrence's vectors are not all fed."""
+    manager = EmbeddingManager(tiny, placeholder_strings=["*", "@"], num_vectors_per_token=3)
+    with torch.no_grad():
+        for word in ("*", "@"):
+            manager.vectors(word).normal_()
+    words = ["a", "*", "photo", "@"]
+    captions = [" ".join(words[(start + i * i) % 4] for i in range(count)) for count in range(1, 10) for start in range(4)]
+    ids = tiny.tokenize(captions)
+    fed = manager(ids, tiny.embed_tokens(ids))
+    told = {True: 0, False: 0}
+    for caption, row in zip(captions, fed):
+        fed_whole = all(int((row == vector).all(dim=1).sum()) == caption.split().count(word)
+                        for word in ("*", "@") for vector in manager.vectors(word))
+        told[manager.cuts_learned_vectors(caption, tiny.max_length)] += 1
+        assert manager.cuts_learned_vectors(caption, tiny.max_length) == (not fed_whole), caption
+    assert min(told.values()) > 5  # both answers are tried
+    assert manager.cuts_learned_vectors("a photo of a photo of *", 10) is False  # the end token makes way
+    assert manager.cuts_learned_vectors("a photo of a photo of a *", 10) is True  # the third vector would be the 11th
+
+
 def test_two_placeholders_follow_progressive_words_and_match_the_original_loop(tiny):
     manager = EmbeddingManager(tiny, placeholder_strings=["*", "@"], num_vectors_per_token=3, progressive_words=True)
     ids = tiny.tokenize(["* photo of @ in *", "@ *"])

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -15,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import main as main_module
 from ldm.callbacks import TrainingDiverged
 from ldm.checkpoint import build_random_model
+from ldm.data.personalized import PersonalizedBase
 from ldm.embeddings import Embeddings, load_embeddings, save_embeddings
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import instantiate_from_config
@@ -401,6 +403,25 @@ def test_a_run_that_diverges_from_the_start_says_so_in_one_line(tmp_path, images
         "saved: train again with a lower model.base_learning_rate")
     assert "Traceback" not in result.stderr
     assert os.listdir(os.path.join(only_run(tmp_path / "logs"), "checkpoints")) == []
+
+
+@pytest.mark.parametrize("vectors, template_lines, warned", [
+    (1, None, None),
+    (72, None, "41 of the 57 train captions cut off learned vectors, as the text encoder reads 77 tokens (e.g. 'a "
+               "cropped photo of the *')"),
+    (75, None, "57 of the 57 train captions"),
+    (8, ["a photo of [filewords] and [name]"], "1 of the 1 train captions"),
+])
+def test_captions_that_cut_off_learned_vectors_are_warned_of(images, capsys, vectors, template_lines, warned):
+    config = OmegaConf.load(TINY_SD)
+    config.model.params.personalization_config.params.num_vectors_per_token = vectors
+    model = instantiate_from_config(config.model)
+    dataset = PersonalizedBase(str(images), size=8)
+    if template_lines is not None:
+        dataset.template_lines, dataset.image_captions = template_lines, ["a very " * 40 + "red cat"] * 4
+    main_module.warn_of_cut_captions(model, SimpleNamespace(datasets={"train": dataset}))
+    printed = capsys.readouterr().out
+    assert (f"warning: {warned}" in printed) if warned else "warning" not in printed, printed
 
 
 def test_usage_errors_are_one_line(tmp_path, images, tiny_sd_ckpt):

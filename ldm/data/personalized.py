@@ -198,6 +198,18 @@ class PersonalizedBase(Dataset):
                                  f"(\"{template}\"), so every such word would become the learned vector: use a rare "
                                  "string such as '*' or 'sks' (--placeholder_string)")
 
+    def possible_captions(self) -> list[str]:
+        """Every caption `caption` can draw, once each."""
+        if self.template_lines is not None:
+            captions = [fill_template_line(line, self.placeholder_phrase, filewords)
+                        for line in self.template_lines for filewords in self.image_captions]
+        else:
+            captions = [template.format(self.placeholder_phrase) for template in self.templates]
+        if self.per_image_tokens:
+            captions += [template.format(self.placeholder_phrase, per_img_token_list[index])
+                         for template in self.dual_templates for index in range(self.num_images)]
+        return list(dict.fromkeys(captions))
+
     def caption(self, image_index: int) -> str:
         """A freshly drawn caption for one image."""
         if self.template_lines is not None:

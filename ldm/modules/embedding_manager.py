@@ -279,6 +279,19 @@ class EmbeddingManager(nn.Module):
             return text
         return re.sub("|".join(map(re.escape, symbols)), lambda match: f" {match.group(0)} ", text)
 
+    def cuts_learned_vectors(self, caption: str, length: int) -> bool:
+        """Whether the text encoder, reading `length` token slots (start and end tokens included), would miss a
+        learned vector of `caption`, each learned word given all its vectors: the tokenizer drops a word past the
+        slots, and a vector that the words before it push past them is cut off."""
+        widths = {token: self.vectors(word).shape[0] for word, token in self.string_to_token_dict.items()}
+        end = 1  # the slot after the last one filled; the start token has the first
+        ids = text_token_ids(self.tokenizer, self.prompt_for_tokenizer(caption))
+        for position, token in enumerate(ids, start=1):
+            end += widths.get(token, 1)
+            if token in widths and (position > length - 2 or end > length):
+                return True
+        return False
+
     def forward(self, tokenized_text: torch.Tensor, embedded_text: torch.Tensor) -> torch.Tensor:
         """(B, n) ids and (B, n, D) raw token embeddings -> new (B, n, D) embeddings with the placeholders replaced.
 
