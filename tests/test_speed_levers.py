@@ -3,6 +3,7 @@ UNet layers, half-precision frozen weights, the channels-last layout, torch.comp
 
 The compile test takes about a minute on a CPU (inductor builds C++ kernels), so it is marked slow."""
 import copy
+import os
 import pickle
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from ldm.models.diffusion.ddpm import fused_adamw
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.modules.lean_ops import LayerNorm, LeanConv
 from ldm.util import instantiate_from_config
-from tests.conftest import TINY_SD
+from tests.conftest import REPO, TINY_SD
 from tests.test_lean_ops import stock_gated_gelu
 
 
@@ -398,6 +399,22 @@ def test_attention_backend_puts_its_kernel_first_in_every_attention_of_the_unet(
     assert first_choices == [int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)] * unet_attentions
     with pytest.raises(ValueError, match="attention_backend 'fast' is not one of auto, flash, efficient, cudnn, math"):
         cudnn.model.diffusion_model.use_attention_backend("fast")
+
+
+def test_cudnn_attention_is_put_first_only_for_heads_its_backward_serves():
+    """SD v1's heads are 40, 80 and 160 channels wide; cuDNN's backward may lack the 160-channel one."""
+    with torch.device("meta"):
+        unet = instantiate_from_config(OmegaConf.load(os.path.join(REPO, "configs/stable-diffusion/v1-inference.yaml"))
+                                       .model.params.unet_config)
+    for backend in ("cudnn", "efficient"):
+        unet.use_attention_backend(backend)
+        first = {}
+        for module in unet.modules():
+            if isinstance(module, ldm.modules.attention.CrossAttention):
+                first.setdefault(module.dim_head, set()).add(module.kernel_order and module.kernel_order[0])
+        chosen = torch.nn.attention.SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else \
+            torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION
+        assert first == {40: {chosen}, 80: {chosen}, 160: {None if backend == "cudnn" else chosen}}
 
 
 @pytest.mark.parametrize("levers, memory_format", [

@@ -24,12 +24,19 @@ ATTENTION_BACKENDS = {
 }
 
 
-def attention_kernel_order(backend: str) -> list[SDPBackend] | None:
-    """The SDPA kernels in the order to try them for `backend` (None: PyTorch's own order)."""
+# cuDNN's fused attention has a backward for heads of at most 128 channels before cuDNN 9.5 and on GPUs before
+# Hopper, and where it lacks one the call fails instead of going to another kernel. Wider heads (SD v1's deepest
+# level: 160 channels over 64 pixels at 512 px, a negligible share of the step) keep PyTorch's own order.
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def attention_kernel_order(backend: str, head_dim: int) -> list[SDPBackend] | None:
+    """The SDPA kernels in the order to try them for `backend` at `head_dim` channels per head (None: PyTorch's
+    own order)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend '{backend}' is not one of {', '.join(ATTENTION_BACKENDS)}")
     first = ATTENTION_BACKENDS[backend]
-    if first is None:
+    if first is None or (first is SDPBackend.CUDNN_ATTENTION and head_dim > CUDNN_MAX_HEAD_DIM):
         return None
     return [first, *(kernel for kernel in ATTENTION_BACKENDS.values() if kernel not in (None, first))]
 
@@ -71,6 +78,7 @@ class CrossAttention(nn.Module):
         inner_dim = dim_head * heads
         context_dim = default(context_dim, query_dim)
         self.heads = heads
+        self.dim_head = dim_head
         self.scale = dim_head ** -0.5
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)

@@ -349,7 +349,9 @@ class EmbeddingManager(nn.Module):
         """The placeholders whose vectors hold NaN or infinite values (a diverged run's), in one read from the
         device."""
         placeholders = list(self.string_to_token_dict)
-        finite = torch.stack([torch.isfinite(self.vectors(p)).all() for p in placeholders]).tolist() if placeholders else []
+        if not placeholders:
+            return []
+        finite = torch.stack([torch.isfinite(self.vectors(p)).all() for p in placeholders]).tolist()
         return [placeholder for placeholder, ok in zip(placeholders, finite) if not ok]
 
     @torch.no_grad()

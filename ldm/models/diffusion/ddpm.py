@@ -486,8 +486,8 @@ class LatentDiffusion(DDPM):
         if self.model.weight_offload is not None and mixed not in (None, dtype):
             raise ValueError(f"offload_unet keeps the UNet's weights in CPU memory only if they are stored in the "
                              f"autocast dtype of --precision {precision}: with frozen_weights_dtype: "
-                             f"{self.frozen_weights_dtype} autocast keeps a converted copy of each on the device for the "
-                             f"backward; set frozen_weights_dtype: auto")
+                             f"{self.frozen_weights_dtype} autocast keeps a converted copy of each on the device "
+                             f"for the backward; set frozen_weights_dtype: auto")
         if dtype is not None and not self.unfreeze_model:
             self.store_frozen_weights(dtype)
         if self.compile_unet:  # in place: weights and state-dict names stay those of the plain module

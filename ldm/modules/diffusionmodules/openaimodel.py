@@ -344,10 +344,10 @@ class UNetModel(nn.Module):
 
     def use_attention_backend(self, backend: str):
         """Which scaled_dot_product_attention kernel the transformer blocks try first (`ATTENTION_BACKENDS`)."""
-        order = attention_kernel_order(backend)
+        attention_kernel_order(backend, 0)  # an unknown name is refused even in a UNet without attention
         for module in self.modules():
             if isinstance(module, CrossAttention):
-                module.kernel_order = order
+                module.kernel_order = attention_kernel_order(backend, module.dim_head)
 
     def forward(self, x, timesteps, context=None, y=None):
         """Predict the noise (or x0) for latents `x` (B, C, H, W) at `timesteps` (B,) given `context` (B, L, D)
