@@ -130,7 +130,7 @@ class TrainingCheckpoint(Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # requests wait for the end of the optimizer step: a run resumes exactly only from there
         step = trainer.global_step
-        if step % trainer.log_every_n_steps == 0:
+        if trainer.log_every_n_steps and step % trainer.log_every_n_steps == 0:  # 0: logging off, saves only
             self.check_finite(trainer, pl_module)
         if stop:
             trainer.should_stop = True

@@ -153,6 +153,8 @@ def test_template_file_fills_name_and_filewords(tmp_path):
 @pytest.mark.parametrize("dataset_class, settings", [
     (personalized.PersonalizedBase, dict(coarse_class_text="cat")),
     (personalized.PersonalizedBase, dict(per_image_tokens=True, mixing_prob=0.5)),
+    (personalized.PersonalizedBase, dict(per_image_tokens=True, mixing_prob=0.0)),
+    (personalized.PersonalizedBase, dict(per_image_tokens=True, mixing_prob=1.0)),
     (personalized_style.PersonalizedBase, dict(per_image_tokens=True, mixing_prob=0.5)),
 ])
 def test_the_possible_captions_are_those_drawn(tmp_path, dataset_class, settings):

@@ -134,6 +134,9 @@ def test_a_caption_that_cuts_off_learned_vectors_is_told_as_the_expansion_cuts_t
     assert min(told.values()) > 5  # both answers are tried
     assert manager.cuts_learned_vectors("a photo of a photo of *", 10) is False  # the end token makes way
     assert manager.cuts_learned_vectors("a photo of a photo of a *", 10) is True  # the third vector would be the 11th
+    one_vector = EmbeddingManager(tiny)
+    assert one_vector.cuts_learned_vectors("a photo of a photo of a *", 10) is False
+    assert one_vector.cuts_learned_vectors("a photo of a photo of a photo *", 10) is True  # the tokenizer drops it
 
 
 def test_two_placeholders_follow_progressive_words_and_match_the_original_loop(tiny):

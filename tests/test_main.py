@@ -395,11 +395,13 @@ def test_a_diverged_run_stops_and_keeps_the_last_finite_embeddings(tmp_path, ima
 
 
 def test_a_run_that_diverges_from_the_start_says_so_in_one_line(tmp_path, images, tiny_sd_ckpt):
+    """With logging off (--log_every_n_steps 0) the first save (step 10) finds it."""
     result = run_cli(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images),
-                      "-l", str(tmp_path / "logs"), "model.base_learning_rate=1e30", *QUIET], timeout=300)
+                      "-l", str(tmp_path / "logs"), "model.base_learning_rate=1e30", "--log_every_n_steps", "0",
+                      *QUIET], timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: training diverged by step 5: the learned vectors of '*' hold NaN or infinite values; nothing was "
+        "error: training diverged by step 10: the learned vectors of '*' hold NaN or infinite values; nothing was "
         "saved: train again with a lower model.base_learning_rate")
     assert "Traceback" not in result.stderr
     assert os.listdir(os.path.join(only_run(tmp_path / "logs"), "checkpoints")) == []

@@ -203,9 +203,10 @@ class PersonalizedBase(Dataset):
         if self.template_lines is not None:
             captions = [fill_template_line(line, self.placeholder_phrase, filewords)
                         for line in self.template_lines for filewords in self.image_captions]
-        else:
-            captions = [template.format(self.placeholder_phrase) for template in self.templates]
-        if self.per_image_tokens:
+            return list(dict.fromkeys(captions))
+        mixing = self.mixing_prob if self.per_image_tokens else 0
+        captions = [template.format(self.placeholder_phrase) for template in self.templates] if mixing < 1 else []
+        if mixing > 0:
             captions += [template.format(self.placeholder_phrase, per_img_token_list[index])
                          for template in self.dual_templates for index in range(self.num_images)]
         return list(dict.fromkeys(captions))
