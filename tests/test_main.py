@@ -395,13 +395,13 @@ def test_a_diverged_run_stops_and_keeps_the_last_finite_embeddings(tmp_path, ima
 
 
 def test_a_run_that_diverges_from_the_start_says_so_in_one_line(tmp_path, images, tiny_sd_ckpt):
-    """With logging off (--log_every_n_steps 0) the first save (step 10) finds it."""
+    """With logging off (--log_every_n_steps 0) the first save (step 2 here) finds it."""
     result = run_cli(["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images),
                       "-l", str(tmp_path / "logs"), "model.base_learning_rate=1e30", "--log_every_n_steps", "0",
-                      *QUIET], timeout=300)
+                      "lightning.modelcheckpoint.params.every_n_train_steps=2", *QUIET], timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: training diverged by step 10: the learned vectors of '*' hold NaN or infinite values; nothing was "
+        "error: training diverged by step 2: the learned vectors of '*' hold NaN or infinite values; nothing was "
         "saved: train again with a lower model.base_learning_rate")
     assert "Traceback" not in result.stderr
     assert os.listdir(os.path.join(only_run(tmp_path / "logs"), "checkpoints")) == []
@@ -677,6 +677,7 @@ def test_a_resumed_run_keeps_its_seed_unless_told_otherwise(tmp_path, argv, save
     assert built.model.params.seed == built.data.params.seed == expected
 
 
+@pytest.mark.slow  # 20 s; the signal test below runs two ranks in the default run
 def test_two_process_ddp_on_cpu_writes_one_set_of_embeddings(tmp_path, images, tiny_sd_ckpt):
     result = run_cli(
         ["--base", TINY_SD, "-t", "--actual_resume", tiny_sd_ckpt, "--data_root", str(images), "-l", str(tmp_path / "logs"),
@@ -753,6 +754,7 @@ def test_signals_to_one_ddp_rank_save_and_stop_all_ranks_at_one_step(tmp_path, i
     process.send_signal(signal.SIGINT)  # rank 0 only
     output = assert_stopped_and_saved_once(process, logroot, signal.SIGINT)
     assert output.count(f"Saved at step {requested}, as SIGUSR1 asked") == 1, output[-3000:]
+    assert "* 2 (num_gpus)" in output  # the learning rate scales with the ranks
 
 
 @pytest.mark.slow  # 20 s; the single-rank process-group test and the one-rank DDP signal test stay in the default run
